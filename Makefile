@@ -1,0 +1,30 @@
+# `make test` and `make demo` set up .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# On this project's CPU machines a torch CPU wheel lies on disk; installing the pin first keeps pip
+# from resolving pyproject's range to a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: test demo setup clean bench
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest tests
+
+demo: $(VENV)/.installed
+	$(PY) examples/demo.py
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/subspace_reduction.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

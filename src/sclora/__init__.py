@@ -1,0 +1,30 @@
+"""sclora: Subspace-Constrained LoRA initialization (SC-LoRA) for Hugging Face models and PEFT."""
+
+from .config import LLAMA_TARGET_MODULES, METHODS, SCLoRAConfig
+from .export import export_lora, merge_and_save, remember_initial_adapter, save_initial_adapter
+from .methods import get_corda_model, get_lora_model, get_sclora_model, init_model
+from .statistics import CovarianceStats, collect_covariances
+from .subspace import NonUniqueSubspaceWarning, delta_covariance, reward, sc_lora_factors, sc_subspace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LLAMA_TARGET_MODULES",
+    "METHODS",
+    "CovarianceStats",
+    "NonUniqueSubspaceWarning",
+    "SCLoRAConfig",
+    "collect_covariances",
+    "delta_covariance",
+    "export_lora",
+    "get_corda_model",
+    "get_lora_model",
+    "get_sclora_model",
+    "init_model",
+    "merge_and_save",
+    "remember_initial_adapter",
+    "reward",
+    "save_initial_adapter",
+    "sc_lora_factors",
+    "sc_subspace",
+]

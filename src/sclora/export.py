@@ -1,0 +1,118 @@
+"""Export a fine-tuned residual-form model (SC-LoRA, PiSSA, CorDA) so that it runs on the UNTOUCHED
+base model: as a plain PEFT LoRA adapter, or merged into full weights.
+
+A residual-form init replaces W0 by W_res = W0 - s B0 A0. After training to (A, B) the layer
+computes W_res + s B A = W0 + s (B A - B0 A0) = W0 + B' A' with the rank-2r factors
+A' = [A; A0], B' = s [B, -B0] and scaling 1 (lora_alpha = r' = 2r). This is PEFT's own
+"convert to LoRA" identity, written out so that it also holds for rsLoRA and any alpha.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .methods.residual import ADAPTER as _ADAPTER
+from .methods.residual import adapter_layers as _layers
+from .methods.residual import remember_initial_adapter
+
+__all__ = ["export_lora", "merge_and_save", "remember_initial_adapter", "save_initial_adapter"]
+
+INITIAL_ADAPTER_FILE = "sclora_initial_adapter.safetensors"
+
+
+def save_initial_adapter(peft_model: PeftModel, directory: str | os.PathLike) -> str:
+    """Write the remembered initial adapter, so that a later process can export the trained model."""
+    state = _initial_state(peft_model, None)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, INITIAL_ADAPTER_FILE)
+    save_file({k: v.cpu().contiguous() for k, v in state.items()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+@torch.no_grad()
+def export_lora(
+    peft_model: PeftModel,
+    directory: str | os.PathLike,
+    initial: str | os.PathLike | dict[str, torch.Tensor] | None = None,
+) -> str:
+    """Save ``peft_model`` as a plain LoRA adapter for ``PeftModel.from_pretrained(untouched_base, directory)``.
+
+    ``initial`` is the adapter at initialization: a dict, a directory written by
+    :func:`save_initial_adapter`, or None for the copy kept on the model at init. A model whose
+    initial adapter is zero (vanilla LoRA) is saved at rank r; residual-form ones at rank 2r.
+    """
+    state0 = _initial_state(peft_model, initial)
+    layers = _layers(peft_model)
+    residual = any(state0[f"{n}.lora_B"].abs().max() > 0 for n in layers)
+    config = copy.deepcopy(peft_model.peft_config[_ADAPTER])
+    tensors = {}
+    for name, layer in layers.items():
+        a, b = layer.lora_A[_ADAPTER].weight.detach(), layer.lora_B[_ADAPTER].weight.detach()
+        s = layer.scaling[_ADAPTER]
+        if residual:
+            a0 = state0[f"{name}.lora_A"].to(a)
+            b0 = state0[f"{name}.lora_B"].to(b)
+            a, b = torch.cat([a, a0], dim=0), s * torch.cat([b, -b0], dim=1)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.float().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.float().cpu().contiguous()
+    if residual:
+        rank = 2 * config.r
+        config.r, config.lora_alpha, config.use_rslora = rank, rank, False
+        config.rank_pattern, config.alpha_pattern = {}, {}
+    config.init_lora_weights = True
+    _write_adapter(directory, config, tensors)
+    return os.fspath(directory)
+
+
+def merge_and_save(peft_model: PeftModel, directory: str | os.PathLike, tokenizer=None) -> nn.Module:
+    """Merge the adapter into the weights (W_res + s B A) and save a plain transformers model."""
+    merged = peft_model.merge_and_unload()
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(directory)) or ".")
+    merged.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    _replace_dir(tmp, directory)
+    return merged
+
+
+def _initial_state(peft_model, initial) -> dict[str, torch.Tensor]:
+    if isinstance(initial, dict):
+        return initial
+    if initial is not None:
+        return load_file(os.path.join(initial, INITIAL_ADAPTER_FILE))
+    state = getattr(peft_model, "sclora_initial_adapter", None)
+    if state is None:
+        raise ValueError(
+            "This model has no remembered initial adapter: build it with sclora.init_model / get_sclora_model, "
+            "or pass initial= the directory written by sclora.save_initial_adapter right after initialization."
+        )
+    return state
+
+
+def _write_adapter(directory, config, tensors) -> None:
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent)
+    config.save_pretrained(tmp)
+    save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"))
+    _replace_dir(tmp, directory)
+
+
+def _replace_dir(tmp: str, directory) -> None:
+    directory = os.fspath(directory)
+    if os.path.exists(directory):
+        old = directory + ".old"
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, directory)

@@ -1,0 +1,79 @@
+"""The shared mechanism of residual-form inits (SC-LoRA, CorDA): wrap the model with PEFT, then for
+each target layer write A, B and the frozen residual W_res so that W_res + scaling * B A = W0."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from peft import PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import SCLoRAConfig
+from ..statistics import resolve_targets
+
+ADAPTER = "default"
+
+#: (module name, W0, scaling) -> (A, B, W_res)
+FactorFn = Callable[[str, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def check_rank(targets: dict[str, nn.Linear], r: int) -> None:
+    for name, linear in targets.items():
+        if r > min(linear.in_features, linear.out_features):
+            raise ValueError(
+                f"r={r} exceeds min(d_in, d_out)={min(linear.in_features, linear.out_features)} of module {name!r} "
+                f"({linear.out_features} x {linear.in_features}); choose r <= that, or leave the module out of "
+                "target_modules."
+            )
+
+
+def lora_layers(peft_model: PeftModel, names) -> dict[str, LoraLayer]:
+    inner = peft_model.base_model.model
+    layers = {}
+    for name in names:
+        layer = inner.get_submodule(name)
+        if not isinstance(layer, LoraLayer):
+            raise RuntimeError(f"PEFT did not wrap {name!r} with a LoRA layer; report this with your target_modules.")
+        layers[name] = layer
+    return layers
+
+
+@torch.no_grad()
+def build_residual_adapter(
+    model: nn.Module, config: SCLoRAConfig, factors: FactorFn, *, show_progress: bool = True, desc: str = "init"
+) -> PeftModel:
+    if isinstance(model, PeftModel):
+        raise ValueError("The model already carries a PEFT adapter; initialize the untouched base model.")
+    targets = resolve_targets(model, config.target_modules)
+    check_rank(targets, config.r)
+    peft_model = get_peft_model(model, config.to_lora_config(init_lora_weights=False))
+    for name, layer in tqdm(lora_layers(peft_model, targets).items(), desc=desc, disable=not show_progress):
+        base = layer.get_base_layer()
+        lora_a, lora_b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        a, b, w_res = factors(name, base.weight.detach(), layer.scaling[ADAPTER])
+        lora_a.data = a.to(device=lora_a.device, dtype=lora_a.dtype).contiguous()
+        lora_b.data = b.to(device=lora_b.device, dtype=lora_b.dtype).contiguous()
+        base.weight.data = w_res.to(device=base.weight.device, dtype=base.weight.dtype).contiguous()
+    remember_initial_adapter(peft_model)
+    return peft_model
+
+
+def adapter_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
+    inner = peft_model.base_model.model
+    return {name: m for name, m in inner.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
+
+
+@torch.no_grad()
+def remember_initial_adapter(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+    """Keep a copy of the adapter right after initialization (needed by :func:`export_lora`)."""
+    state = {}
+    for name, layer in adapter_layers(peft_model).items():
+        state[f"{name}.lora_A"] = layer.lora_A[ADAPTER].weight.detach().clone()
+        state[f"{name}.lora_B"] = layer.lora_B[ADAPTER].weight.detach().clone()
+    peft_model.sclora_initial_adapter = state
+    return state
+
+

@@ -1,0 +1,473 @@
+"""Activation covariances of a model's linear layers (Algorithm 1, steps 1-4).
+
+``collect_covariances`` runs the model over batches and returns, for each target ``nn.Linear``,
+Cov = (1/B) sum_samples sum_tokens h h^T of its output h (padding excluded). Two savings keep
+it cheap, both exact:
+
+* A bias-free layer with d_in < d_out (gate/up projections) has Cov_out = W Cov_in W^T, so the
+  smaller d_in x d_in input statistic is accumulated instead and the output one derived on demand.
+* Layers that read the very same input tensor (q/k/v; gate/up) share one input statistic.
+
+The result, :class:`CovarianceStats`, saves to safetensors so that a beta sweep never runs the
+model again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from itertools import chain
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["CovarianceStats", "ModuleStat", "collect_covariances", "find_linear_modules", "model_fingerprint"]
+
+NORMALIZATIONS = ("none", "max_abs", "trace")
+SIDES = ("output", "input")
+FORMAT_VERSION = 1
+_PROBES_PER_MODULE = 8
+
+
+@dataclass(frozen=True)
+class ModuleStat:
+    """Where the statistic of one module lives: ``key`` names the accumulated matrix, ``side`` says
+    whether it is the module's input (d_in x d_in) or output (d_out x d_out) second moment."""
+
+    key: str
+    side: str
+    d_in: int
+    d_out: int
+
+
+class CovarianceStats(Mapping):
+    """Second-moment statistics of many modules, collected over one data set.
+
+    ``stats[name]`` is the OUTPUT covariance (d_out x d_out) of the module ``name`` (as in
+    ``model.named_modules()``), normalized as requested at collection. Input-side statistics
+    need the module weight to produce it; stats returned by :func:`collect_covariances` are bound
+    to their model, loaded ones are bound with :meth:`bind`.
+    """
+
+    def __init__(
+        self,
+        sums: dict[str, torch.Tensor],
+        modules: dict[str, ModuleStat],
+        *,
+        n_samples: int,
+        n_tokens: int,
+        normalize: str,
+        side: str,
+        fingerprint: dict,
+    ):
+        self.sums = sums
+        self.modules = modules
+        self.n_samples = n_samples
+        self.n_tokens = n_tokens
+        self.normalize = normalize
+        self.side = side
+        self.fingerprint = fingerprint
+        self._bound: dict[str, nn.Linear] = {}
+        self._bound_probes: dict[str, list[float]] = {}
+
+    # --- Mapping interface: name -> output covariance -------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        cov, weight = self.factor(name)
+        return cov if weight is None else weight @ cov @ weight.T
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.modules
+
+    def __repr__(self) -> str:
+        n_input = sum(m.side == "input" for m in self.modules.values())
+        return (
+            f"CovarianceStats({len(self)} modules, {len(self.sums)} stored matrices ({n_input} modules "
+            f"input-side), samples={self.n_samples}, tokens={self.n_tokens}, normalize={self.normalize!r})"
+        )
+
+    # --- views ---------------------------------------------------------------------------------
+    def factor(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cov, weight): the output covariance is ``cov`` if weight is None, else weight @ cov @ weight.T.
+
+        This is the form :func:`sclora.sc_subspace` takes, so input-side statistics never need a
+        d_out x d_out matrix.
+        """
+        info = self._info(name)
+        cov = self.sums[info.key] / self.n_samples
+        if info.side == "output":
+            weight = None
+        else:
+            weight = self._bound_weight(name).to(cov.dtype)
+        if self.normalize == "trace":
+            trace = cov.trace() if weight is None else ((weight @ cov) * weight).sum()
+            cov = cov / trace.clamp_min(torch.finfo(cov.dtype).tiny)
+        return cov, weight
+
+    def input_covariance(self, name: str) -> torch.Tensor:
+        """(1/B) sum x x^T of the module's input (d_in x d_in); needs ``side="input"`` collection
+        or a module whose input side was stored."""
+        info = self._info(name)
+        if info.side != "input":
+            raise ValueError(
+                f"The statistics of {name!r} were stored on the output side; collect them with "
+                "collect_covariances(..., side='input') to get input covariances (CorDA needs these)."
+            )
+        cov = self.sums[info.key] / self.n_samples
+        if self.normalize == "trace":
+            cov = cov / cov.trace().clamp_min(torch.finfo(cov.dtype).tiny)
+        return cov
+
+    # --- model binding -------------------------------------------------------------------------
+    def bind(self, model: nn.Module, *, check_fingerprint: bool = True) -> CovarianceStats:
+        """Check that ``model`` is the model these statistics were collected on and keep references
+        to the weights that input-side statistics need. Returns self."""
+        linears = dict(find_linear_modules(model))
+        missing = [n for n in self.modules if n not in linears]
+        if missing:
+            raise ValueError(
+                f"The statistics cover {len(missing)} module(s) this model does not have as nn.Linear, "
+                f"e.g. {missing[0]!r}. They were collected on another model; recollect them on this one."
+            )
+        for name, info in self.modules.items():
+            shape = tuple(linears[name].weight.shape)
+            if shape != (info.d_out, info.d_in):
+                raise ValueError(
+                    f"Module {name!r} has weight shape {shape} here but {(info.d_out, info.d_in)} in the "
+                    "statistics: they come from another model. Recollect them on this model."
+                )
+        if check_fingerprint:
+            theirs = self.fingerprint
+            ours = model_fingerprint(model, list(self.modules))
+            if theirs.get("config") != ours["config"]:
+                raise ValueError(
+                    "These statistics were collected on a model with a different configuration "
+                    f"(config fingerprint {theirs.get('config')} here {ours['config']}). Recollect them on "
+                    "this model, or pass check_fingerprint=False if you know they match."
+                )
+            for name in self.modules:
+                a = torch.tensor(theirs["probes"][name], dtype=torch.float64)
+                b = torch.tensor(ours["probes"][name], dtype=torch.float64)
+                if (a - b).abs().max() > 1e-2 * a.abs().max().clamp_min(1e-12):
+                    raise ValueError(
+                        f"The weights of {name!r} differ from those the statistics were collected on. Either "
+                        "they come from another checkpoint, or this model was already initialized with an "
+                        "adapter (its base weights were replaced by residuals). Load the untouched model, or "
+                        "recollect the statistics; pass check_fingerprint=False to override."
+                    )
+        # Keep the modules, not their weights: no copy stays alive, and a weight that changes later
+        # (e.g. replaced by an SC-LoRA residual) is caught by its probe instead of silently used.
+        self._bound = {n: linears[n] for n, info in self.modules.items() if info.side == "input"}
+        self._bound_probes = model_fingerprint(model, list(self._bound))["probes"]
+        return self
+
+    def _bound_weight(self, name: str) -> torch.Tensor:
+        if name not in self._bound:
+            raise ValueError(
+                f"The statistics of {name!r} are stored on the input side; the output covariance needs the "
+                "module weight. Call stats.bind(model) with the model they were collected on."
+            )
+        weight = self._bound[name].weight.detach()
+        if _probe(weight) != self._bound_probes[name]:
+            raise ValueError(
+                f"The weight of {name!r} changed since these statistics were bound to it (was the model "
+                "initialized with an adapter since?). Bind them to the untouched model: stats.bind(model)."
+            )
+        return weight
+
+    def _info(self, name: str) -> ModuleStat:
+        if name not in self.modules:
+            sample = ", ".join(list(self.modules)[:3])
+            raise KeyError(f"No statistics for module {name!r}; these stats cover e.g. {sample}.")
+        return self.modules[name]
+
+    # --- persistence ---------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one safetensors file (tensors + a JSON header in its metadata), atomically."""
+        header = {
+            "format": FORMAT_VERSION,
+            "n_samples": self.n_samples,
+            "n_tokens": self.n_tokens,
+            "normalize": self.normalize,
+            "side": self.side,
+            "fingerprint": self.fingerprint,
+            "modules": {n: asdict(m) for n, m in self.modules.items()},
+        }
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.sums.items()}
+        save_file(tensors, tmp, metadata={"sclora": json.dumps(header)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None, device: str = "cpu") -> CovarianceStats:
+        """Read statistics written by :meth:`save`; with ``model`` they are also bound to it."""
+        with safe_open(os.fspath(path), framework="pt", device=device) as f:
+            meta = f.metadata() or {}
+            if "sclora" not in meta:
+                raise ValueError(f"{path} is a safetensors file but not sclora statistics (no 'sclora' header).")
+            header = json.loads(meta["sclora"])
+            if header.get("format") != FORMAT_VERSION:
+                raise ValueError(f"{path} has statistics format {header.get('format')}, expected {FORMAT_VERSION}.")
+            sums = {k: f.get_tensor(k) for k in f.keys()}
+        stats = cls(
+            sums,
+            {n: ModuleStat(**m) for n, m in header["modules"].items()},
+            n_samples=header["n_samples"],
+            n_tokens=header["n_tokens"],
+            normalize=header["normalize"],
+            side=header["side"],
+            fingerprint=header["fingerprint"],
+        )
+        return stats.bind(model) if model is not None else stats
+
+
+# --- collection ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def collect_covariances(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    target_modules: list[str] | str | None = None,
+    normalize: str = "none",
+    *,
+    side: str = "output",
+    dtype: torch.dtype = torch.float32,
+    show_progress: bool = True,
+    desc: str = "covariances",
+) -> CovarianceStats:
+    """Covariances of the target linear layers' outputs (``side="output"``) or inputs
+    (``side="input"``, as CorDA needs) over ``batches``.
+
+    ``batches`` yields dicts with ``input_ids`` and ``attention_mask`` (any batch size, any
+    padding side; padding tokens are excluded). ``target_modules`` follows PEFT: a list of name
+    suffixes or one regex; ``None`` means every ``nn.Linear`` but the output head. ``normalize``:
+    ``"none"`` (Algorithm 1 literally), ``"max_abs"`` (each sample's activations divided by their
+    max |value|, as CorDA and the authors' code do), ``"trace"`` (each covariance scaled to unit
+    trace). Sums are accumulated in ``dtype`` (float32 or float64), never in the model's dtype.
+    """
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}.")
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}.")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"Accumulate in torch.float32 or torch.float64, not {dtype}.")
+    targets = resolve_targets(model, target_modules)
+    iterator = iter(batches)
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError("No batches: the data set for the statistics is empty. Pass at least one sample.")
+    total = len(batches) if hasattr(batches, "__len__") else None
+
+    device = next(model.parameters()).device
+    stored = {n: _stored_side(m, side) for n, m in targets.items()}
+    # Under max_abs with output statistics each module scales by its OWN output, so input sums
+    # cannot be shared; in every other case the scale (if any) is a property of the input.
+    shareable = normalize != "max_abs" or side == "input"
+    groups = _group_by_shared_input(model, targets, stored, _to_device(first, device)) if shareable else {
+        n: [n] for n in targets
+    }
+
+    sums: dict[str, torch.Tensor] = {}
+    modules: dict[str, ModuleStat] = {}
+    state: dict[str, torch.Tensor] = {}
+    handles = []
+    for leader, members in groups.items():
+        linear = targets[leader]
+        d = linear.in_features if stored[leader] == "input" else linear.out_features
+        sums[leader] = torch.zeros(d, d, dtype=dtype, device=device)
+        for name in members:
+            modules[name] = ModuleStat(leader, stored[name], targets[name].in_features, targets[name].out_features)
+        scale_from = "input" if side == "input" else "output"
+        handles.append(linear.register_forward_hook(_accumulator(leader, sums[leader], stored[leader], scale_from,
+                                                                 normalize, state, dtype)))
+
+    forward = _forward_fn(model, targets)
+    n_samples = n_tokens = 0
+    try:
+        model_was_training = model.training
+        model.eval()
+        for batch in tqdm(chain([first], iterator), total=total, desc=desc, disable=not show_progress):
+            batch = _to_device(batch, device)
+            state["mask"] = batch["attention_mask"].bool()
+            forward(batch)
+            n_samples += int(state["mask"].any(dim=1).sum())
+            n_tokens += int(state["mask"].sum())
+            _check_finite(sums, groups)
+        model.train(model_was_training)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if n_tokens == 0:
+        raise ValueError("Every token of the data was padding (attention_mask all zero); there is nothing to count.")
+
+    stats = CovarianceStats(
+        sums,
+        modules,
+        n_samples=n_samples,
+        n_tokens=n_tokens,
+        normalize=normalize,
+        side=side,
+        fingerprint=model_fingerprint(model, list(modules)),
+    )
+    return stats.bind(model, check_fingerprint=False)
+
+
+def _accumulator(key, acc, stored_side, scale_from, normalize, state, dtype):
+    def hook(module, args, output):
+        mask = state["mask"]
+        act = args[0] if stored_side == "input" else output
+        if act.shape[:-1] != mask.shape:
+            raise ValueError(
+                f"Module {key!r} saw activations of shape {tuple(act.shape)} that do not line up with the "
+                f"attention mask {tuple(mask.shape)}; only token-aligned (batch, seq, features) layers can be hooked."
+            )
+        x = act[mask].to(dtype)
+        if normalize == "max_abs":
+            source = args[0] if scale_from == "input" else output
+            per_sample = source.detach().abs().amax(dim=-1).masked_fill(~mask, 0).amax(dim=-1).to(dtype)
+            per_sample = per_sample.clamp_min(torch.finfo(dtype).tiny)
+            token_scale = (1.0 / per_sample)[:, None].expand_as(mask)[mask]
+            x = x * token_scale[:, None]
+        acc.addmm_(x.T, x)
+
+    return hook
+
+
+def _group_by_shared_input(model, targets, stored, batch) -> dict[str, list[str]]:
+    """Leader -> members. Members read the identical input tensor object in a probe forward pass
+    (e.g. q/k/v), so one input statistic serves all of them. Output-side modules stand alone."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def recorder(name):
+        def hook(module, args, output):
+            seen.setdefault(name, args[0])
+
+        return hook
+
+    handles = [m.register_forward_hook(recorder(n)) for n, m in targets.items() if stored[n] == "input"]
+    probe = {k: v[:1, :8] for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    try:
+        _forward_fn(model, targets)(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[str, list[str]] = {}
+    leader_of_tensor: dict[int, str] = {}
+    for name in targets:
+        if stored[name] != "input" or name not in seen:
+            groups[name] = [name]
+            continue
+        leader = leader_of_tensor.setdefault(id(seen[name]), name)  # seen keeps tensors alive: ids are unique
+        groups.setdefault(leader, []).append(name)
+    return groups
+
+
+def _stored_side(linear: nn.Linear, side: str) -> str:
+    if side == "input":
+        return "input"
+    # Cov_out = W Cov_in W^T holds only without bias; store the smaller side.
+    return "input" if linear.bias is None and linear.in_features < linear.out_features else "output"
+
+
+def _forward_fn(model: nn.Module, targets: dict[str, nn.Module]):
+    # The causal LM's body (without the vocabulary projection) is enough when no target lies outside it.
+    body = getattr(model, "base_model", model)
+    body_modules = {id(m) for m in body.modules()} if body is not model else set()
+    runner = body if body_modules and all(id(m) in body_modules for m in targets.values()) else model
+
+    def forward(batch):
+        mask = batch.get("attention_mask")
+        runner(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
+
+    return forward
+
+
+def _to_device(batch: Mapping[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise ValueError(
+            "Each batch must be a dict with 'input_ids' (and 'attention_mask') tensors, e.g. from a DataLoader "
+            f"with a padding collator; got {type(batch).__name__}."
+        )
+    ids = torch.as_tensor(batch["input_ids"])
+    if ids.ndim == 1:
+        ids = ids[None]
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def _check_finite(sums: dict[str, torch.Tensor], groups: dict[str, list[str]]) -> None:
+    for key, acc in sums.items():
+        if not torch.isfinite(acc).all():
+            raise ValueError(
+                f"NaN or inf activations reached module(s) {groups[key]}: the model produced non-finite values "
+                "on this data. Check the inputs, run the statistics in float32 instead of float16, or use "
+                "normalize='max_abs'."
+            )
+
+
+# --- module discovery and fingerprints ---------------------------------------------------------
+
+
+def find_linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            yield name, module
+
+
+def resolve_targets(model: nn.Module, target_modules: list[str] | str | None) -> dict[str, nn.Linear]:
+    """Target linear layers by PEFT's rules: a list matches name suffixes, a string is a full regex;
+    None means all linear layers except the output head."""
+    linears = dict(find_linear_modules(model))
+    if not linears:
+        raise ValueError("The model has no nn.Linear modules to adapt.")
+    if target_modules is None:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return {n: m for n, m in linears.items() if m is not head}
+    if isinstance(target_modules, str):
+        found = {n: m for n, m in linears.items() if re.fullmatch(target_modules, n)}
+        if not found:
+            raise ValueError(f"target_modules regex {target_modules!r} matches no linear module; e.g. {next(iter(linears))!r}.")
+        return found
+    found = {}
+    for suffix in target_modules:
+        hits = {n: m for n, m in linears.items() if n == suffix or n.endswith("." + suffix)}
+        if not hits:
+            kinds = sorted({n.rsplit(".", 1)[-1] for n in linears})
+            raise ValueError(f"Target module {suffix!r} not found among the model's linear layers; they are named {kinds}.")
+        found.update(hits)
+    return dict(sorted(found.items(), key=lambda kv: list(linears).index(kv[0])))
+
+
+def model_fingerprint(model: nn.Module, module_names: list[str]) -> dict:
+    """A config hash plus a few sampled weights per module: tells statistics of another model apart
+    while tolerating a dtype cast of the same one."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        cfg = {k: v for k, v in config.to_dict().items()
+               if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures")}
+        digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    else:
+        digest = "no-config"
+    modules = dict(model.named_modules())
+    return {"config": digest, "probes": {name: _probe(modules[name].weight) for name in module_names}}
+
+
+def _probe(weight: torch.Tensor) -> list[float]:
+    flat = weight.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, _PROBES_PER_MODULE, device=flat.device).long()
+    return flat[idx].double().cpu().tolist()

@@ -1,0 +1,42 @@
+"""Tiny random Llama models built from a config: no download, seconds to run."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 96
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float32, **overrides) -> LlamaForCausalLM:
+    # intermediate > hidden so gate/up (d_out > d_in) take the input-side path.
+    cfg = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).to(dtype)
+    # A larger init than the default 0.02 so activations are not all near zero.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def random_batches(n_batches=3, batch_size=4, seq_len=12, seed=1, pad_left=False):
+    """Batches of random tokens with random padding (at least 2 real tokens per sample)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(1, VOCAB, (batch_size, seq_len), generator=g)
+        lengths = torch.randint(2, seq_len + 1, (batch_size,), generator=g)
+        pos = torch.arange(seq_len)[None]
+        mask = (pos >= seq_len - lengths[:, None]) if pad_left else (pos < lengths[:, None])
+        out.append({"input_ids": ids.masked_fill(~mask, 0), "attention_mask": mask.long()})
+    return out
+
+
+@pytest.fixture
+def model():
+    return tiny_llama()
