@@ -15,6 +15,7 @@ model again.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -389,9 +390,14 @@ def _forward_fn(model: nn.Module, targets: dict[str, nn.Module]):
     body_modules = {id(m) for m in body.modules()} if body is not model else set()
     runner = body if body_modules and all(id(m) in body_modules for m in targets.values()) else model
 
+    takes_positions = "position_ids" in inspect.signature(runner.forward).parameters
+
     def forward(batch):
-        mask = batch.get("attention_mask")
-        runner(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
+        mask = batch["attention_mask"]
+        kwargs = {}
+        if takes_positions:  # positions count real tokens only, so left padding changes nothing (as in generate)
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        runner(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **kwargs)
 
     return forward
 

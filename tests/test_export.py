@@ -1,0 +1,71 @@
+"""Export: a fine-tuned residual-form model becomes a plain LoRA adapter for the untouched base."""
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+import sclora
+from conftest import VOCAB, random_batches, tiny_llama
+
+IDS = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def train_a_little(peft_model, steps=3):
+    """Real optimizer steps on a language-modeling loss, so A and B move away from their init."""
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-2)
+    for batch in random_batches(steps, seed=9):
+        loss = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          labels=batch["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    peft_model.eval()
+    return peft_model
+
+
+@pytest.mark.parametrize(
+    "method,kwargs",
+    [("sc_lora", {}), ("sc_lora", {"use_rslora": True, "lora_alpha": 6}), ("pissa", {"lora_alpha": 8}),
+     ("corda_kpa", {}), ("lora", {"lora_alpha": 8})],
+    ids=["sc_lora", "sc_lora-rslora", "pissa", "corda_kpa", "lora"],
+)
+def test_exported_adapter_reproduces_finetuned_logits_on_untouched_base(tmp_path, method, kwargs):
+    peft_model = sclora.init_model(tiny_llama(seed=4), method=method, r=4, plus=random_batches(2, seed=1),
+                                   minus=random_batches(2, seed=2), show_progress=False, **kwargs)
+    base_logits = logits(tiny_llama(seed=4))
+    tuned = logits(train_a_little(peft_model))
+    assert (tuned - base_logits).abs().max() > 1e-2  # training did change the model
+    sclora.export_lora(peft_model, tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny_llama(seed=4), tmp_path / "adapter")
+    torch.testing.assert_close(logits(reloaded), tuned, atol=1e-4, rtol=1e-4)
+    expected_rank = 4 if method == "lora" else 8
+    assert reloaded.peft_config["default"].r == expected_rank
+
+
+def test_export_from_another_process_via_saved_initial_adapter(tmp_path):
+    peft_model = sclora.init_model(tiny_llama(seed=5), r=3, plus=random_batches(2, seed=1),
+                                   minus=random_batches(2, seed=2), show_progress=False)
+    sclora.save_initial_adapter(peft_model, tmp_path / "init")
+    tuned = logits(train_a_little(peft_model))
+    del peft_model.sclora_initial_adapter  # as if training ran in another process
+    with pytest.raises(ValueError, match="save_initial_adapter"):
+        sclora.export_lora(peft_model, tmp_path / "adapter")
+    sclora.export_lora(peft_model, tmp_path / "adapter", initial=tmp_path / "init")
+    reloaded = PeftModel.from_pretrained(tiny_llama(seed=5), tmp_path / "adapter")
+    torch.testing.assert_close(logits(reloaded), tuned, atol=1e-4, rtol=1e-4)
+
+
+def test_merge_and_save_gives_a_plain_model_with_the_finetuned_function(tmp_path):
+    peft_model = sclora.init_model(tiny_llama(seed=6), r=3, beta=0.8, plus=random_batches(2, seed=1),
+                                   minus=random_batches(2, seed=2), show_progress=False)
+    tuned = logits(train_a_little(peft_model))
+    sclora.merge_and_save(peft_model, tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in n for n, _ in reloaded.named_parameters())
+    torch.testing.assert_close(logits(reloaded), tuned, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,168 @@
+"""sclora.statistics: covariances against a brute-force float64 reference, one sample at a time."""
+
+import pytest
+import torch
+
+import sclora
+from sclora.statistics import CovarianceStats, collect_covariances
+from conftest import random_batches, tiny_llama
+
+
+def reference_covariances(model, batches, normalize="none", side="output"):
+    """(1/B) sum_samples sum_tokens h h^T, feeding each sample alone and unpadded, hooking every linear."""
+    sums, handles, n = {}, [], 0
+    head = model.get_output_embeddings()
+
+    def hook(name):
+        def fn(module, args, output):
+            h = (args[0] if side == "input" else output)[0].double()
+            if normalize == "max_abs":
+                h = h / h.abs().max()
+            sums[name] = sums.get(name, 0) + h.T @ h
+
+        return fn
+
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and m is not head:
+            handles.append(m.register_forward_hook(hook(name)))
+    with torch.no_grad():
+        for batch in batches:
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+                model(input_ids=ids[mask.bool()][None])
+                n += 1
+    for h in handles:
+        h.remove()
+    covs = {k: v / n for k, v in sums.items()}
+    if normalize == "trace":
+        covs = {k: v / v.trace() for k, v in covs.items()}
+    return covs
+
+
+@pytest.fixture(scope="module")
+def model64():
+    return tiny_llama(seed=3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("normalize", ["none", "max_abs", "trace"])
+@pytest.mark.parametrize("pad_left", [False, True])
+def test_batched_padded_output_covariances_equal_one_unpadded_sample_at_a_time(model64, normalize, pad_left):
+    batches = random_batches(n_batches=3, batch_size=4, seq_len=10, pad_left=pad_left)
+    stats = collect_covariances(model64, batches, normalize=normalize, dtype=torch.float64, show_progress=False)
+    ref = reference_covariances(model64, batches, normalize)
+    assert set(stats) == set(ref)
+    for name, cov in ref.items():
+        assert stats[name].shape == cov.shape
+        torch.testing.assert_close(stats[name], cov, rtol=1e-9, atol=1e-12, msg=name)
+    assert stats.n_samples == 12
+    assert stats.n_tokens == sum(int(b["attention_mask"].sum()) for b in batches)
+
+
+@pytest.mark.parametrize("normalize", ["none", "max_abs"])
+def test_input_side_covariances_for_corda(model64, normalize):
+    batches = random_batches(n_batches=2, batch_size=3, seq_len=9)
+    stats = collect_covariances(model64, batches, normalize=normalize, side="input", dtype=torch.float64,
+                                show_progress=False)
+    ref = reference_covariances(model64, batches, normalize, side="input")
+    for name, cov in ref.items():
+        torch.testing.assert_close(stats.input_covariance(name), cov, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_siblings_share_one_input_statistic_and_small_side_is_stored(model64):
+    stats = collect_covariances(model64, random_batches(n_batches=1), dtype=torch.float64, show_progress=False)
+    layer = "model.layers.0"
+    gate, up = stats.modules[f"{layer}.mlp.gate_proj"], stats.modules[f"{layer}.mlp.up_proj"]
+    assert gate.side == up.side == "input" and gate.key == up.key  # 80 x 32 layers: 32 x 32 statistic shared
+    assert stats.sums[gate.key].shape == (32, 32)
+    for proj in ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj"):  # d_out <= d_in: output side
+        assert stats.modules[f"{layer}.{proj}"].side == "output"
+    assert len(stats.sums) == 6 * 2 < len(stats) == 7 * 2
+    # max_abs on outputs: each module scales by its own output, so nothing is shared.
+    stats = collect_covariances(model64, random_batches(n_batches=1), normalize="max_abs", show_progress=False)
+    assert len(stats.sums) == len(stats)
+
+
+def test_q_k_v_share_when_collecting_inputs(model64):
+    stats = collect_covariances(model64, random_batches(n_batches=1), side="input", show_progress=False)
+    keys = {stats.modules[f"model.layers.1.self_attn.{p}_proj"].key for p in "qkv"}
+    assert len(keys) == 1
+    assert len(stats.sums) == 4 * 2  # qkv, o, gate+up, down per layer
+
+
+def test_accumulates_in_float32_for_a_bfloat16_model():
+    model = tiny_llama(seed=4, dtype=torch.bfloat16)
+    batches = random_batches(n_batches=2)
+    stats = collect_covariances(model, batches, show_progress=False)
+    assert all(s.dtype == torch.float32 for s in stats.sums.values())
+    ref = reference_covariances(model, batches)
+    for name, cov in ref.items():  # the bf16 forward is the same; only the accumulation differs
+        torch.testing.assert_close(stats[name].double(), cov, rtol=2e-2, atol=1e-3 * cov.abs().max().item())
+
+
+def test_save_and_load_round_trip(tmp_path, model64):
+    stats = collect_covariances(model64, random_batches(n_batches=1), normalize="trace", show_progress=False)
+    path = tmp_path / "plus.safetensors"
+    stats.save(path)
+    loaded = CovarianceStats.load(path, model=model64)
+    assert (loaded.n_samples, loaded.n_tokens, loaded.normalize) == (stats.n_samples, stats.n_tokens, "trace")
+    for name in stats:
+        torch.testing.assert_close(loaded[name], stats[name], rtol=0, atol=0)
+    unbound = CovarianceStats.load(path)
+    with pytest.raises(ValueError, match="bind"):
+        unbound["model.layers.0.mlp.up_proj"]
+    torch.testing.assert_close(unbound["model.layers.0.mlp.down_proj"], stats["model.layers.0.mlp.down_proj"])
+
+
+def test_load_rejects_a_foreign_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not sclora statistics"):
+        CovarianceStats.load(tmp_path / "other.safetensors")
+
+
+# --- bad input gets a clear error ----------------------------------------------------------------
+
+
+def test_empty_data_is_rejected(model):
+    with pytest.raises(ValueError, match="empty"):
+        collect_covariances(model, [], show_progress=False)
+
+
+def test_all_padding_is_rejected(model):
+    batch = random_batches(n_batches=1)[0]
+    batch["attention_mask"] = torch.zeros_like(batch["attention_mask"])
+    with pytest.raises(ValueError, match="padding"):
+        collect_covariances(model, [batch], show_progress=False)
+
+
+def test_unknown_target_module_is_rejected(model):
+    with pytest.raises(ValueError, match="'qkv_proj' not found.*q_proj"):
+        collect_covariances(model, random_batches(1), target_modules=["qkv_proj"], show_progress=False)
+
+
+def test_batches_must_be_dicts(model):
+    with pytest.raises(ValueError, match="input_ids"):
+        collect_covariances(model, [torch.zeros(2, 3, dtype=torch.long)], show_progress=False)
+
+
+def test_nonfinite_activations_are_reported_with_the_module(model):
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf activations.*layers.1"):
+        collect_covariances(model, random_batches(1), show_progress=False)
+
+
+def test_stats_from_another_model_are_rejected(tmp_path):
+    stats = collect_covariances(tiny_llama(seed=0), random_batches(1), show_progress=False)
+    with pytest.raises(ValueError, match="differ from those the statistics were collected on"):
+        stats.bind(tiny_llama(seed=1))  # same architecture, other weights
+    with pytest.raises(ValueError, match="weight shape"):
+        stats.bind(tiny_llama(seed=0, intermediate_size=96))
+    with pytest.raises(ValueError, match="different configuration"):
+        stats.bind(tiny_llama(seed=0, rms_norm_eps=1e-3))
+    stats.bind(tiny_llama(seed=0, dtype=torch.bfloat16))  # a dtype cast of the same model is the same model
+
+
+def test_target_modules_select_a_subset(model):
+    stats = sclora.collect_covariances(model, random_batches(1), target_modules=["v_proj"], show_progress=False)
+    assert sorted(stats) == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
