@@ -49,10 +49,10 @@ def test_theorem2_adapter_output_is_projection_onto_optimal_subspace(alpha, rslo
                                    @ layer.lora_A["default"].weight, w0[name], atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-10), (torch.bfloat16, 0.1)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-10), (torch.bfloat16, 0.05)])
 def test_logits_at_init_equal_the_base_model(dtype, tol):
     # Tolerances: float64 exact to rounding; float32 relative ~1e-5 of logits ~O(10); bfloat16 keeps 8 bits
-    # of mantissa, so W_res + BA differs from W0 by rounding of ~0.4% per weight.
+    # of mantissa, so W_res + BA differs from W0 by rounding of ~0.4% per weight (measured: 2% of the max logit).
     model = tiny_llama(seed=6, dtype=dtype)
     ids = torch.randint(1, VOCAB, (3, 11))
     with torch.no_grad():

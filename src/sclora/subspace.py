@@ -129,9 +129,13 @@ def _eigh_through_weight(
     eigvals = torch.cat([lam[:n_pos], lam.new_zeros(d_out - d_in), lam[n_pos:]])
     if rank <= n_pos:
         return eigvals, u @ v[:, :rank]
-    complement = torch.linalg.qr(w, mode="complete")[0][:, d_in:]
-    eigvecs = torch.cat([u @ v[:, :n_pos], complement, u @ v[:, n_pos:]], dim=1)
-    return eigvals, eigvecs[:, :rank]
+    # The optimum then includes zero-eigenvalue directions outside range(W0); any orthonormal set of
+    # them is optimal (a tie, warned about), so take a fixed pseudo-random one: cheaper than a full QR.
+    n_zero = min(rank - n_pos, d_out - d_in)
+    g = torch.randn(d_out, n_zero, generator=torch.Generator().manual_seed(0), dtype=w.dtype).to(w.device)
+    complement = torch.linalg.qr(g - u @ (u.T @ g))[0]
+    eigvecs = torch.cat([u @ v[:, :n_pos], complement, u @ v[:, n_pos : rank - n_zero]], dim=1)
+    return eigvals, eigvecs
 
 
 def _warn_if_tied(eigvals: torch.Tensor, rank: int) -> None:
