@@ -70,15 +70,23 @@ def test_input_side_covariances_for_corda(model64, normalize):
 def test_siblings_share_one_input_statistic_and_small_side_is_stored(model64):
     stats = collect_covariances(model64, random_batches(n_batches=1), dtype=torch.float64, show_progress=False)
     layer = "model.layers.0"
-    gate, up = stats.modules[f"{layer}.mlp.gate_proj"], stats.modules[f"{layer}.mlp.up_proj"]
-    assert gate.side == up.side == "input" and gate.key == up.key  # 80 x 32 layers: 32 x 32 statistic shared
-    assert stats.sums[gate.key].shape == (32, 32)
-    for proj in ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj"):  # d_out <= d_in: output side
-        assert stats.modules[f"{layer}.{proj}"].side == "output"
-    assert len(stats.sums) == 6 * 2 < len(stats) == 7 * 2
+    info = {p: stats.modules[f"{layer}.{p}"] for p in
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    # gate/up (80 x 32): one 32 x 32 input statistic instead of two 80 x 80 output ones.
+    assert info["mlp.gate_proj"].side == info["mlp.up_proj"].side == "input"
+    assert info["mlp.gate_proj"].key == info["mlp.up_proj"].key
+    assert stats.sums[info["mlp.gate_proj"].key].shape == (32, 32)
+    # q/k/v (32x32, 16x32, 16x32): one 32^2 input statistic beats 32^2 + 2 * 16^2 output ones.
+    assert len({info[f"self_attn.{p}_proj"].key for p in "qkv"}) == 1
+    assert info["self_attn.k_proj"].side == "input"
+    # o (32 x 32) and down (32 x 80) read inputs of their own and keep the output side (no larger).
+    assert info["self_attn.o_proj"].side == info["mlp.down_proj"].side == "output"
+    assert len(stats.sums) == 4 * 2 < len(stats) == 7 * 2
     # max_abs on outputs: each module scales by its own output, so nothing is shared.
     stats = collect_covariances(model64, random_batches(n_batches=1), normalize="max_abs", show_progress=False)
     assert len(stats.sums) == len(stats)
+    assert stats.modules[f"{layer}.mlp.up_proj"].side == "input"
 
 
 def test_q_k_v_share_when_collecting_inputs(model64):

@@ -274,26 +274,21 @@ def collect_covariances(
     total = len(batches) if hasattr(batches, "__len__") else None
 
     device = next(model.parameters()).device
-    stored = {n: _stored_side(m, side) for n, m in targets.items()}
-    # Under max_abs with output statistics each module scales by its OWN output, so input sums
-    # cannot be shared; in every other case the scale (if any) is a property of the input.
-    shareable = normalize != "max_abs" or side == "input"
-    groups = _group_by_shared_input(model, targets, stored, _to_device(first, device)) if shareable else {
-        n: [n] for n in targets
-    }
+    plan = _plan(model, targets, side, normalize, _to_device(first, device))
 
     sums: dict[str, torch.Tensor] = {}
     modules: dict[str, ModuleStat] = {}
     state: dict[str, torch.Tensor] = {}
     handles = []
-    for leader, members in groups.items():
+    groups = {leader: members for leader, (_, members) in plan.items()}
+    for leader, (stored, members) in plan.items():
         linear = targets[leader]
-        d = linear.in_features if stored[leader] == "input" else linear.out_features
+        d = linear.in_features if stored == "input" else linear.out_features
         sums[leader] = torch.zeros(d, d, dtype=dtype, device=device)
         for name in members:
-            modules[name] = ModuleStat(leader, stored[name], targets[name].in_features, targets[name].out_features)
+            modules[name] = ModuleStat(leader, stored, targets[name].in_features, targets[name].out_features)
         scale_from = "input" if side == "input" else "output"
-        handles.append(linear.register_forward_hook(_accumulator(leader, sums[leader], stored[leader], scale_from,
+        handles.append(linear.register_forward_hook(_accumulator(leader, sums[leader], stored, scale_from,
                                                                  normalize, state, dtype)))
 
     forward = _forward_fn(model, targets)
@@ -348,9 +343,36 @@ def _accumulator(key, acc, stored_side, scale_from, normalize, state, dtype):
     return hook
 
 
-def _group_by_shared_input(model, targets, stored, batch) -> dict[str, list[str]]:
-    """Leader -> members. Members read the identical input tensor object in a probe forward pass
-    (e.g. q/k/v), so one input statistic serves all of them. Output-side modules stand alone."""
+def _plan(model, targets, side, normalize, batch) -> dict[str, tuple[str, list[str]]]:
+    """leader -> (stored side, members): which matrix holds each module's statistic.
+
+    Input side: one d_in x d_in matrix per group of siblings. Output side: a bias-free sibling group
+    takes its shared input statistic when d_in^2 < the sum of its members' d_out^2 (q/k/v, gate/up),
+    otherwise each module keeps its own output one (Cov_out = W Cov_in W^T needs no bias). Under
+    max_abs each module scales by its own output, so nothing is shared."""
+    if side == "output" and normalize == "max_abs":
+        return {n: ("input" if m.bias is None and m.in_features < m.out_features else "output", [n])
+                for n, m in targets.items()}
+    plan: dict[str, tuple[str, list[str]]] = {}
+    for members in _siblings(model, targets, batch):
+        if side == "input":
+            plan[members[0]] = ("input", members)
+            continue
+        shared = [n for n in members if targets[n].bias is None]
+        d_in = targets[members[0]].in_features
+        if shared and d_in**2 < sum(targets[n].out_features ** 2 for n in shared):
+            plan[shared[0]] = ("input", shared)
+        else:
+            shared = []
+        for n in members:
+            if n not in shared:
+                plan[n] = ("output", [n])
+    return plan
+
+
+def _siblings(model, targets, batch) -> list[list[str]]:
+    """Groups of target modules that read the identical input tensor object (e.g. q/k/v), found
+    with hooks on a one-sample probe forward pass; in model order."""
     seen: dict[str, torch.Tensor] = {}
 
     def recorder(name):
@@ -359,29 +381,17 @@ def _group_by_shared_input(model, targets, stored, batch) -> dict[str, list[str]
 
         return hook
 
-    handles = [m.register_forward_hook(recorder(n)) for n, m in targets.items() if stored[n] == "input"]
-    probe = {k: v[:1, :8] for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    handles = [m.register_forward_hook(recorder(n)) for n, m in targets.items()]
+    probe = {k: v[:1, :8] for k, v in batch.items()}
     try:
         _forward_fn(model, targets)(probe)
     finally:
         for h in handles:
             h.remove()
-    groups: dict[str, list[str]] = {}
-    leader_of_tensor: dict[int, str] = {}
-    for name in targets:
-        if stored[name] != "input" or name not in seen:
-            groups[name] = [name]
-            continue
-        leader = leader_of_tensor.setdefault(id(seen[name]), name)  # seen keeps tensors alive: ids are unique
-        groups.setdefault(leader, []).append(name)
-    return groups
-
-
-def _stored_side(linear: nn.Linear, side: str) -> str:
-    if side == "input":
-        return "input"
-    # Cov_out = W Cov_in W^T holds only without bias; store the smaller side.
-    return "input" if linear.bias is None and linear.in_features < linear.out_features else "output"
+    groups: dict[int | str, list[str]] = {}
+    for name in targets:  # `seen` keeps the tensors alive, so their ids cannot be reused
+        groups.setdefault(id(seen[name]) if name in seen else name, []).append(name)
+    return list(groups.values())
 
 
 def _forward_fn(model: nn.Module, targets: dict[str, nn.Module]):
