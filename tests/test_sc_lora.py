@@ -127,8 +127,12 @@ def test_stats_missing_a_target_module_are_rejected():
     model = tiny_llama()
     plus = collect_covariances(model, random_batches(1), target_modules=["q_proj"], show_progress=False)
     minus = collect_covariances(model, random_batches(1), target_modules=["q_proj"], show_progress=False)
-    with pytest.raises(ValueError, match="do not cover target module .*k_proj"):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="do not cover 12 target module.*k_proj"):
         get_sclora_model(model, SCLoRAConfig(r=2), plus, minus, show_progress=False)
+    # Refused before anything was touched: no adapter, same weights.
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_stats_from_another_model_are_rejected():

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import SCLoRAConfig
 from ..statistics import CovarianceStats
-from .residual import build_residual_adapter
+from .residual import build_residual_adapter, require_coverage
 
 MODES = ("ipa", "kpa")
 
@@ -51,10 +51,9 @@ def get_corda_model(
     """CorDA IPA (``stats`` of D+) or KPA (``stats`` of D-); ``stats`` must hold input covariances
     (``collect_covariances(..., side="input")``)."""
     stats = stats.bind(model, check_fingerprint=check_fingerprint)
+    require_coverage(model, config, stats, "D+" if mode == "ipa" else "D-")
 
     def factors(name, weight, scaling):
-        if name not in stats:
-            raise ValueError(f"The statistics do not cover target module {name!r}; recollect with it included.")
         return corda_factors(weight, stats.input_covariance(name), config.r, scaling, mode, config.torch_dtype)
 
     return build_residual_adapter(model, config, factors, show_progress=show_progress, desc=f"CorDA {mode.upper()} init")

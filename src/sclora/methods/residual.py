@@ -30,6 +30,16 @@ def check_rank(targets: dict[str, nn.Linear], r: int) -> None:
             )
 
 
+def require_coverage(model: nn.Module, config: SCLoRAConfig, stats, label: str) -> None:
+    """Fail before the model is touched if the statistics miss a target module."""
+    missing = [n for n in resolve_targets(model, config.target_modules) if n not in stats]
+    if missing:
+        raise ValueError(
+            f"The {label} statistics do not cover {len(missing)} target module(s), e.g. {missing[0]!r}; collect "
+            "them with target_modules that include these (or narrow the config's target_modules)."
+        )
+
+
 def lora_layers(peft_model: PeftModel, names) -> dict[str, LoraLayer]:
     inner = peft_model.base_model.model
     layers = {}

