@@ -104,7 +104,7 @@ def test_appendix_b_warning_for_beta1_with_few_negative_tokens():
     plus = collect_covariances(model, random_batches(n_batches=3, seed=1), show_progress=False)
     minus = collect_covariances(model, random_batches(n_batches=1, batch_size=1, seq_len=4, seed=2),
                                 show_progress=False)
-    with pytest.warns(NonUniqueSubspaceWarning, match=r"D- has \d+ tokens.*beta slightly below 1"):
+    with pytest.warns(NonUniqueSubspaceWarning, match=r"Appendix B.*min\(4, 32\).*beta slightly below 1"):
         get_sclora_model(model, SCLoRAConfig(r=4, beta=1.0), plus, minus, show_progress=False)
 
 
@@ -162,3 +162,23 @@ def test_mixed_normalizations_are_rejected():
     minus = collect_covariances(model, random_batches(1), show_progress=False)
     with pytest.raises(ValueError, match="normalize"):
         get_sclora_model(model, SCLoRAConfig(r=2), plus, minus)
+
+
+def test_beta1_on_widening_layers_warns_even_with_plenty_of_tokens():
+    # gate/up map 32 -> 80 dims: rank(Cov-) <= 32, so 80 - 32 = 48 > r null directions whatever the data.
+    model = tiny_llama(seed=10)
+    plus = collect_covariances(model, random_batches(n_batches=6, seed=1), show_progress=False)
+    minus = collect_covariances(model, random_batches(n_batches=6, seed=2), show_progress=False)
+    assert minus.n_tokens > 80
+    with pytest.warns(NonUniqueSubspaceWarning, match=r"gate_proj.*min\(\d+, 32\) < d_out - r = 80 - 4"):
+        peft_model = get_sclora_model(model, SCLoRAConfig(r=4, beta=1.0), plus, minus, show_progress=False)
+    # The optimum there lies outside range(W0): the adapter starts with zero output (A = Q^T W0 = 0).
+    layer = peft_model.base_model.model.model.layers[0].mlp.gate_proj
+    assert layer.lora_A["default"].weight.abs().max() < 1e-6
+    # Below 1 the tie persists while fewer than r directions carry more weighted D+ than D- energy (here
+    # D+ and D- are the same random-token distribution, so at 0.99 none do), and is gone at 0.5.
+    with pytest.warns(NonUniqueSubspaceWarning, match="outside the range of W0"):
+        get_sclora_model(tiny_llama(seed=10), SCLoRAConfig(r=4, beta=0.99), plus, minus, show_progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonUniqueSubspaceWarning)
+        get_sclora_model(tiny_llama(seed=10), SCLoRAConfig(r=4, beta=0.5), plus, minus, show_progress=False)

@@ -93,14 +93,24 @@ def test_reduction_fills_from_null_space_when_few_positive_eigenvalues():
     assert torch.allclose(q.T @ w, torch.zeros(r, d_in, dtype=torch.float64), atol=1e-10)
 
 
-def test_appendix_b_warns_when_negative_set_is_too_small_at_beta1():
-    d, r = 30, 4
-    cm = random_cov(d, rank=10, seed=3)  # B- * L = 10 tokens < d_out - r = 26
+def test_exact_eigenvalue_tie_warns_and_beta_below_one_breaks_it():
+    d, r = 12, 3
+    cm = torch.diag(torch.tensor([5.0] * 6 + [1.0] * 6, dtype=torch.float64))  # -Cov-: 6-fold tie at the top
     with pytest.warns(NonUniqueSubspaceWarning, match="beta slightly below 1"):
         sc_subspace(random_cov(d, seed=4), cm, 1.0, r)
     with warnings.catch_warnings():
         warnings.simplefilter("error", NonUniqueSubspaceWarning)
         sc_subspace(random_cov(d, seed=4), cm, 0.99, r)  # Cov+ breaks the tie
+
+
+def test_wide_spectrum_with_distinct_small_eigenvalues_is_not_a_tie():
+    # A "massive activation" direction: the largest eigenvalue 1e9 times the r-th, which is still distinct.
+    eigvals = torch.tensor([1e9] + [1000.0 - 30 * i for i in range(20)], dtype=torch.float64)
+    basis = random_orthonormal(21, 21, seed=5)
+    cov = basis @ torch.diag(eigvals) @ basis.T
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonUniqueSubspaceWarning)
+        sc_subspace(cov, torch.zeros_like(cov), 0.0, 16)
 
 
 @pytest.mark.parametrize("scaling", [1.0, 2.0, 0.25, 16 / 4**0.5])

@@ -26,8 +26,8 @@ __all__ = [
     "sc_subspace",
 ]
 
-#: Eigenvalues closer than this (relative to the largest |eigenvalue|) count as tied.
-TIE_RTOL = 1e-6
+#: Eigenvalues whose gap is below this fraction of their magnitude count as tied (exact zeros tie).
+TIE_RTOL = 1e-9
 
 
 class NonUniqueSubspaceWarning(UserWarning):
@@ -139,15 +139,17 @@ def _eigh_through_weight(
 
 
 def _warn_if_tied(eigvals: torch.Tensor, rank: int) -> None:
+    # Relative to the pair itself, not to the largest eigenvalue: LLM layers with massive activations
+    # have spectra spanning 1e6 and more, and their small eigenvalues are still distinct.
     if rank >= eigvals.numel():
         return
-    scale = eigvals.abs().max().clamp_min(torch.finfo(eigvals.dtype).tiny)
-    if (eigvals[rank - 1] - eigvals[rank]).abs() <= TIE_RTOL * scale:
+    a, b = eigvals[rank - 1], eigvals[rank]
+    if (a - b).abs() <= TIE_RTOL * torch.maximum(a.abs(), b.abs()):
         warnings.warn(
             "The r-th and (r+1)-th eigenvalues of dCov are equal, so the best subspace is not unique and "
-            "the initialization is partly arbitrary. This happens when beta is 1 (or near it) and D- has "
-            "fewer tokens than d_out - r (paper, Appendix B). Set beta slightly below 1 (e.g. 0.99) so "
-            "that Cov+ breaks the tie, or use more / longer D- samples.",
+            "part of the initialization is arbitrary. With beta = 1 this is the paper's Appendix B case "
+            "(null space of Cov- larger than r). Set beta slightly below 1 (e.g. 0.99) so that Cov+ breaks "
+            "the tie, or use more / longer D- samples.",
             NonUniqueSubspaceWarning,
             stacklevel=3,
         )

@@ -10,7 +10,7 @@ from peft import PeftModel
 from torch import nn
 
 from ..config import SCLoRAConfig
-from ..statistics import CovarianceStats
+from ..statistics import CovarianceStats, resolve_targets
 from ..subspace import NonUniqueSubspaceWarning, sc_lora_factors, sc_subspace
 from .residual import build_residual_adapter, require_coverage
 
@@ -54,17 +54,39 @@ def get_sclora_model(
             tied.append(name)
         return sc_lora_factors(weight, q, scaling)
 
+    sparse = _sparse_negative_modules(model, config, minus)
     peft_model = build_residual_adapter(model, config, factors, show_progress=show_progress, desc="SC-LoRA init")
-    if tied:
-        warnings.warn(_appendix_b_message(tied, config, minus.n_tokens), NonUniqueSubspaceWarning, stacklevel=2)
+    if sparse:
+        name, d_out, d_in = sparse[0]
+        warnings.warn(
+            f"beta={config.beta} leaves {len(sparse)} module(s) without a unique best subspace (paper, Appendix B): "
+            f"rank(Cov-) <= min(D- tokens, d_in), and for e.g. {name!r} min({minus.n_tokens}, {d_in}) < d_out - r = "
+            f"{d_out} - {config.r}, so the null space of Cov- has more than r dimensions and any r directions in it "
+            "are equally optimal: the initialization is arbitrary. Use beta slightly below 1 (e.g. 0.99) so that "
+            "Cov+ picks among them, or more / longer D- samples (this does not help layers with d_out - d_in > r).",
+            NonUniqueSubspaceWarning,
+            stacklevel=2,
+        )
+    elif tied:
+        warnings.warn(
+            f"{len(tied)} module(s), e.g. {tied[0]!r}, have no unique best subspace at beta={config.beta}: the r-th "
+            "and (r+1)-th eigenvalues of dCov are equal, so part of the initialization is arbitrary. Usually they "
+            "are 0: fewer than r directions carry more (1-beta)-weighted D+ than beta-weighted D- energy, and in "
+            "layers that widen their input (d_out > d_in, e.g. gate/up) the other optimal directions lie outside "
+            "the range of W0, where neither set has energy and the adapter starts at zero. Lower beta or r, or "
+            "use more / longer D- samples.",
+            NonUniqueSubspaceWarning,
+            stacklevel=2,
+        )
     return peft_model
 
 
-def _appendix_b_message(tied: list[str], config: SCLoRAConfig, n_minus_tokens: int) -> str:
-    return (
-        f"{len(tied)} module(s), e.g. {tied[0]!r}, have no unique best subspace at beta={config.beta}: the r-th and "
-        f"(r+1)-th eigenvalues of dCov tie, so part of the initialization is arbitrary. With beta near 1 this is "
-        f"the sparse-sample case of the paper's Appendix B: D- has {n_minus_tokens} tokens, and when that is below "
-        f"d_out - r the null space of Cov- has more than r={config.r} dimensions. Use beta slightly below 1 "
-        "(e.g. 0.99) so that Cov+ picks among them, or more / longer D- samples."
-    )
+def _sparse_negative_modules(model, config: SCLoRAConfig, minus: CovarianceStats) -> list[tuple[str, int, int]]:
+    """(name, d_out, d_in) of modules where beta ~ 1 and the null space of Cov- exceeds r (Appendix B).
+
+    Cov- = W Cov-_in W^T has rank <= min(B- L, d_in): few D- tokens, or a layer that widens its input
+    (gate/up), leave more than r directions with zero D- energy."""
+    if 1.0 - config.beta >= 1e-3:
+        return []
+    return [(n, m.out_features, m.in_features) for n, m in resolve_targets(model, config.target_modules).items()
+            if min(minus.n_tokens, m.in_features if m.bias is None else m.out_features) < m.out_features - config.r]
