@@ -86,14 +86,15 @@ def main():
         e_plus = sum(energy_fraction(qs[n], cov_p[n]) for n in probe) / len(probe)
         e_minus = sum(energy_fraction(qs[n], cov_m[n]) for n in probe) / len(probe)
         rows.append({"beta": beta, "init_s": round(t_init, 2), "energy_plus": e_plus, "energy_minus": e_minus,
-                     "non_unique_warning": bool(caught)})
+                     "non_unique_warning": any(issubclass(w.category, sclora.NonUniqueSubspaceWarning)
+                                               for w in caught)})
         if beta == 0.8:
             kept = peft_model
     print(f"\nShare of output energy inside the initial adapter subspace (r={args.r}, mean over "
           f"{len(probe)} modules of layers {SAMPLED_LAYERS}):")
     print(f"{'beta':>6} {'D+ (learn)':>12} {'D- (keep)':>12} {'init (s)':>9}  note")
     for row in rows:
-        note = "tie: Appendix B" if row["non_unique_warning"] else ""
+        note = "NonUniqueSubspaceWarning (ties)" if row["non_unique_warning"] else ""
         print(f"{row['beta']:>6} {row['energy_plus']:>12.4f} {row['energy_minus']:>12.4f} {row['init_s']:>9.1f}  {note}")
 
     ids = torch.tensor(plus[:2])
