@@ -293,9 +293,9 @@ def collect_covariances(
 
     forward = _forward_fn(model, targets)
     n_samples = n_tokens = 0
+    was_training = model.training
+    model.eval()
     try:
-        model_was_training = model.training
-        model.eval()
         for batch in tqdm(chain([first], iterator), total=total, desc=desc, disable=not show_progress):
             batch = _to_device(batch, device)
             state["mask"] = batch["attention_mask"].bool()
@@ -303,10 +303,10 @@ def collect_covariances(
             n_samples += int(state["mask"].any(dim=1).sum())
             n_tokens += int(state["mask"].sum())
             _check_finite(sums, groups)
-        model.train(model_was_training)
     finally:
         for handle in handles:
             handle.remove()
+        model.train(was_training)
     if n_tokens == 0:
         raise ValueError("Every token of the data was padding (attention_mask all zero); there is nothing to count.")
 
