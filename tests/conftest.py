@@ -40,3 +40,26 @@ def random_batches(n_batches=3, batch_size=4, seq_len=12, seed=1, pad_left=False
 @pytest.fixture
 def model():
     return tiny_llama()
+
+
+WORDS = ("the a an of to is in what who which capital city france paris rome berlin answer question "
+         "one two three four five six seven eight nine ten plus minus equals sorry cannot help sure here "
+         "how make bread summary paper we propose method results show think step by").split()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer whose ids fit the tiny models' vocabulary, with a simple chat template."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    punct = list(".,?!:\n#")
+    vocab = {tok: i for i, tok in enumerate(specials + punct + list(WORDS))}
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant :{% endif %}")
+    return tok

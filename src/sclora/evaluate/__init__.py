@@ -1,0 +1,23 @@
+"""Evaluation as the paper measures it: math accuracy, world-knowledge exact match, ROUGE, safety.
+
+The suites live in :mod:`sclora.evaluate.suites`; the building blocks are importable from here.
+"""
+
+from .generation import GenerationResult, build_prompt, generate
+from .knowledge import exact_match, lm_eval_exact_match, normalize_answer
+from .likelihood import continuation_logprobs
+from .math_answers import extract_math_answer, math_equal
+from .summarize import rouge
+
+__all__ = [
+    "GenerationResult",
+    "build_prompt",
+    "continuation_logprobs",
+    "exact_match",
+    "extract_math_answer",
+    "generate",
+    "lm_eval_exact_match",
+    "math_equal",
+    "normalize_answer",
+    "rouge",
+]

@@ -1,0 +1,64 @@
+"""Batched generation and log-likelihoods on a tiny random model."""
+
+import pytest
+import torch
+
+from sclora.evaluate import build_prompt, continuation_logprobs, generate, rouge
+from conftest import tiny_llama, tiny_tokenizer
+
+PROMPTS = ["what is the capital of france ?", "two plus two", "who", "how make bread . think step by step"]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_llama(seed=3), tiny_tokenizer()
+
+
+def test_batched_generation_equals_one_at_a_time_and_keeps_order(lm):
+    model, tok = lm
+    batched = generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=4, show_progress=False)
+    single = [generate(model, tok, [p], max_new_tokens=6, batch_size=1, show_progress=False).texts[0] for p in PROMPTS]
+    assert batched.texts == single
+    assert batched.new_tokens > 0 and batched.tokens_per_second > 0
+    again = generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=3, show_progress=False)
+    assert again.texts == batched.texts  # deterministic
+
+
+def test_stop_strings_cut_the_output(lm):
+    model, tok = lm
+    full = generate(model, tok, PROMPTS, max_new_tokens=12, chat=False, batch_size=4, show_progress=False).texts
+    cut = generate(model, tok, PROMPTS, max_new_tokens=12, chat=False, stop=["the"], batch_size=4,
+                   show_progress=False).texts
+    for f, c in zip(full, cut):
+        assert "the" not in c.split()
+        assert f.startswith(c.rstrip()) or c == f[: len(c)]
+
+
+def test_chat_template_is_applied(lm):
+    _, tok = lm
+    assert build_prompt(tok, "who") == "user : who\nassistant :"
+    assert build_prompt(tok, "who", chat=False) == "who"
+    assert build_prompt(tok, "who", system="be brief").startswith("system : be brief\n")
+
+
+def test_continuation_logprobs_match_a_direct_computation(lm):
+    model, tok = lm
+    prompts, conts = ["what is the", "two plus two equals"], [" capital of france", " four"]
+    got = continuation_logprobs(model, tok, prompts, conts, batch_size=2, show_progress=False)
+    for p, c, (logprob, count) in zip(prompts, conts, got):
+        p_ids, c_ids = tok(p)["input_ids"], tok(c)["input_ids"]
+        ids = torch.tensor([p_ids + c_ids])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids).logits[0], -1)
+        expected = sum(lp[len(p_ids) - 1 + k, t].item() for k, t in enumerate(c_ids))
+        assert count == len(c_ids)
+        assert logprob == pytest.approx(expected, abs=1e-4)
+
+
+def test_rouge_extremes_and_partial_overlap():
+    assert rouge(["the cat sat on the mat"], ["the cat sat on the mat"])["rouge1"] == pytest.approx(100)
+    assert rouge(["dogs bark"], ["the cat sat"])["rouge1"] == 0
+    partial = rouge(["the cat sat"], ["the cat sat on the mat"])
+    assert partial["rouge1"] == pytest.approx(100 * 2 * (1.0 * 0.5) / 1.5)  # P=3/3, R=3/6
+    with pytest.raises(ValueError, match="equally many"):
+        rouge(["a"], [])
