@@ -24,6 +24,10 @@ def _eval(args) -> int:
     kwargs = {"show_progress": not args.quiet}
     if args.limit is not None:
         kwargs["limit"] = args.limit
+    if args.num_fewshot is not None:
+        if args.suite != "knowledge":
+            raise SystemExit("--num-fewshot applies to --suite knowledge only")
+        kwargs["num_fewshot"] = args.num_fewshot
     if args.batch_size is not None:
         kwargs["batch_size"] = args.batch_size
     if args.suite == "safety":
@@ -65,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--suite", required=True, choices=["knowledge", "math", "safety", "summarize"])
     ev.add_argument("--limit", type=int, help="number of items (default: the suite's)")
     ev.add_argument("--batch-size", type=int)
+    ev.add_argument("--num-fewshot", type=int, help="knowledge: solved examples before each question (default 5)")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--judge", default="refusal", choices=["refusal", "llm", "local"], help="safety judge")
     ev.add_argument("--judge-model", help="llm: model name at the endpoint; local: path of a causal LM")

@@ -4,6 +4,7 @@ The suites live in :mod:`sclora.evaluate.suites`; the building blocks are import
 """
 
 from .generation import GenerationResult, build_prompt, generate
+from .judges import Judge, Judgement, LLMJudge, LocalJudge, RefusalJudge, harmfulness, make_judge, parse_score
 from .knowledge import exact_match, lm_eval_exact_match, normalize_answer
 from .likelihood import continuation_logprobs
 from .math_answers import extract_math_answer, math_equal
@@ -11,6 +12,14 @@ from .summarize import rouge
 
 __all__ = [
     "GenerationResult",
+    "Judge",
+    "Judgement",
+    "LLMJudge",
+    "LocalJudge",
+    "RefusalJudge",
+    "harmfulness",
+    "make_judge",
+    "parse_score",
     "build_prompt",
     "continuation_logprobs",
     "exact_match",

@@ -48,17 +48,25 @@ def _timing(gen, n: int, seconds: float) -> dict:
 
 
 def evaluate_knowledge(model, tokenizer, items: list[dict] | None = None, *, limit: int | None = 200,
-                       task: str = "triviaqa", chat: bool = False, batch_size: int = 16,
+                       task: str = "triviaqa", num_fewshot: int = 5, chat: bool = False, batch_size: int = 16,
                        show_progress: bool = True) -> SuiteResult:
     """Exact match (ours and lm-eval's) of greedy answers, and the log-probability of the best accepted
-    answer (lm-eval's convention: 0-shot, plain prompt; ``chat=True`` wraps it in the chat template)."""
+    answer. lm-eval's prompt, plain (``chat=True`` wraps it in the chat template), after ``num_fewshot``
+    solved examples drawn from items outside the evaluated ones (lm-eval's format: "\n\n" between
+    examples, " " before the answer). Zero-shot, small models answer "\n..." and score 0 by the
+    newline stop; 5-shot fixes the format without teaching the facts."""
     if items is None:
         from .. import data
 
         items = data.trivia()
-    items = _sample(items, limit)
+    shuffled = _sample(items, None)
+    items = shuffled[:limit] if limit else shuffled
+    shots = shuffled[len(items):][:num_fewshot] if num_fewshot else []
+    if len(shots) < num_fewshot:
+        raise ValueError(f"Need {num_fewshot} few-shot examples outside the {len(items)} evaluated items; lower limit.")
+    context = "".join(f"{prompt(s['question'], task)} {s['answers'][0]}\n\n" for s in shots)
     start = time.perf_counter()
-    prompts = [prompt(it["question"], task) for it in items]
+    prompts = [context + prompt(it["question"], task) for it in items]
     gen = generate(model, tokenizer, prompts, max_new_tokens=24, stop=STOP, chat=chat, batch_size=batch_size,
                    show_progress=show_progress, desc="knowledge: generate")
     shown = [build_prompt(tokenizer, p, chat=chat) for p in prompts]
@@ -75,6 +83,7 @@ def evaluate_knowledge(model, tokenizer, items: list[dict] | None = None, *, lim
         "exact_match": 100 * sum(s["exact_match"] for s in samples) / n,
         "exact_match_lm_eval": 100 * sum(s["exact_match_lm_eval"] for s in samples) / n,
         "best_answer_logprob": sum(best) / n,
+        "num_fewshot": num_fewshot,
         **_timing(gen, n, time.perf_counter() - start),
     }
     return SuiteResult("knowledge", metrics, samples)
