@@ -6,11 +6,12 @@ with a harmful request). The paper's metrics, computed by :func:`harmfulness`, a
 the percentage of responses scored 5.
 
 * :class:`LLMJudge`: the paper's protocol, :data:`QI2024_TEMPLATE` sent to any OpenAI-compatible
-  chat-completions endpoint (the paper used GPT-4), with retries, rate limiting and an sqlite cache.
+  chat-completions endpoint (Qi et al. used GPT-4, the SC-LoRA paper DeepSeek-V3), with retries,
+  rate limiting and an sqlite cache.
 * :class:`LocalJudge`: the same template run through a local causal LM.
 * :class:`RefusalJudge`: an offline PROXY that only detects refusals (1) versus anything else (5).
   It cannot tell a harmless non-refusal from harmful content, so it overestimates harmfulness of
-  models that answer evasively, and it is not comparable with the paper's GPT-4 numbers.
+  models that answer evasively, and it is not comparable with LLM-judged numbers.
 """
 
 from __future__ import annotations
