@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # from resolving pyproject's range to a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: test demo setup clean bench
+.PHONY: test demo demo-init setup clean bench
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ $(VENV)/.demo: $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.demo
+	$(VENV)/bin/sclora run configs/demo.yaml --output runs/demo
+
+demo-init: $(VENV)/.demo
 	$(PY) examples/demo.py
 
 bench: $(VENV)/.demo

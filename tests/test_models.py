@@ -43,3 +43,8 @@ def test_embedded_model_uses_the_cached_copy(tmp_path, monkeypatch):
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")
     assert models.embedded_model_path() == target
+
+
+def test_missing_local_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*smollm2-135m-instruct"):
+        models.load_model(str(tmp_path / "no-such-model"))

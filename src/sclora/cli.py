@@ -1,6 +1,7 @@
 """The ``sclora`` command line: thin wrappers over the library.
 
     sclora eval --model smollm2-135m-instruct --suite knowledge [--limit 200] [--out results.json]
+    sclora run configs/demo.yaml --output runs/demo
 """
 
 from __future__ import annotations
@@ -50,6 +51,30 @@ def _eval(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    from .experiment import load_config, results_table, run_experiment
+
+    overrides = yaml_overrides(args.set)
+    config = load_config(args.config, overrides)
+    rows = run_experiment(config, args.output, show_progress=not args.quiet)
+    print(results_table(rows))
+    print(f"wrote {Path(args.output) / 'results.json'} and results.md")
+    return 0
+
+
+def yaml_overrides(pairs: list[str] | None) -> dict:
+    """--set key=value pairs, values parsed as YAML (numbers, lists, mappings)."""
+    import yaml
+
+    overrides = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"--set takes key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
 def format_table(record: dict) -> str:
     rows = [("suite", record["suite"]), ("model", record["model"])]
     if record.get("judge"):
@@ -78,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="JSON path (default eval-SUITE.json)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=_eval)
+    run = sub.add_parser("run", help="run a whole experiment from a YAML config; resumable")
+    run.add_argument("config", help="YAML file, e.g. configs/demo.yaml")
+    run.add_argument("--output", required=True, help="output folder (results.json, results.md, config.yaml)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a top-level config key")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=_run)
     return parser
 
 

@@ -53,6 +53,14 @@ def load_model(name_or_path: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.fl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = embedded_model_path() if name_or_path == EMBEDDED_MODEL else name_or_path
+    # Hub ids are "org/name"; anything else with a path shape must exist here.
+    looks_local = str(path).startswith(("/", ".", "~")) or str(path).count("/") > 1
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"Model path {path!r} does not exist. Pass a local directory with config.json, a hub id such as "
+            f"'HuggingFaceTB/SmolLM2-135M-Instruct' (needs network), or {EMBEDDED_MODEL!r} (offline)."
+        )
+    path = Path(path).expanduser() if looks_local else path
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     return model, tokenizer

@@ -1,0 +1,78 @@
+"""`sclora run CONFIG.yaml` on a tiny random model: the whole path, resumable, with clear config errors."""
+
+import json
+
+import pytest
+import yaml
+
+from sclora import cli, data
+from sclora.experiment import ExperimentConfig, check_disjoint, load_config
+from conftest import tiny_llama, tiny_tokenizer
+
+WORDS = "paris rome berlin one two three four five six seven eight nine ten".split()
+TRIVIA = [{"question": f"what is {a} {b}", "answers": [b], "topic": "t"} for a in WORDS for b in WORDS[:3]]
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    tiny_llama(seed=2).save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(data, "trivia", lambda *a, **k: TRIVIA)
+    config = {
+        "name": "tiny", "model": str(tmp_path / "model"), "r": 2, "stats_seq_len": 16, "stats_batch_size": 4,
+        "plus": {"kind": "trivia", "n": 8}, "minus": {"kind": "trivia", "n": 8, "offset": 8},
+        "train_data": {"kind": "trivia", "n": 8, "offset": 16},
+        "train": {"learning_rate": 1e-2, "batch_size": 4, "micro_batch_size": 2, "max_length": 32, "save_steps": 1},
+        "evaluate": {"knowledge_logprob": {"kind": "trivia", "n": 6, "offset": 24}},
+        "runs": [{"method": "lora"}, {"method": "sc_lora", "beta": 0.5}, {"method": "corda_kpa"}],
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, tmp_path / "out"
+
+
+def test_run_writes_results_and_resumes(setup, capsys):
+    config_path, out = setup
+    assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["run"] for r in rows] == ["base", "lora", "sc_lora-beta0.5", "corda_kpa"]
+    for row in rows[1:]:
+        assert row["trainable_params"] > 0 and row["train_seconds"] >= 0 and row["loss_history"]
+        assert isinstance(row["knowledge_logprob"], float)
+    assert rows[1]["knowledge_logprob"] != rows[0]["knowledge_logprob"]  # training moved the model
+    assert "| sc_lora-beta0.5 | sc_lora | 0.5 |" in (out / "results.md").read_text()
+    assert "sc_lora-beta0.5" in capsys.readouterr().out
+    assert (out / "stats" / "plus-output-none.safetensors").exists()
+    assert yaml.safe_load((out / "config.yaml").read_text())["r"] == 2
+    # A rerun finds every run done: nothing is trained again, the results stay the same.
+    mtime = (out / "results.json").stat().st_mtime_ns
+    assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0
+    assert json.loads((out / "results.json").read_text()) == rows
+    assert (out / "results.json").stat().st_mtime_ns == mtime
+
+
+def test_unknown_config_key_method_and_too_small_data(setup, tmp_path):
+    config_path, out = setup
+    base = yaml.safe_load(config_path.read_text())
+    for patch, match in [({"learning_rate": 1}, "Unknown key"), ({"runs": [{"method": "dora"}]}, "Unknown method"),
+                         ({"plus": {"kind": "poems", "n": 3}}, "Unknown data kind"),
+                         ({"train": {"lr": 1}}, "lr")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({**base, **patch}))
+        with pytest.raises(ValueError, match=match):
+            load_config(bad)
+    with pytest.raises(ValueError, match="only .* examples"):
+        cli.main(["run", str(config_path), "--output", str(out), "--quiet", "--set", "minus={kind: trivia, n: 500}"])
+
+
+def test_missing_model_path_is_a_clear_error(setup):
+    config_path, out = setup
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        cli.main(["run", str(config_path), "--output", str(out), "--quiet", "--set", "model=/nowhere/model"])
+
+
+def test_overlapping_splits_are_refused():
+    a, b = [{"prompt": "x"}, {"prompt": "y"}], [{"prompt": "y"}]
+    with pytest.raises(ValueError, match="share 1 example"):
+        check_disjoint({"minus": a, "knowledge_logprob": b})
+    check_disjoint({"plus": a, "train": b})  # init samples may come from the training set, as in the paper
