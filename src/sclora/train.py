@@ -1,0 +1,409 @@
+"""Fine-tuning with transformers' Trainer: the SC-LoRA paper's recipe, loss on responses only, resumable.
+
+:func:`train` fine-tunes a plain model (full fine-tuning) or a ``peft.PeftModel`` (only the adapter
+trains) on ``{"prompt", "response"}`` examples. Checkpoints are Trainer's ``checkpoint-*`` folders
+in ``output_dir``; a later call with ``resume=True`` continues from the newest one, optimizer,
+scheduler, data order and RNG state included.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch.utils.data import Dataset
+
+from .evaluate.generation import build_prompt
+
+__all__ = ["PadCollator", "TrainConfig", "TrainResult", "tokenize_examples", "train"]
+
+IGNORE_INDEX = -100
+TRAIN_LOG = "train_log.json"
+RUN_FILE = "train_run.json"  # what a resume must match: the config and a fingerprint of the data
+_RESUME_FREE = ("logging_steps", "save_steps", "save_total_limit")  # may change between a run and its resume
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning hyper-parameters; the defaults are the SC-LoRA paper's recipe.
+
+    ``batch_size`` is the effective batch (examples per optimizer step), reached by gradient
+    accumulation over micro-batches of ``micro_batch_size``. ``save_steps`` and ``max_steps`` count
+    optimizer steps; ``max_steps > 0`` overrides ``num_epochs``. ``bf16`` trains under bf16
+    autocast (also on CPU, where it is faster than fp32). ``chat`` wraps prompts in the
+    tokenizer's chat template. ``max_grad_norm`` is Trainer's gradient clipping (its default).
+    """
+
+    learning_rate: float = 2e-5
+    num_epochs: float = 1.0
+    batch_size: int = 128
+    micro_batch_size: int = 4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    seed: int = 0
+    bf16: bool = False
+    logging_steps: int = 1
+    save_steps: int = 50
+    save_total_limit: int | None = 2
+    max_steps: int = -1
+    chat: bool = True
+
+    def __post_init__(self):
+        from transformers.trainer_utils import SchedulerType
+
+        def positive_int(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+        def number(name, low, *, low_open=False, high=None):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise ValueError(f"{name} must be a number, got {value!r}.")
+            if value < low or (low_open and value == low) or (high is not None and value >= high):
+                bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
+                raise ValueError(f"{name} must be {bound}, got {value!r}.")
+
+        for name in ("batch_size", "micro_batch_size", "max_length", "logging_steps", "save_steps"):
+            positive_int(name)
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size}): "
+                "the effective batch is reached by gradient accumulation over micro-batches."
+            )
+        if self.max_length < 2:
+            raise ValueError(
+                f"max_length must be at least 2 (a prompt token and a response token), got {self.max_length}.")
+        number("learning_rate", 0.0, low_open=True)
+        number("warmup_ratio", 0.0, high=1.0)
+        number("weight_decay", 0.0)
+        number("max_grad_norm", 0.0)
+        steps = self.max_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or (steps < 1 and steps != -1):
+            raise ValueError(f"max_steps must be -1 (train for num_epochs) or a positive integer, got {steps!r}.")
+        if self.max_steps == -1:
+            number("num_epochs", 0.0, low_open=True)
+        schedulers = tuple(s.value for s in SchedulerType)
+        if self.lr_scheduler not in schedulers:
+            raise ValueError(f"lr_scheduler must be one of {schedulers}, got {self.lr_scheduler!r}.")
+        if self.save_total_limit is not None:
+            positive_int("save_total_limit")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}.")
+        for name in ("bf16", "chat"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> TrainConfig:
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise ValueError(f"Unknown TrainConfig key(s) {unknown}; valid keys are {valid}.")
+        return cls(**data)
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps done in total (including those before a resume)
+    train_seconds: float  # wall time of this call's training loop
+    tokens_per_second: float  # non-padding tokens processed by this call / train_seconds
+    loss_history: list[tuple[int, float]]  # (step, logged training loss), over the whole run
+    final_loss: float  # the last logged training loss (nan if none)
+    tokens: int = 0  # non-padding tokens processed by this call
+    resumed_from: int | None = None  # the checkpoint step this call resumed from
+    dropped_examples: int = 0  # examples whose response max_length cut off entirely
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def tokenize_examples(
+    tokenizer, examples: Sequence[Mapping[str, str]], max_length: int, chat: bool = True
+) -> list[dict]:
+    """Token ids, attention mask and labels of ``{"prompt", "response"}`` examples.
+
+    The input is ``build_prompt(prompt) + response + eos``; prompt and response are tokenized
+    separately and concatenated, so the boundary is exact. Labels are -100 on the prompt (the loss
+    is on response tokens and eos only). Sequences longer than ``max_length`` are cut from the right
+    (the prompt start is kept); an example whose response is cut off entirely is dropped with a
+    warning. The response is used as given: with ``chat=False`` put any separator (a space) in it or
+    at the end of the prompt yourself.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no eos token; set tokenizer.eos_token so the model learns where to stop.")
+    out, dropped = [], 0
+    for i, example in enumerate(examples):
+        if not isinstance(example, Mapping) or not all(isinstance(example.get(k), str) for k in ("prompt", "response")):
+            raise ValueError(
+                f"Example {i} must be a mapping with string 'prompt' and 'response', got {example!r:.200}.")
+        prompt_text = build_prompt(tokenizer, example["prompt"], chat=chat)
+        # Like generation: chat templates carry their own special tokens (BOS), plain prompts get them added.
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=not chat)["input_ids"]
+        response_ids = tokenizer(example["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(prompt_ids) >= max_length:
+            dropped += 1
+            continue
+        input_ids = (prompt_ids + response_ids)[:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+        out.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
+    if dropped:
+        warnings.warn(
+            f"Dropped {dropped} of {len(examples)} example(s) whose prompt fills max_length={max_length}, leaving no "
+            "response token to train on; raise max_length or shorten the prompts.",
+            stacklevel=2,
+        )
+    return out
+
+
+class PadCollator:
+    """Right-pads ``input_ids`` (pad id), ``attention_mask`` (0) and ``labels`` (-100) to the longest in the batch."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+        length = max(len(f["input_ids"]) for f in features)
+        batch = {}
+        for key, pad in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+            rows = [list(f[key]) + [pad] * (length - len(f[key])) for f in features]
+            batch[key] = torch.tensor(rows, dtype=torch.long)
+        return batch
+
+
+class _ListDataset(Dataset):
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _checkpoints(output_dir: str) -> list[str]:
+    found = [p for p in glob.glob(os.path.join(output_dir, "checkpoint-*"))
+             if os.path.isdir(p) and _CHECKPOINT.match(os.path.basename(p))]
+    return sorted(found, key=lambda p: int(_CHECKPOINT.match(os.path.basename(p)).group(1)))
+
+
+def _write_json_atomic(path: str, data) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _fingerprint(items: list[dict]) -> str:
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(json.dumps([item["input_ids"], item["labels"]]).encode())
+    return digest.hexdigest()
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _meter_callback():
+    from transformers import TrainerCallback
+
+    class Meter(TrainerCallback):
+        """Times the training loop of this call and counts the tokens it processed (after any resume)."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.seconds = time.perf_counter() - self.start
+            self.tokens = state.num_input_tokens_seen - self.tokens0
+
+    return Meter()
+
+
+def train(
+    model,
+    tokenizer,
+    examples: Sequence[Mapping[str, str]],
+    config: TrainConfig,
+    output_dir: str | os.PathLike,
+    *,
+    resume: bool = True,
+    show_progress: bool = True,
+    callbacks: Sequence | None = None,
+) -> TrainResult:
+    """Fine-tune ``model`` in place on ``{"prompt", "response"}`` examples with transformers' Trainer.
+
+    ``model`` is a plain causal LM (every parameter with ``requires_grad`` trains: full fine-tuning)
+    or a ``peft.PeftModel`` (only the adapter trains). Checkpoints (``checkpoint-<step>``, every
+    ``config.save_steps`` optimizer steps and at the end, the newest ``config.save_total_limit``
+    kept) go to ``output_dir`` with the optimizer, scheduler, RNG and trainer state. With
+    ``resume=True`` and a checkpoint there, training continues from the newest one and ends exactly
+    where an uninterrupted run would; with ``resume=False`` existing checkpoints are deleted first.
+    The trained model itself is not saved beyond those checkpoints: export it afterwards
+    (:func:`sclora.export_lora`, :func:`sclora.merge_and_save`).
+
+    Resuming a PEFT model restores only its adapter weights (that is all a PEFT checkpoint holds).
+    Residual-form inits (SC-LoRA, PiSSA, CorDA) also replace the frozen base weights by residuals at
+    init, so before ``train(..., resume=True)`` rebuild the model exactly as the first run did (same
+    base model, method, config and statistics: the inits are deterministic), then call train with
+    the same ``config`` and ``examples``. The initial adapter that :func:`sclora.export_lora` needs
+    is then the rebuilt init's (or save it once with :func:`sclora.save_initial_adapter`).
+
+    A resume with another config (learning rate, batch size, ``max_steps``, ...) or other examples
+    is refused with a ValueError, because Trainer would restore the old run's schedule and data
+    order (a cosine schedule keeps its old horizon); only ``logging_steps``, ``save_steps`` and
+    ``save_total_limit`` may change.
+
+    Writes ``output_dir/train_log.json`` (loss history, per-call timings, config) and
+    ``output_dir/train_run.json`` (what a resume must match). ``callbacks`` are extra
+    ``transformers.TrainerCallback`` objects. The model is left in the mode it came in.
+    """
+    from transformers import Trainer, TrainingArguments
+
+    output_dir = os.fspath(output_dir)
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}.")
+    items = tokenize_examples(tokenizer, examples, config.max_length, chat=config.chat)
+    if not items:
+        raise ValueError("No training examples left after tokenization (none given, or all truncated away).")
+    dropped = len(examples) - len(items)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("The model has no trainable parameter; wrap it with sclora.init_model first.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    os.makedirs(output_dir, exist_ok=True)
+    existing = _checkpoints(output_dir)
+    if existing and not resume:
+        warnings.warn(f"resume=False: deleting {len(existing)} checkpoint(s) of an earlier run in {output_dir}.",
+                      stacklevel=2)
+        for path in existing:
+            shutil.rmtree(path)
+        existing = []
+    resume_from = existing[-1] if existing else None
+    run = {"config": {k: v for k, v in config.to_dict().items() if k not in _RESUME_FREE},
+           "examples": len(items), "data_sha256": _fingerprint(items)}
+    run_path = os.path.join(output_dir, RUN_FILE)
+    if resume_from is not None and os.path.exists(run_path):
+        with open(run_path) as f:
+            before = json.load(f)
+        if before != run:
+            changed = sorted(k for k in set(before["config"]) | set(run["config"])
+                             if before["config"].get(k) != run["config"].get(k))
+            if before.get("data_sha256") != run["data_sha256"]:
+                changed.append("examples (different data)")
+            raise ValueError(
+                f"Cannot resume from {resume_from}: the run there used different settings ({', '.join(changed)}). "
+                "A resume restores the old optimizer, schedule and data order, so it must use the same config and "
+                "examples; pass resume=False (deletes the checkpoints) or use another output_dir."
+            )
+    _write_json_atomic(run_path, run)
+
+    cuda = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=config.micro_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="no",
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=config.bf16,
+        use_cpu=not cuda,
+        dataloader_pin_memory=cuda,
+        report_to="none",
+        disable_tqdm=not show_progress,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+    )
+    meter = _meter_callback()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=_ListDataset(items),
+        data_collator=PadCollator(pad_id),
+        callbacks=[meter, *(callbacks or [])],
+    )
+    if not show_progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # with tqdm off it would print every log line
+    was_training = model.training
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        model.train(was_training)
+
+    state = trainer.state
+    history = [(int(e["step"]), float(e["loss"])) for e in state.log_history if "loss" in e and "step" in e]
+    seconds = getattr(meter, "seconds", float("nan"))
+    tokens = int(getattr(meter, "tokens", 0))
+    result = TrainResult(
+        steps=int(state.global_step),
+        train_seconds=seconds,
+        tokens_per_second=tokens / seconds if seconds > 0 else float("nan"),
+        loss_history=history,
+        final_loss=history[-1][1] if history else float("nan"),
+        tokens=tokens,
+        resumed_from=int(_CHECKPOINT.match(os.path.basename(resume_from)).group(1)) if resume_from else None,
+        dropped_examples=dropped,
+        extra={"examples": len(items), "max_steps": int(state.max_steps)},
+    )
+    log_path = os.path.join(output_dir, TRAIN_LOG)
+    calls = []
+    if resume_from and os.path.exists(log_path):  # keep the timings of the calls before this resume
+        try:
+            with open(log_path) as f:
+                calls = [c for c in json.load(f).get("calls", []) if c.get("end_step", 0) <= result.resumed_from]
+        except (OSError, ValueError, AttributeError):
+            calls = []
+    calls.append({"resumed_from": result.resumed_from, "end_step": result.steps, "train_seconds": _finite(seconds),
+                  "tokens": tokens, "tokens_per_second": _finite(result.tokens_per_second)})
+    _write_json_atomic(log_path, {
+        "steps": result.steps,
+        "max_steps": int(state.max_steps),
+        "final_loss": _finite(result.final_loss),
+        "examples": len(items),
+        "dropped_examples": dropped,
+        "loss_history": [list(x) for x in history],
+        "calls": calls,
+        "config": config.to_dict(),
+    })
+    return result
