@@ -109,7 +109,7 @@ def build_examples(spec: DataSpec, seed: int) -> list[dict]:
         templates = data.math_templates()
         train_ids, heldout_ids = split_templates([t.id for t in templates], seed=seed)
         ids = train_ids if spec.split == "train" else heldout_ids
-        problems = math_problems(spec.offset + spec.n, [t for t in templates if t.id in ids], seed=seed)
+        problems = math_problems(spec.offset + spec.n, ids, seed=seed, templates=templates)
         rows = [{"prompt": p["question"], "response": p["solution"], "answer": p["answer"]} for p in problems]
     elif spec.kind == "trivia":
         items = data.trivia()
