@@ -72,6 +72,15 @@ _TRIVIA_SHA256 = {
     "elements": "c3582b86396bb153a995150ae93bd96212ecbc18ac7f5d0b5cebdeaa26dbd333",
     "greekmyth": "16a4e5b7d70eecec7a75b3eb216c4f9c8c7f07c5e6d27e65920c004a0db781d4",
     "computers": "6be6d561130bcc42f543761cc5d5947533e3de1fafd73c88b93a395e892d9a2f",
+    # Not in the default evaluation set (sports leagues, years, slogans), but text for statistics.
+    "2015": "acbbec20a5f6a870e761619e73930e5e4d63ae3308973acb6a6f5578112f2be1",
+    "2016": "18c517aea60bacc846d4b4f373bd8f1e06bfd36104f016b841b94aea6f385184",
+    "slogans": "04ce31261f1679459fad8de9c349f8573cfb060bef40745d74cd45d1853ac1b5",
+    "worldcup": "7f8aa08024b2a636faabe5040061ab028537790f25e658a7bc26cbda4a969617",
+    "hockey": "d6867da6ee78f8afbc481ed2b8d4776a42191d8dcfc2c6d65d0233136ad2a34d",
+    "nba": "a4cefb6c6510408c9d63ab4a5bb8945a06272205bc4068b4afc59eeb75f453d8",
+    "mlb": "96c4ae2b0957aff2e5996697afcf3e6abc26fa5ff98d5ab7eaf3ed1e2caa35e1",
+    "cars": "31c6d8ed90c9ca57b1a0944853cb7178029908f7d9968da554f9de5f5f7201d7",
 }
 
 _ACLSUM_SHA256 = {
