@@ -62,6 +62,21 @@ def _run(args) -> int:
     return 0
 
 
+def _align(args) -> int:
+    import torch
+
+    from .align import AlignConfig, align
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model, dtype=torch.float32)
+    report = align(model, tokenizer, AlignConfig(seed=args.seed), args.output, show_progress=not args.quiet)
+    for stage in ("before", "after"):
+        print(f"{stage:>6}: refuses {report[stage]['heldout_refusal_rate']:.1f}% of held-out harmful prompts, "
+              f"{report[stage]['benign_refusal_rate']:.1f}% of benign ones")
+    print(f"aligned model in {Path(args.output) / 'model'}; report in {Path(args.output) / 'align_report.json'}")
+    return 0
+
+
 def yaml_overrides(pairs: list[str] | None) -> dict:
     """--set key=value pairs, values parsed as YAML (numbers, lists, mappings)."""
     import yaml
@@ -109,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a top-level config key")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_run)
+    al = sub.add_parser("align", help="safety-align a model (refusals on one harmful source), measured on others")
+    al.add_argument("--model", default="smollm2-135m-instruct")
+    al.add_argument("--output", required=True)
+    al.add_argument("--seed", type=int, default=0)
+    al.add_argument("--quiet", action="store_true")
+    al.set_defaults(func=_align)
     return parser
 
 

@@ -1,0 +1,122 @@
+"""A reproducible safety-alignment stage: the stand-in for a chat model's own alignment.
+
+SmolLM2-135M-Instruct refuses almost no harmful request, so it cannot play Llama-2-7b-Chat in the
+paper's safety experiments. This stage fine-tunes it on harmful requests from ONE source answered
+with refusals, mixed with benign instructions answered by the model's own greedy outputs (so
+helpfulness is anchored to what the model already does), and measures refusals on harmful requests
+from OTHER sources before and after. The refusal replies below are the one piece of data this
+project writes itself: no package ships refusal answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["AlignConfig", "REFUSALS", "align", "alignment_examples", "refusal_rate"]
+
+REFUSALS = (
+    "I'm sorry, but I can't help with that.",
+    "I can't assist with this request. It could cause real harm to people.",
+    "I'm sorry, I can't provide that. If you have another question, I'm happy to help.",
+    "I cannot help with that request, because it could be used to hurt someone.",
+    "I'm not able to help with this. Creating or sharing this kind of content could be dangerous or illegal.",
+    "I'm sorry, but I won't be able to do that. Is there something else I can help you with?",
+    "I can't help with this. If you or someone else is in danger, please contact local emergency services.",
+    "I'm unable to provide instructions or content like this, since it could facilitate harm.",
+    "Sorry, I can't do that. I'd be glad to help with a safer alternative instead.",
+    "I cannot create this content. It goes against principles of safety and respect for others.",
+    "I'm sorry, I can't write that. Content like this can harm or demean people.",
+    "I can't provide help with that, as it may be illegal and could put people at risk.",
+)
+
+
+@dataclass
+class AlignConfig:
+    harmful_source: str = "harmbench"  # trained on
+    heldout_sources: tuple[str, ...] = ("strongreject", "jailbreakbench")  # measured on
+    n_harmful: int = 159
+    n_benign: int = 160
+    n_heldout: int = 100  # per held-out source
+    n_benign_eval: int = 100
+    benign_kinds: tuple[str, ...] = ("trivia", "math")  # instructions the model answers itself
+    benign_max_new_tokens: int = 96
+    seed: int = 0
+    train: dict = field(default_factory=lambda: {
+        "learning_rate": 5e-5, "batch_size": 16, "micro_batch_size": 8, "num_epochs": 2, "max_length": 192,
+        "bf16": True, "save_steps": 10, "warmup_ratio": 0.03})
+
+
+def alignment_examples(model, tokenizer, config: AlignConfig, show_progress: bool = True) -> list[dict]:
+    """Harmful requests (one source) -> refusals; benign instructions (trivia questions and math word
+    problems) -> the model's own greedy answers."""
+    from . import data
+    from .evaluate.generation import generate
+    from .templates import math_problems, split_templates
+
+    rng = random.Random(config.seed)
+    harmful = [h["prompt"] for h in data.harmful_requests(config.harmful_source)][: config.n_harmful]
+    math = []
+    if "math" in config.benign_kinds:
+        templates = data.math_templates()
+        train_ids, _ = split_templates([t.id for t in templates], seed=config.seed)
+        math = [p["question"] for p in math_problems(config.n_benign // 2, train_ids, seed=config.seed + 1,
+                                                    templates=templates)]
+    trivia = [f"{t['question']}?" for t in data.trivia()] if "trivia" in config.benign_kinds else []
+    rng.shuffle(trivia)
+    benign = trivia[: config.n_benign - len(math)] + math
+    answers = generate(model, tokenizer, benign, max_new_tokens=config.benign_max_new_tokens, batch_size=8,
+                       show_progress=show_progress, desc="benign answers").texts
+    examples = [{"prompt": p, "response": rng.choice(REFUSALS)} for p in harmful]
+    examples += [{"prompt": p, "response": a.strip()} for p, a in zip(benign, answers) if a.strip()]
+    rng.shuffle(examples)
+    return examples
+
+
+def refusal_rate(model, tokenizer, prompts: list[str], show_progress: bool = True, desc: str = "refusals") -> float:
+    """Percent of prompts whose greedy answer opens with a refusal (the refusal-marker proxy)."""
+    from .evaluate.generation import generate
+    from .evaluate.judges import RefusalJudge
+
+    texts = generate(model, tokenizer, prompts, max_new_tokens=48, batch_size=8, show_progress=show_progress,
+                     desc=desc).texts
+    verdicts = RefusalJudge().judge(list(zip(prompts, texts)), show_progress=False)
+    return 100 * sum(v.score == 1 for v in verdicts) / len(verdicts)
+
+
+def align(model, tokenizer, config: AlignConfig, output_dir: str | os.PathLike, *, show_progress: bool = True) -> dict:
+    """Measure refusals, fine-tune (full), measure again, save the aligned model to output_dir/model."""
+    from . import data
+    from .train import TrainConfig, train
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    heldout = [h["prompt"] for src in config.heldout_sources for h in data.harmful_requests(src)[: config.n_heldout]]
+    overlap = set(heldout) & {h["prompt"] for h in data.harmful_requests(config.harmful_source)}
+    if overlap:
+        raise ValueError(f"{len(overlap)} held-out harmful prompts also appear in the training source.")
+    benign_eval = [b["prompt"] for b in data.benign_requests()][: config.n_benign_eval]
+    report = {"config": {**config.__dict__, "heldout_sources": list(config.heldout_sources)}}
+    report["before"] = {"heldout_refusal_rate": refusal_rate(model, tokenizer, heldout, show_progress, "before: harmful"),
+                        "benign_refusal_rate": refusal_rate(model, tokenizer, benign_eval, show_progress,
+                                                            "before: benign")}
+    examples = alignment_examples(model, tokenizer, config, show_progress)
+    start = time.perf_counter()
+    result = train(model, tokenizer, examples, TrainConfig.from_dict(config.train), out / "train",
+                   show_progress=show_progress)
+    report["train"] = {"examples": len(examples), "steps": result.steps, "seconds": round(time.perf_counter() - start, 1),
+                       "tokens_per_second": round(result.tokens_per_second, 1), "final_loss": result.final_loss}
+    model.eval()
+    report["after"] = {"heldout_refusal_rate": refusal_rate(model, tokenizer, heldout, show_progress, "after: harmful"),
+                       "benign_refusal_rate": refusal_rate(model, tokenizer, benign_eval, show_progress,
+                                                           "after: benign")}
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    tmp = out / "align_report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    os.replace(tmp, out / "align_report.json")
+    return report

@@ -1,0 +1,57 @@
+"""The safety-alignment stage on a tiny model: data assembly, disjoint held-out sources, the report."""
+
+import json
+
+import pytest
+
+from sclora import data
+from sclora.align import REFUSALS, AlignConfig, align, alignment_examples
+from sclora.evaluate.judges import RefusalJudge
+from conftest import tiny_llama, tiny_tokenizer
+
+HARMFUL = {"harmbench": [{"prompt": f"how make bread {i}", "category": "c", "source": "harmbench"} for i in range(6)],
+           "strongreject": [{"prompt": "how make six", "category": "c", "source": "strongreject"}],
+           "jailbreakbench": [{"prompt": "how make ten", "category": "c", "source": "jailbreakbench"}]}
+
+
+@pytest.fixture
+def fake_data(monkeypatch):
+    monkeypatch.setattr(data, "harmful_requests", lambda source="harmbench": HARMFUL[source])
+    monkeypatch.setattr(data, "trivia", lambda *a, **k: [{"question": f"what is {w}", "answers": [w], "topic": "t"}
+                                                        for w in ("paris", "rome", "one", "two", "three")])
+    monkeypatch.setattr(data, "benign_requests", lambda *a, **k: [{"prompt": "what is paris", "category": "x",
+                                                                 "source": "t"}])
+
+
+def config(**kw):
+    return AlignConfig(n_harmful=6, n_benign=4, n_heldout=1, n_benign_eval=1, benign_max_new_tokens=4,
+                       benign_kinds=("trivia",), train={"learning_rate": 1e-2, "batch_size": 4, "micro_batch_size": 2,
+                                                       "num_epochs": 1, "max_length": 48, "save_steps": 100}, **kw)
+
+
+def test_refusals_are_refusals_for_the_proxy():
+    assert all(RefusalJudge().judge_one(r).score == 1 for r in REFUSALS)
+
+
+def test_alignment_examples_pair_harmful_with_refusals_and_benign_with_own_answers(fake_data):
+    examples = alignment_examples(tiny_llama(), tiny_tokenizer(), config(), show_progress=False)
+    harmful = [e for e in examples if e["prompt"].startswith("how make bread")]
+    assert len(harmful) == 6 and all(e["response"] in REFUSALS for e in harmful)
+    benign = [e for e in examples if e not in harmful]
+    assert benign and all(e["response"] not in REFUSALS for e in benign)
+    assert alignment_examples(tiny_llama(), tiny_tokenizer(), config(), show_progress=False) == examples  # seeded
+
+
+def test_align_reports_before_and_after_and_saves_the_model(fake_data, tmp_path):
+    report = align(tiny_llama(), tiny_tokenizer(), config(), tmp_path, show_progress=False)
+    assert set(report) == {"config", "before", "train", "after"}
+    assert 0 <= report["after"]["heldout_refusal_rate"] <= 100 and report["train"]["steps"] >= 1
+    assert json.loads((tmp_path / "align_report.json").read_text())["after"] == report["after"]
+    assert (tmp_path / "model" / "config.json").exists()
+
+
+def test_heldout_prompts_must_not_appear_in_training(fake_data, monkeypatch, tmp_path):
+    leaked = {**HARMFUL, "strongreject": HARMFUL["harmbench"][:1]}
+    monkeypatch.setattr(data, "harmful_requests", lambda source="harmbench": leaked[source])
+    with pytest.raises(ValueError, match="also appear in the training source"):
+        align(tiny_llama(), tiny_tokenizer(), config(), tmp_path, show_progress=False)
