@@ -44,14 +44,18 @@ def test_alignment_examples_pair_harmful_with_refusals_and_benign_with_own_answe
 
 def test_align_reports_before_and_after_and_saves_the_model(fake_data, tmp_path):
     report = align(tiny_llama(), tiny_tokenizer(), config(), tmp_path, show_progress=False)
-    assert set(report) == {"config", "before", "train", "after"}
+    assert {"config", "before", "train", "after"} <= set(report)
     assert 0 <= report["after"]["heldout_refusal_rate"] <= 100 and report["train"]["steps"] >= 1
     assert json.loads((tmp_path / "align_report.json").read_text())["after"] == report["after"]
     assert (tmp_path / "model" / "config.json").exists()
 
 
-def test_heldout_prompts_must_not_appear_in_training(fake_data, monkeypatch, tmp_path):
-    leaked = {**HARMFUL, "strongreject": HARMFUL["harmbench"][:1]}
+def test_heldout_prompts_seen_in_training_are_dropped(fake_data, monkeypatch, tmp_path):
+    leaked = {**HARMFUL, "strongreject": HARMFUL["harmbench"][:1] + HARMFUL["strongreject"]}
     monkeypatch.setattr(data, "harmful_requests", lambda source="harmbench": leaked[source])
-    with pytest.raises(ValueError, match="also appear in the training source"):
+    report = align(tiny_llama(), tiny_tokenizer(), config(n_heldout=2), tmp_path, show_progress=False)
+    assert report["heldout_dropped_as_seen_in_training"] == 1 and report["heldout_prompts"] == 2
+    only_leaked = {**HARMFUL, "strongreject": HARMFUL["harmbench"][:1], "jailbreakbench": HARMFUL["harmbench"][1:2]}
+    monkeypatch.setattr(data, "harmful_requests", lambda source="harmbench": only_leaked[source])
+    with pytest.raises(ValueError, match="also appears in the training source"):
         align(tiny_llama(), tiny_tokenizer(), config(), tmp_path, show_progress=False)

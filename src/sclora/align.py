@@ -95,12 +95,15 @@ def align(model, tokenizer, config: AlignConfig, output_dir: str | os.PathLike, 
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    heldout = [h["prompt"] for src in config.heldout_sources for h in data.harmful_requests(src)[: config.n_heldout]]
-    overlap = set(heldout) & {h["prompt"] for h in data.harmful_requests(config.harmful_source)}
-    if overlap:
-        raise ValueError(f"{len(overlap)} held-out harmful prompts also appear in the training source.")
+    # Sources share some behaviours (JailbreakBench reuses HarmBench ones): those are not held out.
+    trained = {h["prompt"].strip().lower() for h in data.harmful_requests(config.harmful_source)}
+    candidates = [h["prompt"] for src in config.heldout_sources for h in data.harmful_requests(src)[: config.n_heldout]]
+    heldout = [p for p in candidates if p.strip().lower() not in trained]
+    if not heldout:
+        raise ValueError("Every held-out harmful prompt also appears in the training source; pick other sources.")
     benign_eval = [b["prompt"] for b in data.benign_requests()][: config.n_benign_eval]
-    report = {"config": {**config.__dict__, "heldout_sources": list(config.heldout_sources)}}
+    report = {"config": {**config.__dict__, "heldout_sources": list(config.heldout_sources)},
+              "heldout_prompts": len(heldout), "heldout_dropped_as_seen_in_training": len(candidates) - len(heldout)}
     report["before"] = {"heldout_refusal_rate": refusal_rate(model, tokenizer, heldout, show_progress, "before: harmful"),
                         "benign_refusal_rate": refusal_rate(model, tokenizer, benign_eval, show_progress,
                                                             "before: benign")}
