@@ -24,9 +24,10 @@ def fake_data(monkeypatch):
 
 
 def config(**kw):
-    return AlignConfig(n_harmful=6, n_benign=4, n_heldout=1, n_benign_eval=1, benign_max_new_tokens=4,
-                       benign_kinds=("trivia",), train={"learning_rate": 1e-2, "batch_size": 4, "micro_batch_size": 2,
-                                                       "num_epochs": 1, "max_length": 48, "save_steps": 100}, **kw)
+    settings = dict(n_harmful=6, n_benign=4, n_heldout=1, n_benign_eval=1, benign_max_new_tokens=4,
+                    benign_kinds=("trivia",), train={"learning_rate": 1e-2, "batch_size": 4, "micro_batch_size": 2,
+                                                    "num_epochs": 1, "max_length": 48, "save_steps": 100})
+    return AlignConfig(**{**settings, **kw})
 
 
 def test_refusals_are_refusals_for_the_proxy():
