@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from sclora import cli, data
-from sclora.experiment import ExperimentConfig, check_disjoint, load_config
+from sclora.experiment import check_disjoint, load_config
 from conftest import tiny_llama, tiny_tokenizer
 
 WORDS = "paris rome berlin one two three four five six seven eight nine ten".split()

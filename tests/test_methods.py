@@ -4,7 +4,6 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 
-import sclora
 from sclora import SCLoRAConfig, collect_covariances, init_model
 from sclora.methods.corda import corda_factors
 from conftest import VOCAB, random_batches, tiny_llama

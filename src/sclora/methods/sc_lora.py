@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from peft import PeftModel
 from torch import nn
 
