@@ -60,3 +60,32 @@ def test_unknown_suite_is_refused(capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--suite", "poetry"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_init_then_train_exports_an_adapter_for_the_untouched_base(model_dir, tmp_path, monkeypatch):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    many = [{"question": f"what is {a} {b}", "answers": [b], "topic": "t"}
+            for a in ("one", "two", "three", "four") for b in ("paris", "rome", "berlin")]
+    monkeypatch.setattr(data, "trivia", lambda *a, **k: many)
+    init_dir, out = tmp_path / "init", tmp_path / "trained"
+    assert cli.main(["init", "--model", str(model_dir), "--method", "sc_lora", "--plus", "trivia:4",
+                     "--minus", "trivia:4:4", "--r", "2", "--seq-len", "16", "--output", str(init_dir), "--quiet"]) == 0
+    assert (init_dir / "stats" / "plus-output-none.safetensors").exists()
+    assert (init_dir / "initial_adapter" / "sclora_initial_adapter.safetensors").exists()
+    assert cli.main(["train", "--init", str(init_dir), "--data", "trivia:4:8", "--output", str(out), "--quiet",
+                     "--set", "learning_rate=0.01", "--set", "batch_size=2", "--set", "micro_batch_size=2",
+                     "--set", "max_length=32"]) == 0
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        before = base(ids).logits.clone()
+        after = PeftModel.from_pretrained(base, out / "adapter")(ids).logits
+    assert (after - before).abs().max() > 1e-4  # the trained adapter changes the untouched base model
+
+
+def test_init_without_needed_data_says_which(model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="needs --minus"):
+        cli.main(["init", "--model", str(model_dir), "--plus", "trivia:2", "--output", str(tmp_path / "i"), "--quiet"])

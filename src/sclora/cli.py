@@ -77,6 +77,86 @@ def _align(args) -> int:
     return 0
 
 
+def _data_spec(text: str):
+    """'kind:n[:offset[:split]]', e.g. 'math:256' or 'trivia:256:512'."""
+    from .experiment import DataSpec
+
+    parts = text.split(":")
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise SystemExit(f"data spec {text!r}: expected kind:n[:offset[:split]], e.g. math:256 or trivia:256:512")
+    return DataSpec(parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else 0,
+                    parts[3] if len(parts) > 3 else "train")
+
+
+def _build_init(args, model, tokenizer, out: Path):
+    """Statistics (cached in out/stats) and the initialized model, deterministically from args."""
+    from . import CovarianceStats, SCLoRAConfig, collect_covariances, init_model
+    from .experiment import build_examples, statistics_batches
+
+    config = SCLoRAConfig(method=args.method, r=args.r, beta=args.beta, normalize=args.normalize)
+    side = "input" if args.method.startswith("corda") else "output"
+    stats = {}
+    for label, spec in (("plus", args.plus), ("minus", args.minus)):
+        needed = {"sc_lora": ("plus", "minus"), "corda_ipa": ("plus",), "corda_kpa": ("minus",)}.get(args.method, ())
+        if label not in needed:
+            continue
+        if spec is None:
+            raise SystemExit(f"--method {args.method} needs --{label} DATA (e.g. --{label} math:256)")
+        path = out / "stats" / f"{label}-{side}-{args.normalize}.safetensors"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            batches = statistics_batches(tokenizer, build_examples(_data_spec(spec), args.seed), args.seq_len, 8)
+            collect_covariances(model, batches, config.target_modules, args.normalize, side=side,
+                                show_progress=not args.quiet, desc=f"{label} statistics").save(path)
+        stats[label] = CovarianceStats.load(path)
+    config.save_pretrained(out)
+    return init_model(model, config, plus=stats.get("plus"), minus=stats.get("minus"), show_progress=not args.quiet)
+
+
+def _init(args) -> int:
+    import time
+
+    from .export import save_initial_adapter
+    from .models import load_model
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(args.model)
+    start = time.perf_counter()
+    model = _build_init(args, model, tokenizer, out)
+    if hasattr(model, "peft_config"):
+        save_initial_adapter(model, out / "initial_adapter")
+    (out / "init_args.json").write_text(json.dumps(vars(args), default=str, indent=2) + "\n")
+    print(f"initialized {args.method} in {time.perf_counter() - start:.1f} s; statistics and config in {out}")
+    return 0
+
+
+def _train(args) -> int:
+    from .experiment import build_examples
+    from .export import export_lora
+    from .models import load_model
+    from .train import TrainConfig, train
+
+    init_dir = Path(args.init)
+    saved = json.loads((init_dir / "init_args.json").read_text())
+    init_args = argparse.Namespace(**{**saved, "quiet": args.quiet})
+    model, tokenizer = load_model(init_args.model)
+    model = _build_init(init_args, model, tokenizer, init_dir)  # same stats, same init: resumable
+    config = TrainConfig.from_dict(yaml_overrides(args.set))
+    examples = build_examples(_data_spec(args.data), init_args.seed)
+    result = train(model, tokenizer, examples, config, Path(args.output) / "checkpoints", show_progress=not args.quiet)
+    if hasattr(model, "peft_config"):
+        export_lora(model, Path(args.output) / "adapter")
+        where = "plain LoRA adapter for the untouched base in " + str(Path(args.output) / "adapter")
+    else:  # full fine-tuning: the model itself
+        model.save_pretrained(Path(args.output) / "model")
+        tokenizer.save_pretrained(Path(args.output) / "model")
+        where = "model in " + str(Path(args.output) / "model")
+    print(f"{result.steps} steps, {result.train_seconds:.1f} s, {result.tokens_per_second:.1f} tokens/s, "
+          f"final loss {result.final_loss:.4f}; {where}")
+    return 0
+
+
 def yaml_overrides(pairs: list[str] | None) -> dict:
     """--set key=value pairs, values parsed as YAML (numbers, lists, mappings)."""
     import yaml
@@ -124,6 +204,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a top-level config key")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_run)
+    ini = sub.add_parser("init", help="collect statistics and initialize an adapter (saved for sclora train)")
+    ini.add_argument("--model", default="smollm2-135m-instruct")
+    ini.add_argument("--method", default="sc_lora", choices=["sc_lora", "lora", "pissa", "corda_ipa", "corda_kpa",
+                                                              "full"])
+    ini.add_argument("--plus", help="D+ data spec kind:n[:offset[:split]], e.g. math:256")
+    ini.add_argument("--minus", help="D- data spec, e.g. trivia:256")
+    ini.add_argument("--r", type=int, default=16)
+    ini.add_argument("--beta", type=float, default=0.5)
+    ini.add_argument("--normalize", default="none", choices=["none", "max_abs", "trace"])
+    ini.add_argument("--seq-len", type=int, default=256)
+    ini.add_argument("--seed", type=int, default=0)
+    ini.add_argument("--output", required=True)
+    ini.add_argument("--quiet", action="store_true")
+    ini.set_defaults(func=_init)
+    tr = sub.add_parser("train", help="fine-tune from an `sclora init` folder; exports a plain LoRA adapter")
+    tr.add_argument("--init", required=True, help="folder written by sclora init")
+    tr.add_argument("--data", required=True, help="training data spec, e.g. math:1024:256")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="TrainConfig values, e.g. learning_rate=2e-4")
+    tr.add_argument("--output", required=True)
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=_train)
     al = sub.add_parser("align", help="safety-align a model (refusals on one harmful source), measured on others")
     al.add_argument("--model", default="smollm2-135m-instruct")
     al.add_argument("--output", required=True)
