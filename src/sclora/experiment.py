@@ -25,7 +25,9 @@ from .config import LLAMA_TARGET_MODULES, METHODS
 
 __all__ = ["ExperimentConfig", "load_config", "run_experiment", "build_examples"]
 
-DATA_KINDS = ("math", "trivia", "summaries", "harmful")
+from .hub_data import HUB_SOURCES
+
+DATA_KINDS = ("math", "trivia", "summaries", "harmful", *HUB_SOURCES)
 
 
 @dataclass
@@ -121,9 +123,13 @@ def build_examples(spec: DataSpec, seed: int) -> list[dict]:
         items = data.summarization(spec.split if spec.split in ("train", "val", "test") else "train")
         rows = [{"prompt": SUMMARY_INSTRUCTION.format(document=it["document"]), "response": it["summary"]}
                 for it in items]
-    else:
+    elif spec.kind == "harmful":
         items = data.harmful_requests()
         rows = [{"prompt": it["prompt"], "response": ""} for it in items]
+    else:  # the paper's own sets from the hub
+        from .hub_data import load_hub
+
+        rows = load_hub(spec.kind, None if spec.split == "train" else spec.split)
     if spec.kind != "math":
         random.Random(seed).shuffle(rows)
     rows = rows[spec.offset:spec.offset + spec.n]
