@@ -48,3 +48,21 @@ def test_embedded_model_uses_the_cached_copy(tmp_path, monkeypatch):
 def test_missing_local_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*smollm2-135m-instruct"):
         models.load_model(str(tmp_path / "no-such-model"))
+
+
+def test_aligned_model_name_explains_how_to_build_it_and_loads_once_installed(tmp_path, monkeypatch):
+    from sclora.cli import install_aligned
+
+    monkeypatch.setenv("SCLORA_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="sclora align --install"):
+        models.load_model(models.ALIGNED_MODEL)
+    source = tmp_path / "aligned"
+    tiny_llama(seed=4).save_pretrained(source)
+    from conftest import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(source)
+    install_aligned(source)
+    loaded, _ = models.load_model(models.ALIGNED_MODEL)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, tiny_llama(seed=4)(ids).logits)

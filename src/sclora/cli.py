@@ -74,7 +74,25 @@ def _align(args) -> int:
         print(f"{stage:>6}: refuses {report[stage]['heldout_refusal_rate']:.1f}% of held-out harmful prompts, "
               f"{report[stage]['benign_refusal_rate']:.1f}% of benign ones")
     print(f"aligned model in {Path(args.output) / 'model'}; report in {Path(args.output) / 'align_report.json'}")
+    if args.install:
+        install_aligned(Path(args.output) / "model")
     return 0
+
+
+def install_aligned(model_dir: Path) -> Path:
+    """Copy an aligned model to the cache under the name `smollm2-135m-instruct-aligned`."""
+    import shutil
+
+    from .models import ALIGNED_MODEL, aligned_model_path
+
+    target = aligned_model_path()
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_dir, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    print(f"installed as {ALIGNED_MODEL!r} ({target})")
+    return target
 
 
 def _data_spec(text: str):
@@ -229,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--model", default="smollm2-135m-instruct")
     al.add_argument("--output", required=True)
     al.add_argument("--seed", type=int, default=0)
+    al.add_argument("--install", action="store_true", help="also cache it as the model 'smollm2-135m-instruct-aligned'")
     al.add_argument("--quiet", action="store_true")
     al.set_defaults(func=_align)
     return parser

