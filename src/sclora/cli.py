@@ -108,25 +108,20 @@ def _data_spec(text: str):
 
 def _build_init(args, model, tokenizer, out: Path):
     """Statistics (cached in out/stats) and the initialized model, deterministically from args."""
-    from . import CovarianceStats, SCLoRAConfig, collect_covariances, init_model
-    from .experiment import build_examples, statistics_batches
+    from . import SCLoRAConfig, init_model
+    from .experiment import NEEDS_DATA, build_examples, cached_statistics, statistics_side
 
     config = SCLoRAConfig(method=args.method, r=args.r, beta=args.beta, normalize=args.normalize)
-    side = "input" if args.method.startswith("corda") else "output"
+    side = statistics_side(args.method)
     stats = {}
-    for label, spec in (("plus", args.plus), ("minus", args.minus)):
-        needed = {"sc_lora": ("plus", "minus"), "corda_ipa": ("plus",), "corda_kpa": ("minus",)}.get(args.method, ())
-        if label not in needed:
-            continue
+    for label in NEEDS_DATA.get(args.method, ()):
+        spec = getattr(args, label)
         if spec is None:
             raise SystemExit(f"--method {args.method} needs --{label} DATA (e.g. --{label} math:256)")
-        path = out / "stats" / f"{label}-{side}-{args.normalize}.safetensors"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            batches = statistics_batches(tokenizer, build_examples(_data_spec(spec), args.seed), args.seq_len, 8)
-            collect_covariances(model, batches, config.target_modules, args.normalize, side=side,
-                                show_progress=not args.quiet, desc=f"{label} statistics").save(path)
-        stats[label] = CovarianceStats.load(path)
+        stats[label] = cached_statistics(out / "stats" / f"{label}-{side}-{args.normalize}.safetensors", model,
+                                         tokenizer, build_examples(_data_spec(spec), args.seed), seq_len=args.seq_len,
+                                         batch_size=8, target_modules=config.target_modules, normalize=args.normalize,
+                                         side=side, show_progress=not args.quiet, desc=f"{label} statistics")
     config.save_pretrained(out)
     return init_model(model, config, plus=stats.get("plus"), minus=stats.get("minus"), show_progress=not args.quiet)
 

@@ -154,6 +154,27 @@ def statistics_batches(tokenizer, examples: list[dict], seq_len: int, batch_size
     return batches
 
 
+#: Which statistics each init method needs, and on which side of the layers.
+NEEDS_DATA = {"sc_lora": ("plus", "minus"), "corda_ipa": ("plus",), "corda_kpa": ("minus",)}
+
+
+def statistics_side(method: str) -> str:
+    return "input" if method.startswith("corda") else "output"
+
+
+def cached_statistics(path: Path, model, tokenizer, examples: list[dict], *, seq_len: int, batch_size: int,
+                      target_modules, normalize: str, side: str, show_progress: bool = True, desc: str = "statistics"):
+    """Statistics of ``examples`` saved at ``path``: collected on first use, loaded afterwards."""
+    from .statistics import CovarianceStats, collect_covariances
+
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        batches = statistics_batches(tokenizer, examples, seq_len, batch_size)
+        collect_covariances(model, batches, target_modules, normalize, side=side, show_progress=show_progress,
+                            desc=desc).save(path)
+    return CovarianceStats.load(path)
+
+
 def check_disjoint(named: dict[str, list[dict]]) -> None:
     """Raise if any two example sets share a prompt (initialization, training and evaluation must not)."""
     names = list(named)
@@ -176,7 +197,7 @@ def evaluate_model(model, tokenizer, eval_sets: dict[str, list[dict]], batch_siz
     accuracy / exact match generate."""
     from .evaluate.generation import build_prompt
     from .evaluate.knowledge import prompt as knowledge_prompt
-    from .evaluate.likelihood import continuation_logprobs
+    from .evaluate.likelihood import best_answer_logprobs, continuation_logprobs
     from .evaluate.suites import evaluate_knowledge, evaluate_math
 
     metrics: dict[str, float] = {}
@@ -192,14 +213,9 @@ def evaluate_model(model, tokenizer, eval_sets: dict[str, list[dict]], batch_siz
                                 limit=None, batch_size=batch_size, show_progress=False)
             metrics["math_accuracy"] = res.metrics["accuracy"]
         elif name == "knowledge_logprob":
-            flat = [(i, a) for i, it in enumerate(items) for a in it["answers"]]
-            prompts = [knowledge_prompt(items[i]["question"]) for i, _ in flat]
-            scores = continuation_logprobs(model, tokenizer, prompts, [" " + a for _, a in flat],
-                                           batch_size=batch_size, show_progress=False)
-            best = {}
-            for (i, _), (s, _) in zip(flat, scores):
-                best[i] = max(best.get(i, float("-inf")), s)
-            metrics["knowledge_logprob"] = sum(best.values()) / len(best)
+            best = best_answer_logprobs(model, tokenizer, [knowledge_prompt(it["question"]) for it in items],
+                                        [it["answers"] for it in items], batch_size=batch_size, show_progress=False)
+            metrics["knowledge_logprob"] = sum(best) / len(best)
         elif name == "knowledge_em":
             res = evaluate_knowledge(model, tokenizer, [{"question": it["question"], "answers": it["answers"]}
                                                         for it in items], limit=len(items) - 5, num_fewshot=5,
@@ -223,7 +239,7 @@ def run_name(run: dict) -> str:
 
 def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *, show_progress: bool = True) -> list[dict]:
     """Run every configured run (skipping finished ones), write results.json / results.md, return rows."""
-    from . import CovarianceStats, collect_covariances, init_model
+    from . import init_model
     from .models import load_model
     from .train import TrainConfig, train
 
@@ -242,16 +258,11 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *, s
         eval_sets[name] = build_examples(_strict(DataSpec, spec, f"evaluate.{name}"), config.seed)
     check_disjoint({**sets, **eval_sets})
 
-    def stats(label: str, side: str) -> CovarianceStats:
-        path = out / "stats" / f"{label}-{side}-{config.normalize}.safetensors"
-        if path.exists():
-            return CovarianceStats.load(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        batches = statistics_batches(tokenizer, sets[label], config.stats_seq_len, config.stats_batch_size)
-        collected = collect_covariances(base, batches, config.target_modules, config.normalize, side=side,
-                                        show_progress=show_progress, desc=f"{label} statistics")
-        collected.save(path)
-        return CovarianceStats.load(path)
+    def stats(label: str, side: str):
+        return cached_statistics(out / "stats" / f"{label}-{side}-{config.normalize}.safetensors", base, tokenizer,
+                                 sets[label], seq_len=config.stats_seq_len, batch_size=config.stats_batch_size,
+                                 target_modules=config.target_modules, normalize=config.normalize, side=side,
+                                 show_progress=show_progress, desc=f"{label} statistics")
 
     results_path = out / "results.json"
     rows = json.loads(results_path.read_text()) if results_path.exists() else []
@@ -266,9 +277,9 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *, s
         method = run["method"]
         model, _ = load_model(config.model, dtype=dtype)
         start = time.perf_counter()
-        side = "input" if method.startswith("corda") else "output"
-        plus = stats("plus", side) if method in ("sc_lora", "corda_ipa") else None
-        minus = stats("minus", side) if method in ("sc_lora", "corda_kpa") else None
+        needed, side = NEEDS_DATA.get(method, ()), statistics_side(method)
+        plus = stats("plus", side) if "plus" in needed else None
+        minus = stats("minus", side) if "minus" in needed else None
         overrides = {k: v for k, v in dict(r=config.r, lora_alpha=config.lora_alpha, normalize=config.normalize,
                                            target_modules=config.target_modules, beta=run.get("beta")).items()
                      if v is not None}

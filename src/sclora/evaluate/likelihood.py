@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["continuation_logprobs"]
+__all__ = ["best_answer_logprobs", "continuation_logprobs"]
 
 
 @torch.no_grad()
@@ -47,3 +47,15 @@ def continuation_logprobs(
             scores = logprobs[row, n_prompt - 1:n_prompt + n_cont - 1].gather(-1, targets[:, None])
             results[i] = (scores.sum().item(), n_cont)
     return results
+
+
+def best_answer_logprobs(model, tokenizer, prompts: list[str], answers: list[list[str]], *, batch_size: int = 8,
+                         show_progress: bool = True, desc: str = "answers") -> list[float]:
+    """For each prompt, the highest log-probability of any of its accepted answers (each after a space)."""
+    flat = [(i, a) for i, accepted in enumerate(answers) for a in accepted]
+    scores = continuation_logprobs(model, tokenizer, [prompts[i] for i, _ in flat], [" " + a for _, a in flat],
+                                   batch_size=batch_size, show_progress=show_progress, desc=desc)
+    best = [float("-inf")] * len(prompts)
+    for (i, _), (logprob, _) in zip(flat, scores):
+        best[i] = max(best[i], logprob)
+    return best

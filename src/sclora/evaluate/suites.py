@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from .generation import build_prompt, generate
 from .knowledge import STOP, exact_match, lm_eval_exact_match, prompt
-from .likelihood import continuation_logprobs
+from .likelihood import best_answer_logprobs, continuation_logprobs
 from .math_answers import extract_math_answer, math_equal
 from .summarize import rouge
 
@@ -70,10 +70,8 @@ def evaluate_knowledge(model, tokenizer, items: list[dict] | None = None, *, lim
     gen = generate(model, tokenizer, prompts, max_new_tokens=24, stop=STOP, chat=chat, batch_size=batch_size,
                    show_progress=show_progress, desc="knowledge: generate")
     shown = [build_prompt(tokenizer, p, chat=chat) for p in prompts]
-    flat = [(i, a) for i, it in enumerate(items) for a in it["answers"]]
-    scores = continuation_logprobs(model, tokenizer, [shown[i] for i, _ in flat], [" " + a for _, a in flat],
-                                   batch_size=batch_size, show_progress=show_progress, desc="knowledge: answers")
-    best = [max(s for (j, _), (s, _) in zip(flat, scores) if j == i) for i in range(len(items))]
+    best = best_answer_logprobs(model, tokenizer, shown, [it["answers"] for it in items], batch_size=batch_size,
+                                show_progress=show_progress, desc="knowledge: answers")
     samples = [{"question": it["question"], "answers": it["answers"], "prediction": pred,
                 "exact_match": exact_match(pred, it["answers"]),
                 "exact_match_lm_eval": lm_eval_exact_match(pred, it["answers"], task), "best_answer_logprob": b}
