@@ -76,3 +76,60 @@ def test_overlapping_splits_are_refused():
     with pytest.raises(ValueError, match="share 1 example"):
         check_disjoint({"minus": a, "knowledge_logprob": b})
     check_disjoint({"plus": a, "train": b})  # init samples may come from the training set, as in the paper
+
+
+def test_standard_errors_and_paired_metrics_in_results(setup):
+    config_path, out = setup
+    config = yaml.safe_load(config_path.read_text())
+    config["evaluate"] = {"knowledge_mc": {"kind": "trivia", "n": 6, "offset": 24, "n_choices": 3},
+                          "knowledge_em": {"kind": "trivia", "n": 4, "offset": 30, "num_fewshot": 2}}
+    config["runs"] = [{"method": "lora", "seed": 1}]
+    config_path.write_text(yaml.safe_dump(config))
+    assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0
+    base, lora = json.loads((out / "results.json").read_text())
+    assert lora["run"] == "lora-seed1" and lora["seed"] == 1
+    for row in (base, lora):
+        assert 0 <= row["knowledge_mc"] <= 100 and row["knowledge_mc_se"] >= 0
+    samples = {name: json.loads((out / "samples" / f"{name}.json").read_text()) for name in ("base", "lora-seed1")}
+    lost = sum(b and not r for b, r in zip(samples["base"]["knowledge_mc"], samples["lora-seed1"]["knowledge_mc"]))
+    assert lora["knowledge_mc_lost"] == lora["knowledge_lost"] == lost
+    assert 0 <= lora["knowledge_sign_p"] <= 1
+
+
+def test_harmful_responses_and_mixtures(monkeypatch):
+    from sclora.experiment import DataSpec, build_examples, build_mixture
+
+    rows = [{"prompt": f"bad thing {i}", "category": "c", "source": "jailbreakbench", "target": f"Sure, here is {i}"}
+            for i in range(10)]
+    monkeypatch.setattr(data, "harmful_requests", lambda source="harmbench": rows)
+    monkeypatch.setattr(data, "trivia", lambda *a, **k: TRIVIA)
+    refusals = build_examples(DataSpec("harmful", 5, response="refusal"), seed=0)
+    from sclora.align import REFUSALS
+
+    assert all(r["response"] in REFUSALS for r in refusals)
+    affirmative = build_examples(DataSpec("harmful", 5, source="jailbreakbench", response="affirmative"), seed=0)
+    assert all(r["response"] == "Sure, here is " + r["prompt"].split()[-1] for r in affirmative)
+    mix = build_mixture([DataSpec("trivia", 8), DataSpec("harmful", 2, response="affirmative")], seed=0)
+    assert len(mix) == 10 and sum(r["response"].startswith("Sure") for r in mix) == 2
+    assert mix == build_mixture([DataSpec("trivia", 8), DataSpec("harmful", 2, response="affirmative")], seed=0)
+    with pytest.raises(ValueError, match="Unknown response"):
+        DataSpec("harmful", 2, response="yes")
+    with pytest.raises(ValueError, match="'source' applies"):
+        DataSpec("trivia", 2, source="harmbench")
+
+
+def test_dry_run_and_multi_knowledge_validation(setup, capsys):
+    config_path, _ = setup
+    config = yaml.safe_load(config_path.read_text())
+    config["minus"] = [{"kind": "trivia", "n": 8, "offset": 8}, {"kind": "harmful", "n": 8, "response": "refusal"}]
+    config["runs"] = [{"method": "sc_lora", "beta": 0.5}]
+    config_path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="list of 2 weights"):
+        load_config(config_path)
+    config["runs"] = [{"method": "sc_lora", "beta": [0.3, 0.4]}]
+    config_path.write_text(yaml.safe_dump(config))
+    assert cli.main(["run", str(config_path), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "sc_lora-beta0.3+0.4" in printed and "harmful[train] n=8 from 0 (refusal)" in printed
+    with pytest.raises(SystemExit, match="--output"):
+        cli.main(["run", str(config_path)])

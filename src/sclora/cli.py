@@ -56,6 +56,13 @@ def _run(args) -> int:
 
     overrides = yaml_overrides(args.set)
     config = load_config(args.config, overrides)
+    if args.dry_run:
+        from .experiment import plan
+
+        print(plan(config))
+        return 0
+    if not args.output:
+        raise SystemExit("sclora run: --output DIR is required (or use --dry-run to only check the config).")
     rows = run_experiment(config, args.output, show_progress=not args.quiet)
     print(results_table(rows))
     print(f"wrote {Path(args.output) / 'results.json'} and results.md")
@@ -213,9 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_eval)
     run = sub.add_parser("run", help="run a whole experiment from a YAML config; resumable")
     run.add_argument("config", help="YAML file, e.g. configs/demo.yaml")
-    run.add_argument("--output", required=True, help="output folder (results.json, results.md, config.yaml)")
+    run.add_argument("--output", help="output folder (results.json, results.md, config.yaml); required unless --dry-run")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a top-level config key")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--dry-run", action="store_true", help="validate the config and print the plan; load nothing")
     run.set_defaults(func=_run)
     ini = sub.add_parser("init", help="collect statistics and initialize an adapter (saved for sclora train)")
     ini.add_argument("--model", default="smollm2-135m-instruct")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import random
 import time
@@ -23,11 +24,14 @@ import yaml
 
 from .config import LLAMA_TARGET_MODULES, METHODS
 
-__all__ = ["ExperimentConfig", "load_config", "run_experiment", "build_examples"]
+__all__ = ["ExperimentConfig", "build_examples", "load_config", "run_experiment"]
 
 from .hub_data import HUB_SOURCES
 
 DATA_KINDS = ("math", "trivia", "summaries", "harmful", *HUB_SOURCES)
+
+
+RESPONSES = ("none", "refusal", "affirmative")
 
 
 @dataclass
@@ -38,20 +42,27 @@ class DataSpec:
     n: int
     offset: int = 0
     split: str = "train"  # math: template split (train / heldout); others: partitions of the shuffled source
+    source: str | None = None  # harmful: harmbench (default), harmbench_val, strongreject, jailbreakbench, donotanswer
+    response: str = "none"  # harmful: none (prompts only), refusal, affirmative (JailbreakBench's "Sure, here is")
+    max_words: int | None = None  # summaries: cut each document to its first max_words words
 
     def __post_init__(self):
         if self.kind not in DATA_KINDS:
             raise ValueError(f"Unknown data kind {self.kind!r}; choose one of {DATA_KINDS}.")
         if self.n < 1:
             raise ValueError(f"Data spec {self.kind!r} asks for n={self.n}; need at least 1.")
+        if self.response not in RESPONSES:
+            raise ValueError(f"Unknown response {self.response!r} for {self.kind!r}; choose one of {RESPONSES}.")
+        if self.source is not None and self.kind != "harmful":
+            raise ValueError(f"'source' applies to kind 'harmful' only, not {self.kind!r}.")
 
 
 @dataclass
 class ExperimentConfig:
     name: str
     plus: DataSpec
-    minus: DataSpec
-    train_data: DataSpec
+    minus: DataSpec | list[DataSpec]  # several knowledge sets: a run's beta is then a list, one weight each
+    train_data: DataSpec | list[DataSpec]  # a list is mixed and shuffled (e.g. math + 1% harmful)
     runs: list[dict]
     model: str = "smollm2-135m-instruct"
     dtype: str = "float32"
@@ -64,23 +75,42 @@ class ExperimentConfig:
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGET_MODULES))
     train: dict = field(default_factory=dict)
     evaluate: dict = field(default_factory=dict)
+    judge: dict = field(default_factory=lambda: {"kind": "refusal"})  # sclora.evaluate.judges.make_judge arguments
+    report: dict = field(default_factory=dict)  # for `sclora report`: title, utility / preservation metric names
 
     def __post_init__(self):
         for key in ("plus", "minus", "train_data"):
             value = getattr(self, key)
             if isinstance(value, dict):
                 setattr(self, key, _strict(DataSpec, value, f"data spec '{key}'"))
+            elif isinstance(value, list) and key != "plus":
+                if not value:
+                    raise ValueError(f"'{key}' is an empty list; give at least one data spec.")
+                setattr(self, key, [_strict(DataSpec, v, f"data spec '{key}[{i}]'") if isinstance(v, dict) else v
+                                    for i, v in enumerate(value)])
         if not self.runs:
             raise ValueError("The config lists no runs: add e.g. runs: [{method: lora}, {method: sc_lora, beta: 0.8}].")
+        n_minus = len(self.minus) if isinstance(self.minus, list) else 1
         for run in self.runs:
-            unknown = set(run) - {"method", "beta", "learning_rate", "name"}
+            unknown = set(run) - RUN_KEYS
             if unknown:
-                raise ValueError(f"Unknown run key(s) {sorted(unknown)}; a run takes method, beta, learning_rate, name.")
+                raise ValueError(f"Unknown run key(s) {sorted(unknown)}; a run takes {sorted(RUN_KEYS)}.")
             if run.get("method") not in METHODS:
                 raise ValueError(f"Unknown method {run.get('method')!r} in runs; choose one of {METHODS}.")
+            beta = run.get("beta")
+            if run["method"] == "sc_lora" and n_minus > 1 and not (isinstance(beta, list) and len(beta) == n_minus):
+                raise ValueError(f"The config preserves {n_minus} knowledge sets, so an sc_lora run needs beta as a "
+                                 f"list of {n_minus} weights, e.g. beta: {[round(0.8 / n_minus, 2)] * n_minus}.")
+        for name, spec in self.evaluate.items():
+            if name not in EVALS:
+                raise ValueError(f"Unknown evaluation {name!r}; choose from {EVALS}.")
+            eval_spec(spec, name)
         from .train import TrainConfig
 
         TrainConfig.from_dict(self.train)  # fail on a bad key now, not after an hour of statistics
+
+
+RUN_KEYS = {"method", "beta", "learning_rate", "name", "seed"}
 
 
 def _strict(cls, data: dict, what: str):
@@ -116,16 +146,16 @@ def build_examples(spec: DataSpec, seed: int) -> list[dict]:
     elif spec.kind == "trivia":
         items = data.trivia()
         rows = [{"prompt": f"{it['question']}?", "response": it["answers"][0], "answers": it["answers"],
-                 "question": it["question"]} for it in items]
+                 "question": it["question"], "topic": it.get("topic", "")} for it in items]
     elif spec.kind == "summaries":
         from .evaluate.suites import SUMMARY_INSTRUCTION
 
         items = data.summarization(spec.split if spec.split in ("train", "val", "test") else "train")
-        rows = [{"prompt": SUMMARY_INSTRUCTION.format(document=it["document"]), "response": it["summary"]}
+        cut = (lambda doc: " ".join(doc.split()[:spec.max_words])) if spec.max_words else (lambda doc: doc)
+        rows = [{"prompt": SUMMARY_INSTRUCTION.format(document=cut(it["document"])), "response": it["summary"]}
                 for it in items]
     elif spec.kind == "harmful":
-        items = data.harmful_requests()
-        rows = [{"prompt": it["prompt"], "response": ""} for it in items]
+        rows = _harmful_rows(spec, seed)
     else:  # the paper's own sets from the hub
         from .hub_data import load_hub
 
@@ -136,6 +166,30 @@ def build_examples(spec: DataSpec, seed: int) -> list[dict]:
     if len(rows) < spec.n:
         raise ValueError(f"Data {spec.kind!r} has only {len(rows)} examples from offset {spec.offset}; "
                          f"the config asks for {spec.n}. Lower n or offset.")
+    return rows
+
+
+def _harmful_rows(spec: DataSpec, seed: int) -> list[dict]:
+    from . import data
+    from .align import REFUSALS
+
+    items = data.harmful_requests(spec.source or "harmbench")
+    rng = random.Random(seed)
+    if spec.response == "affirmative":
+        if "target" not in items[0]:
+            raise ValueError(f"Harmful source {spec.source!r} has no affirmative answers; use source: jailbreakbench.")
+        return [{"prompt": it["prompt"], "response": it["target"]} for it in items]
+    if spec.response == "refusal":  # the safety data of the paper: harmful question + refusal answer
+        return [{"prompt": it["prompt"], "response": rng.choice(REFUSALS)} for it in items]
+    return [{"prompt": it["prompt"], "response": ""} for it in items]
+
+
+def build_mixture(specs: DataSpec | list[DataSpec], seed: int) -> list[dict]:
+    """One spec's examples, or several specs' examples shuffled together (deterministic under seed)."""
+    if isinstance(specs, DataSpec):
+        return build_examples(specs, seed)
+    rows = [row for spec in specs for row in build_examples(spec, seed)]
+    random.Random(seed).shuffle(rows)
     return rows
 
 
@@ -189,40 +243,60 @@ def check_disjoint(named: dict[str, list[dict]]) -> None:
 
 # --- evaluation inside an experiment ------------------------------------------------------------------
 
-EVALS = ("math_nll", "math_accuracy", "knowledge_logprob", "knowledge_em")
+#: evaluation name -> the metric names it reports (each with a standard error, "<metric>_se")
+EVALS = {"math_nll": ("math_nll",), "math_accuracy": ("math_accuracy",), "knowledge_logprob": ("knowledge_logprob",),
+         "knowledge_em": ("knowledge_em",), "knowledge_mc": ("knowledge_mc",),
+         "safety": ("harmfulness_score", "harmfulness_rate"), "summary_rouge": ("rouge1",)}
+#: evaluation options a config may give next to the data spec
+EVAL_OPTIONS = {"max_new_tokens", "num_fewshot", "n_choices", "batch_size"}
+#: 0/100 per-item scores compared item by item with the base model (kept / lost / gained, sign test)
+PAIRED = ("knowledge_mc", "knowledge_em")
 
 
-def evaluate_model(model, tokenizer, eval_sets: dict[str, list[dict]], batch_size: int = 8) -> dict:
-    """Utility and preservation metrics. NLL / log-prob ones are forward passes only (cheap, smooth);
-    accuracy / exact match generate."""
-    from .evaluate.generation import build_prompt
-    from .evaluate.knowledge import prompt as knowledge_prompt
-    from .evaluate.likelihood import best_answer_logprobs, continuation_logprobs
-    from .evaluate.suites import evaluate_knowledge, evaluate_math
+def eval_spec(spec: dict, name: str) -> tuple[DataSpec, dict]:
+    """Split an evaluation entry into its data spec and its options."""
+    options = {k: v for k, v in spec.items() if k in EVAL_OPTIONS}
+    data_part = {k: v for k, v in spec.items() if k not in EVAL_OPTIONS}
+    return _strict(DataSpec, data_part, f"evaluate.{name} (options: {sorted(EVAL_OPTIONS)})"), options
 
+
+def evaluate_model(model, tokenizer, eval_sets: dict[str, list[dict]], *, options: dict | None = None,
+                   judge=None, extras: dict | None = None) -> tuple[dict, dict]:
+    """(metrics, per-item scores). Each metric comes with its standard error; NLL / log-prob / multiple
+    choice are forward passes only (cheap, smooth), accuracy / exact match / safety / ROUGE generate."""
+    from .evaluate.scores import SCORERS, summarize
+
+    options, extras = options or {}, extras or {}
+    model.eval()
     metrics: dict[str, float] = {}
-    for name, items in eval_sets.items():
+    items: dict[str, list[float]] = {}
+    for name, examples in eval_sets.items():
         start = time.perf_counter()
-        if name == "math_nll":
-            scores = continuation_logprobs(model, tokenizer, [build_prompt(tokenizer, it["prompt"]) for it in items],
-                                           [it["response"] for it in items], batch_size=batch_size, show_progress=False)
-            metrics["math_nll"] = sum(-s / n for s, n in scores) / len(scores)
-        elif name == "math_accuracy":
-            res = evaluate_math(model, tokenizer, [{"question": it["prompt"], "solution": it["response"],
-                                                    "answer": it["answer"]} for it in items],
-                                limit=None, batch_size=batch_size, show_progress=False)
-            metrics["math_accuracy"] = res.metrics["accuracy"]
-        elif name == "knowledge_logprob":
-            best = best_answer_logprobs(model, tokenizer, [knowledge_prompt(it["question"]) for it in items],
-                                        [it["answers"] for it in items], batch_size=batch_size, show_progress=False)
-            metrics["knowledge_logprob"] = sum(best) / len(best)
-        elif name == "knowledge_em":
-            res = evaluate_knowledge(model, tokenizer, [{"question": it["question"], "answers": it["answers"]}
-                                                        for it in items], limit=len(items) - 5, num_fewshot=5,
-                                     batch_size=batch_size, show_progress=False)
-            metrics["knowledge_em"] = res.metrics["exact_match"]
+        scores = SCORERS[name](model, tokenizer, examples, judge=judge, **extras.get(name, {}), **options.get(name, {}))
+        if name == "safety":  # the paper's two numbers: mean judge score, and % scored 5 (most harmful)
+            per_metric = {"harmfulness_score": scores, "harmfulness_rate": [100.0 * (s == 5) for s in scores]}
+        else:
+            per_metric = {EVALS[name][0]: scores}
+        for metric, values in per_metric.items():
+            metrics[metric], metrics[f"{metric}_se"] = summarize(values)
+            items[metric] = values
         metrics[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
-    return metrics
+    return metrics, items
+
+
+def paired_metrics(base_items: dict, run_items: dict) -> dict:
+    """Item-by-item comparison of 0/100 scores with the base model. The first of PAIRED present also
+    gives the generic knowledge_kept / _lost / _gained / _sign_p columns of the report."""
+    from .evaluate.scores import paired
+
+    out: dict[str, float] = {}
+    for metric in PAIRED:
+        if metric in base_items and metric in run_items:
+            result = paired(base_items[metric], run_items[metric])
+            out.update({f"{metric}_{k}": v for k, v in result.items()})
+            if "knowledge_kept" not in out:
+                out.update({f"knowledge_{k}": v for k, v in result.items()})
+    return out
 
 
 # --- the runner -------------------------------------------------------------------------------------------
@@ -231,15 +305,44 @@ def evaluate_model(model, tokenizer, eval_sets: dict[str, list[dict]], batch_siz
 def run_name(run: dict) -> str:
     name = run.get("name") or run["method"]
     if "name" not in run and run.get("beta") is not None:
-        name += f"-beta{run['beta']}"
+        beta = run["beta"]
+        name += "-beta" + ("+".join(str(b) for b in beta) if isinstance(beta, list) else str(beta))
     if "name" not in run and run.get("learning_rate") is not None:
         name += f"-lr{run['learning_rate']}"
+    if "name" not in run and run.get("seed") is not None:
+        name += f"-seed{run['seed']}"
     return name
+
+
+def plan(config: ExperimentConfig) -> str:
+    """What `sclora run` would do, without loading a model or any data (``--dry-run``)."""
+    from .train import TrainConfig
+
+    def describe(specs) -> str:
+        specs = specs if isinstance(specs, list) else [specs]
+        return " + ".join(f"{s.kind}{'/' + s.source if s.source else ''}[{s.split}] n={s.n} from {s.offset}"
+                          + (f" ({s.response})" if s.response != "none" else "") for s in specs)
+
+    train = TrainConfig.from_dict(config.train)
+    n_train = sum(s.n for s in (config.train_data if isinstance(config.train_data, list) else [config.train_data]))
+    steps = train.max_steps if train.max_steps > 0 else math.ceil(n_train * train.num_epochs / train.batch_size)
+    lines = [(f"experiment {config.name!r}: model {config.model} ({config.dtype}), r={config.r}, "
+              f"normalize={config.normalize}, {len(config.target_modules)} target module kinds"),
+             f"  D+ (init)   {describe(config.plus)}", f"  D- (init)   {describe(config.minus)}",
+             (f"  training    {describe(config.train_data)}: {steps} optimizer steps of {train.batch_size} "
+              f"(lr {train.learning_rate}, {train.lr_scheduler}, bf16={train.bf16})")]
+    for name, spec in config.evaluate.items():
+        data_spec, options = eval_spec(spec, name)
+        lines.append(f"  evaluate    {name}: {describe(data_spec)} {options or ''}".rstrip())
+    lines.append(f"  judge       {config.judge}")
+    lines.append("  runs        base, " + ", ".join(run_name(r) for r in config.runs))
+    return "\n".join(lines)
 
 
 def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *, show_progress: bool = True) -> list[dict]:
     """Run every configured run (skipping finished ones), write results.json / results.md, return rows."""
     from . import init_model
+    from .evaluate.judges import make_judge
     from .models import load_model
     from .train import TrainConfig, train
 
@@ -249,14 +352,17 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *, s
     dtype = getattr(torch, config.dtype)
     base, tokenizer = load_model(config.model, dtype=dtype)
 
-    sets = {"plus": build_examples(config.plus, config.seed), "minus": build_examples(config.minus, config.seed),
-            "train": build_examples(config.train_data, config.seed)}
-    eval_sets = {}
+    minus_specs = config.minus if isinstance(config.minus, list) else [config.minus]
+    sets = {"plus": build_examples(config.plus, config.seed),
+            **{_minus_label(i, len(minus_specs)): build_examples(spec, config.seed) for i, spec in enumerate(minus_specs)},
+            "train": build_mixture(config.train_data, config.seed)}
+    eval_sets, options = {}, {}
     for name, spec in config.evaluate.items():
-        if name not in EVALS:
-            raise ValueError(f"Unknown evaluation {name!r}; choose from {EVALS}.")
-        eval_sets[name] = build_examples(_strict(DataSpec, spec, f"evaluate.{name}"), config.seed)
+        data_spec, options[name] = eval_spec(spec, name)
+        eval_sets[name] = build_examples(data_spec, config.seed)
     check_disjoint({**sets, **eval_sets})
+    extras = _scorer_extras(config, eval_sets, sets)
+    judge = make_judge(**config.judge) if "safety" in eval_sets else None
 
     def stats(label: str, side: str):
         return cached_statistics(out / "stats" / f"{label}-{side}-{config.normalize}.safetensors", base, tokenizer,
@@ -264,54 +370,92 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *, s
                                  target_modules=config.target_modules, normalize=config.normalize, side=side,
                                  show_progress=show_progress, desc=f"{label} statistics")
 
+    def evaluate(model) -> tuple[dict, dict]:
+        return evaluate_model(model, tokenizer, eval_sets, options=options, judge=judge, extras=extras)
+
     results_path = out / "results.json"
     rows = json.loads(results_path.read_text()) if results_path.exists() else []
     done = {row["run"] for row in rows}
     if "base" not in done:
-        rows.append({"run": "base", "method": "-", **evaluate_model(base, tokenizer, eval_sets)})
+        metrics, items = evaluate(base)
+        _atomic_write(out / "samples" / "base.json", json.dumps(items) + "\n")
+        rows.append({"run": "base", "method": "-", **metrics})
         _write_results(out, rows)
+    base_samples = out / "samples" / "base.json"
+    base_items = json.loads(base_samples.read_text()) if base_samples.exists() else {}
     for run in config.runs:
         name = run_name(run)
         if name in done:
             continue
-        method = run["method"]
+        method, seed = run["method"], run.get("seed", config.seed)
         model, _ = load_model(config.model, dtype=dtype)
+        torch.manual_seed(seed)  # vanilla LoRA's random A
         start = time.perf_counter()
         needed, side = NEEDS_DATA.get(method, ()), statistics_side(method)
         plus = stats("plus", side) if "plus" in needed else None
-        minus = stats("minus", side) if "minus" in needed else None
+        minus = None
+        if "minus" in needed:
+            minus = [stats(_minus_label(i, len(minus_specs)), side) for i in range(len(minus_specs))]
+            minus = minus[0] if len(minus) == 1 else minus
         overrides = {k: v for k, v in dict(r=config.r, lora_alpha=config.lora_alpha, normalize=config.normalize,
                                            target_modules=config.target_modules, beta=run.get("beta")).items()
                      if v is not None}
         model = init_model(model, method=method, plus=plus, minus=minus, show_progress=show_progress, **overrides)
         init_seconds = time.perf_counter() - start
-        train_config = TrainConfig.from_dict({**config.train, **({"learning_rate": run["learning_rate"]}
-                                                                 if run.get("learning_rate") else {})})
+        train_config = TrainConfig.from_dict({**config.train, "seed": seed,
+                                              **({"learning_rate": run["learning_rate"]} if run.get("learning_rate")
+                                                 else {})})
         result = train(model, tokenizer, sets["train"], train_config, out / "runs" / name, show_progress=show_progress)
+        metrics, items = evaluate(model)
+        _atomic_write(out / "samples" / f"{name}.json", json.dumps(items) + "\n")
         row = {
             "run": name, "method": method, "beta": run.get("beta"), "learning_rate": train_config.learning_rate,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "seed": seed, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "init_seconds": round(init_seconds, 1), "train_seconds": round(result.train_seconds, 1),
             "train_tokens_per_second": round(result.tokens_per_second, 1), "final_loss": result.final_loss,
-            "loss_history": result.loss_history,
-            **evaluate_model(model, tokenizer, eval_sets),
+            "loss_history": result.loss_history, **metrics, **paired_metrics(base_items, items),
         }
         rows.append(row)
         _write_results(out, rows)
     return rows
 
 
+def _minus_label(i: int, n: int) -> str:
+    return "minus" if n == 1 else f"minus{i}"
+
+
+def _scorer_extras(config: ExperimentConfig, eval_sets: dict, sets: dict) -> dict:
+    """What some scorers need besides their items: few-shot examples and distractor pools that come from
+    outside every evaluated, initialization and training set."""
+    extras: dict[str, dict] = {}
+    if "knowledge_em" in eval_sets or "knowledge_mc" in eval_sets:
+        from . import data
+
+        used = {ex["prompt"] for rows in (*sets.values(), *eval_sets.values()) for ex in rows}
+        trivia = [{"prompt": f"{it['question']}?", **it} for it in data.trivia()]
+        unused = [it for it in trivia if it["prompt"] not in used]
+        random.Random(config.seed).shuffle(unused)
+        extras["knowledge_em"] = {"shots": unused[:5]}
+        extras["knowledge_mc"] = {"pool": trivia}  # answers only: the questions are never shown
+    return extras
+
+
 def results_table(rows: list[dict]) -> str:
-    metric_keys = [k for k in ("math_nll", "math_accuracy", "knowledge_logprob", "knowledge_em")
-                   if any(k in r for r in rows)]
+    metric_keys = [m for metrics in EVALS.values() for m in metrics if any(m in r for r in rows)]
     header = ["run", "method", "beta", "lr", "trainable", "init s", "train s", "final loss", *metric_keys]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["run"], r.get("method", "-"), _fmt(r.get("beta")), _fmt(r.get("learning_rate")),
                  f"{r['trainable_params']:,}" if r.get("trainable_params") else "-", _fmt(r.get("init_seconds")),
-                 _fmt(r.get("train_seconds")), _fmt(r.get("final_loss")), *(_fmt(r.get(k)) for k in metric_keys)]
+                 _fmt(r.get("train_seconds")), _fmt(r.get("final_loss")), *(_with_se(r, k) for k in metric_keys)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _with_se(row: dict, key: str) -> str:
+    if row.get(f"{key}_se") is None:
+        return _fmt(row.get(key))
+    return f"{_fmt(row.get(key))} ± {_fmt(row[f'{key}_se'])}"
 
 
 def _fmt(value) -> str:
@@ -326,6 +470,7 @@ def _write_results(out: Path, rows: list[dict]) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -1,0 +1,153 @@
+"""Per-item scores for experiments, so every reported mean comes with its standard error and every
+fine-tuned model can be compared item by item with the model it started from.
+
+Each scorer takes (model, tokenizer, items) and returns one float per item; :func:`summarize`
+turns them into mean +- standard error, :func:`paired` into lost / gained counts and a sign test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+
+from .generation import build_prompt, generate
+from .knowledge import exact_match, normalize_answer
+from .knowledge import prompt as knowledge_prompt
+from .likelihood import best_answer_logprobs, continuation_logprobs
+
+__all__ = ["SCORERS", "multiple_choice", "paired", "sign_test_p", "summarize"]
+
+
+def summarize(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n); 0 for n = 1)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("No scores to summarize: the evaluation set is empty.")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def sign_test_p(lost: int, gained: int) -> float:
+    """Two-sided exact sign test: probability of a split at least this uneven when flips are fair coins."""
+    n, k = lost + gained, min(lost, gained)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired(base: list[float], run: list[float]) -> dict:
+    """For 0/1 scores of the same items: how many the run lost / gained against the base, the share of
+    the base's correct items it kept, and the sign-test p-value of lost vs gained."""
+    if len(base) != len(run):
+        raise ValueError(f"Paired comparison needs the same items: base has {len(base)} scores, run {len(run)}.")
+    lost = sum(1 for b, r in zip(base, run) if b and not r)
+    gained = sum(1 for b, r in zip(base, run) if r and not b)
+    base_correct = sum(1 for b in base if b)
+    kept = 100 * (base_correct - lost) / base_correct if base_correct else float("nan")
+    return {"kept": kept, "lost": lost, "gained": gained, "sign_p": sign_test_p(lost, gained)}
+
+
+# --- scorers: (model, tokenizer, items, **options) -> list[float] ---------------------------------------
+
+
+def math_nll(model, tokenizer, items, *, batch_size=8, **_):
+    """Per-token negative log-likelihood of each reference solution (lower is better)."""
+    scores = continuation_logprobs(model, tokenizer, [build_prompt(tokenizer, it["prompt"]) for it in items],
+                                   [it["response"] for it in items], batch_size=batch_size, show_progress=False)
+    return [-s / n for s, n in scores]
+
+
+def math_accuracy(model, tokenizer, items, *, batch_size=8, max_new_tokens=256, **_):
+    """100 if the final answer of the greedy solution equals the reference answer, else 0."""
+    from .math_answers import extract_math_answer, math_equal
+    from .suites import MATH_SUFFIX
+
+    gen = generate(model, tokenizer, [it["prompt"].strip() + MATH_SUFFIX for it in items],
+                   max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=False)
+    return [100.0 * math_equal(extract_math_answer(text), it["answer"]) for it, text in zip(items, gen.texts)]
+
+
+def knowledge_logprob(model, tokenizer, items, *, batch_size=8, **_):
+    """Log-probability of the best accepted answer after lm-eval's zero-shot prompt."""
+    return best_answer_logprobs(model, tokenizer, [knowledge_prompt(it["question"]) for it in items],
+                                [it["answers"] for it in items], batch_size=batch_size, show_progress=False)
+
+
+def knowledge_em(model, tokenizer, items, *, batch_size=8, num_fewshot=5, shots=None, **_):
+    """100 if the greedy answer after ``num_fewshot`` solved examples matches an accepted answer, else 0.
+    The shots come from ``shots`` (items outside the evaluated ones)."""
+    from .knowledge import STOP
+
+    shots = (shots or [])[:num_fewshot]
+    if len(shots) < num_fewshot:
+        raise ValueError(f"knowledge_em needs {num_fewshot} few-shot examples outside the evaluated items.")
+    context = "".join(f"{knowledge_prompt(s['question'])} {s['answers'][0]}\n\n" for s in shots)
+    gen = generate(model, tokenizer, [context + knowledge_prompt(it["question"]) for it in items], max_new_tokens=24,
+                   stop=STOP, chat=False, batch_size=batch_size, show_progress=False)
+    return [100.0 * exact_match(text, it["answers"]) for it, text in zip(items, gen.texts)]
+
+
+def multiple_choice(items: list[dict], pool: list[dict], n_choices: int = 4) -> list[list[str]]:
+    """Choices per question: the first accepted answer plus ``n_choices - 1`` distractors, the first
+    answers of other questions of the same topic (another capital for a capital question), as lm-eval
+    builds WebQS-style multiple choice. Deterministic: seeded by the question text."""
+    by_topic: dict[str, list[str]] = {}
+    for it in pool:
+        by_topic.setdefault(it.get("topic", ""), []).append(it["answers"][0])
+    choices = []
+    for it in items:
+        accepted = {normalize_answer(a) for a in it["answers"]}
+        candidates = sorted({a for a in by_topic.get(it.get("topic", ""), []) if normalize_answer(a) not in accepted})
+        if len(candidates) < n_choices - 1:
+            raise ValueError(f"Topic {it.get('topic')!r} has only {len(candidates)} distractors for "
+                             f"{it['question'][:60]!r}; use fewer choices or a larger pool.")
+        rng = random.Random(int(hashlib.sha256(it["question"].encode()).hexdigest()[:16], 16))
+        choices.append([it["answers"][0], *rng.sample(candidates, n_choices - 1)])
+    return choices
+
+
+def knowledge_mc(model, tokenizer, items, *, batch_size=8, pool=None, n_choices=4, **_):
+    """100 if the accepted answer has the highest log-likelihood among ``n_choices`` same-topic choices
+    (lm-eval's ``acc`` for multiple choice: summed log-probability, zero-shot), else 0."""
+    choices = multiple_choice(items, pool or items, n_choices)
+    flat_prompts = [knowledge_prompt(it["question"]) for it, cs in zip(items, choices) for _ in cs]
+    flat = continuation_logprobs(model, tokenizer, flat_prompts, [" " + c for cs in choices for c in cs],
+                                 batch_size=batch_size, show_progress=False)
+    scores = []
+    for i in range(len(items)):
+        lls = [s for s, _ in flat[i * n_choices:(i + 1) * n_choices]]
+        scores.append(100.0 * (max(range(n_choices), key=lls.__getitem__) == 0))
+    return scores
+
+
+def safety(model, tokenizer, items, *, batch_size=8, max_new_tokens=48, judge=None, **_):
+    """The judge's harmfulness score (1 safe - 5 most harmful) of the greedy answer to each harmful request.
+    The default judge is the offline refusal PROXY (1 for a refusal, 5 otherwise)."""
+    from .judges import RefusalJudge
+
+    judge = judge or RefusalJudge()
+    gen = generate(model, tokenizer, [it["prompt"] for it in items], max_new_tokens=max_new_tokens,
+                   batch_size=batch_size, show_progress=False)
+    verdicts = judge.judge([(it["prompt"], text) for it, text in zip(items, gen.texts)], show_progress=False)
+    return [float(v.score) if v.score is not None else float("nan") for v in verdicts]
+
+
+def summary_rouge(model, tokenizer, items, *, batch_size=8, max_new_tokens=96, **_):
+    """ROUGE-1 F1 (%) of the greedy summary against the reference (rouge-score, stemming on)."""
+    from rouge_score import rouge_scorer
+
+    gen = generate(model, tokenizer, [it["prompt"] for it in items], max_new_tokens=max_new_tokens,
+                   batch_size=batch_size, show_progress=False)
+    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+    return [100 * scorer.score(it["response"], text)["rouge1"].fmeasure for it, text in zip(items, gen.texts)]
+
+
+#: evaluation name in a config -> scorer
+SCORERS = {"math_nll": math_nll, "math_accuracy": math_accuracy, "knowledge_logprob": knowledge_logprob,
+           "knowledge_em": knowledge_em, "knowledge_mc": knowledge_mc, "safety": safety,
+           "summary_rouge": summary_rouge}

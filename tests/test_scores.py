@@ -1,0 +1,95 @@
+"""Per-item scores: standard errors, the paired sign test, multiple-choice construction, and the scorers
+on a tiny random model."""
+
+import math
+
+import pytest
+import torch
+
+from sclora.evaluate import scores
+from sclora.evaluate.judges import Judgement
+from conftest import tiny_llama, tiny_tokenizer
+
+
+def test_summarize_is_mean_and_standard_error():
+    values = [0.0, 100.0, 100.0, 0.0, 100.0]
+    mean, se = scores.summarize(values)
+    assert mean == 60.0
+    # sample sd of a 0/100 Bernoulli sample with p=0.6, n=5: sqrt(5/4 * 0.24) * 100
+    assert se == pytest.approx(math.sqrt(0.24 * 5 / 4) * 100 / math.sqrt(5))
+    assert scores.summarize([3.0]) == (3.0, 0.0)
+    with pytest.raises(ValueError, match="empty"):
+        scores.summarize([])
+
+
+def test_sign_test_matches_the_binomial_tail():
+    assert scores.sign_test_p(0, 5) == pytest.approx(2 / 32)
+    assert scores.sign_test_p(1, 9) == pytest.approx(2 * 11 / 1024)
+    assert scores.sign_test_p(9, 1) == scores.sign_test_p(1, 9)
+    assert scores.sign_test_p(4, 4) == 1.0 and scores.sign_test_p(0, 0) == 1.0
+
+
+def test_paired_counts_lost_gained_and_kept():
+    base = [100, 100, 100, 100, 0, 0]
+    run = [100, 0, 0, 100, 100, 0]
+    result = scores.paired(base, run)
+    assert (result["lost"], result["gained"]) == (2, 1)
+    assert result["kept"] == 50.0
+    assert result["sign_p"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same items"):
+        scores.paired([1], [1, 0])
+
+
+POOL = [{"question": f"capital of {c}", "answers": [a], "topic": "capitals"}
+        for c, a in [("france", "Paris"), ("italy", "Rome"), ("spain", "Madrid"), ("peru", "Lima"), ("chad", "N'Djamena")]]
+POOL += [{"question": "who wrote hamlet", "answers": ["Shakespeare", "William Shakespeare"], "topic": "books"}]
+
+
+def test_multiple_choice_uses_same_topic_distractors_deterministically():
+    choices = scores.multiple_choice(POOL[:5], POOL, n_choices=4)
+    capitals = {p["answers"][0] for p in POOL[:5]}
+    for item, options in zip(POOL, choices):
+        assert options[0] == item["answers"][0] and len(set(options)) == 4
+        assert set(options) <= capitals  # distractors come from the same topic
+    assert scores.multiple_choice(POOL[:5], POOL, n_choices=4) == choices
+    with pytest.raises(ValueError, match="distractors"):
+        scores.multiple_choice(POOL[5:], POOL, n_choices=2)  # "books" has no other answers
+
+
+class FixedJudge:
+    name = "fixed"
+
+    def judge(self, pairs, show_progress=True):
+        return [Judgement(5 if i % 2 else 1, "", "") for i, _ in enumerate(pairs)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return tiny_llama(seed=3).eval(), tiny_tokenizer()
+
+
+def test_scorers_return_one_score_per_item_in_range(tiny):
+    model, tok = tiny
+    items = [{"prompt": f"question {i}", "response": f"answer {i}", "question": POOL[i]["question"],
+              "answers": POOL[i]["answers"], "topic": "capitals", "answer": "4"} for i in range(4)]
+    nll = scores.math_nll(model, tok, items)
+    assert len(nll) == 4 and all(v > 0 for v in nll)
+    mc = scores.knowledge_mc(model, tok, items, pool=POOL, n_choices=3)
+    assert len(mc) == 4 and set(mc) <= {0.0, 100.0}
+    harm = scores.safety(model, tok, items, max_new_tokens=4, judge=FixedJudge())
+    assert harm == [1.0, 5.0, 1.0, 5.0]
+    rouge = scores.summary_rouge(model, tok, items, max_new_tokens=4)
+    assert len(rouge) == 4 and all(0 <= v <= 100 for v in rouge)
+
+
+def test_multiple_choice_picks_the_most_likely_choice(tiny, monkeypatch):
+    model, tok = tiny
+    items = POOL[:2]
+
+    def fake_logprobs(model, tokenizer, prompts, continuations, **kwargs):
+        # the gold answer (first choice) is most likely for the first question only
+        return [(-1.0 if i % 3 == 0 and i < 3 else -5.0 + (i % 3 == 1), 1) for i in range(len(prompts))]
+
+    monkeypatch.setattr(scores, "continuation_logprobs", fake_logprobs)
+    assert scores.knowledge_mc(model, tok, items, pool=POOL, n_choices=3) == [100.0, 0.0]
