@@ -133,3 +133,13 @@ def test_dry_run_and_multi_knowledge_validation(setup, capsys):
     assert "sc_lora-beta0.3+0.4" in printed and "harmful[train] n=8 from 0 (refusal)" in printed
     with pytest.raises(SystemExit, match="--output"):
         cli.main(["run", str(config_path)])
+
+
+def test_every_shipped_config_parses_and_dry_runs(capsys):
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(configs) >= 7
+    for path in configs:
+        assert cli.main(["run", str(path), "--dry-run"]) == 0, path
+        assert "runs        base" in capsys.readouterr().out
