@@ -261,7 +261,7 @@ def eval_spec(spec: dict, name: str) -> tuple[DataSpec, dict]:
 
 
 def evaluate_model(model, tokenizer, eval_sets: dict[str, list[dict]], *, options: dict | None = None,
-                   judge=None, extras: dict | None = None) -> tuple[dict, dict]:
+                   judge=None, extras: dict | None = None, show_progress: bool = False) -> tuple[dict, dict]:
     """(metrics, per-item scores). Each metric comes with its standard error; NLL / log-prob / multiple
     choice are forward passes only (cheap, smooth), accuracy / exact match / safety / ROUGE generate."""
     from .evaluate.scores import SCORERS, summarize
@@ -272,7 +272,8 @@ def evaluate_model(model, tokenizer, eval_sets: dict[str, list[dict]], *, option
     items: dict[str, list[float]] = {}
     for name, examples in eval_sets.items():
         start = time.perf_counter()
-        scores = SCORERS[name](model, tokenizer, examples, judge=judge, **extras.get(name, {}), **options.get(name, {}))
+        scores = SCORERS[name](model, tokenizer, examples, judge=judge, show_progress=show_progress,
+                               **extras.get(name, {}), **options.get(name, {}))
         if name == "safety":  # the paper's two numbers: mean judge score, and % scored 5 (most harmful)
             per_metric = {"harmfulness_score": scores, "harmfulness_rate": [100.0 * (s == 5) for s in scores]}
         else:
@@ -339,7 +340,8 @@ def plan(config: ExperimentConfig) -> str:
     return "\n".join(lines)
 
 
-def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *, show_progress: bool = True) -> list[dict]:
+def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
+                   show_progress: bool = True) -> list[dict]:
     """Run every configured run (skipping finished ones), write results.json / results.md, return rows."""
     from . import init_model
     from .evaluate.judges import make_judge
@@ -354,7 +356,8 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *, s
 
     minus_specs = config.minus if isinstance(config.minus, list) else [config.minus]
     sets = {"plus": build_examples(config.plus, config.seed),
-            **{_minus_label(i, len(minus_specs)): build_examples(spec, config.seed) for i, spec in enumerate(minus_specs)},
+            **{_minus_label(i, len(minus_specs)): build_examples(spec, config.seed)
+               for i, spec in enumerate(minus_specs)},
             "train": build_mixture(config.train_data, config.seed)}
     eval_sets, options = {}, {}
     for name, spec in config.evaluate.items():
@@ -371,7 +374,8 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *, s
                                  show_progress=show_progress, desc=f"{label} statistics")
 
     def evaluate(model) -> tuple[dict, dict]:
-        return evaluate_model(model, tokenizer, eval_sets, options=options, judge=judge, extras=extras)
+        return evaluate_model(model, tokenizer, eval_sets, options=options, judge=judge, extras=extras,
+                              show_progress=show_progress)
 
     results_path = out / "results.json"
     rows = json.loads(results_path.read_text()) if results_path.exists() else []
