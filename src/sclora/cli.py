@@ -69,6 +69,23 @@ def _run(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from .report import ReportError, load_experiment, report_tables, write_report
+
+    status = 0
+    for directory in args.dirs:
+        try:
+            path = write_report(directory)
+        except ReportError as err:
+            print(f"sclora report: {err}", file=sys.stderr)
+            status = 1  # keep going: one broken folder should not hide the others' reports
+            continue
+        rows, config, _ = load_experiment(directory)
+        print(report_tables(rows, config))
+        print(f"wrote {path}")
+    return status
+
+
 def _align(args) -> int:
     import torch
 
@@ -225,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--dry-run", action="store_true", help="validate the config and print the plan; load nothing")
     run.set_defaults(func=_run)
+    rep = sub.add_parser("report", help="paper-style tables, figures and answers from `sclora run` output folders")
+    rep.add_argument("dirs", nargs="+", metavar="DIR", help="folder(s) with results.json; report.md is written there")
+    rep.set_defaults(func=_report)
     ini = sub.add_parser("init", help="collect statistics and initialize an adapter (saved for sclora train)")
     ini.add_argument("--model", default="smollm2-135m-instruct")
     ini.add_argument("--method", default="sc_lora", choices=["sc_lora", "lora", "pissa", "corda_ipa", "corda_kpa",

@@ -1,0 +1,269 @@
+"""`sclora report` on synthetic experiment folders: layout, order, bolding, seeds, answers, figures, errors."""
+
+import json
+import math
+
+import pytest
+import yaml
+
+from sclora import cli
+from sclora.report import ReportError, answers, group_runs, infer_layout, report_tables, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def row(run, method, *, beta=None, lr=2e-5, seed=None, decay=0.1, steps=20, **metrics):
+    """A results.json row; ``decay`` sets how fast its training loss falls (None: no loss history)."""
+    out = {"run": run, "method": method, "beta": beta, "learning_rate": lr, "trainable_params": 4_900_000,
+           "init_seconds": 1.0, "train_seconds": 10.0}
+    if seed is not None:
+        out["seed"] = seed
+    if decay is not None:
+        out["loss_history"] = [[s, 0.5 + 2.0 * math.exp(-decay * s)] for s in range(1, steps + 1)]
+        out["final_loss"] = out["loss_history"][-1][1]
+    return {**out, **metrics}
+
+
+def base(**metrics):
+    return {"run": "base", "method": "-", **metrics}
+
+
+def safety_rows(good=True):
+    """Table-2-shaped rows. good=True: numbers shaped like the paper's claims; False: every claim reversed."""
+    if good:
+        sc = [(0.5, 1.161, 52.54), (0.7, 1.148, 52.07), (0.9, 1.097, 51.67)]
+        lora, kpa, sc_decay = (1.176, 50.32), (1.106, 50.89), 0.3
+    else:
+        sc = [(0.5, 1.10, 50.0), (0.7, 1.20, 50.5), (0.9, 1.30, 51.0)]
+        lora, kpa, sc_decay = (1.05, 52.0), (1.10, 53.0), 0.05
+    rows = [base(harmfulness_score=1.100, harmfulness_rate=1.212, rouge1=24.13),
+            row("lora", "lora", decay=0.1, harmfulness_score=lora[0], harmfulness_rate=2.4, rouge1=lora[1]),
+            row("corda_kpa", "corda_kpa", harmfulness_score=kpa[0], harmfulness_rate=0.6, rouge1=kpa[1])]
+    rows += [row(f"sc_lora-beta{b}", "sc_lora", beta=b, decay=sc_decay, harmfulness_score=hs, harmfulness_rate=1.8,
+                 rouge1=r1) for b, hs, r1 in sc]
+    return rows
+
+
+def table_lines(table):
+    """Body rows of the first Markdown table, as lists of cells."""
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:]], lines[0]
+
+
+def verdicts(rows, config=None):
+    return [a.verdict for a in answers(rows, config)]
+
+
+def make_dir(tmp_path, rows, config=None, diagnostics=None):
+    folder = tmp_path / "exp"
+    folder.mkdir(exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(rows))
+    (folder / "config.yaml").write_text(yaml.safe_dump(config or {"name": "synthetic", "model": "tiny"}))
+    if diagnostics is not None:
+        (folder / "diagnostics.json").write_text(json.dumps(diagnostics))
+    return folder
+
+
+# --- layout -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metrics,preservation,utility,header", [
+    ({"harmfulness_score": 1.1, "harmfulness_rate": 2.0, "rouge1": 50.0},
+     ("harmfulness_score", "harmfulness_rate"), ("rouge1",), "HS ↓ | HR (%) ↓ | ROUGE-1 ↑"),
+    ({"harmfulness_score": 1.1, "harmfulness_rate": 2.0, "math_accuracy": 40.0},
+     ("harmfulness_score", "harmfulness_rate"), ("math_accuracy",), "HS ↓ | HR (%) ↓ | Math accuracy (%) ↑"),
+    ({"knowledge_em": 20.0, "knowledge_logprob": -3.0, "math_accuracy": 30.0, "math_nll": 0.9},
+     ("knowledge_em", "knowledge_logprob"), ("math_accuracy", "math_nll"),
+     "Knowledge EM (%) ↑ | Knowledge log-prob ↑ | Math accuracy (%) ↑ | Math NLL ↓"),
+])
+def test_layout_follows_the_paper_table_of_the_metrics_present(metrics, preservation, utility, header):
+    rows = [base(**metrics), row("lora", "lora", **metrics)]
+    layout = infer_layout(rows, {})
+    assert (layout.preservation, layout.utility) == (preservation, utility)
+    assert header + " | Final train loss ↓ |" in report_tables(rows, {})
+
+
+def test_config_report_section_chooses_the_columns():
+    metrics = {"knowledge_em": 20.0, "knowledge_logprob": -3.0, "math_accuracy": 30.0, "math_nll": 0.9}
+    rows = [base(**metrics), row("lora", "lora", **metrics)]
+    config = {"report": {"preservation": ["knowledge_logprob"], "utility": ["math_nll"]}}
+    layout = infer_layout(rows, config)
+    assert (layout.preservation, layout.utility) == (("knowledge_logprob",), ("math_nll",))
+    _, header = table_lines(report_tables(rows, config))
+    assert "Knowledge EM" not in header and "Knowledge log-prob ↑ | Math NLL ↓" in header
+
+
+# --- table ----------------------------------------------------------------------------------------------
+
+
+def test_rows_in_paper_order_with_sorted_betas_and_lrs():
+    m = {"harmfulness_score": 1.2, "harmfulness_rate": 3.0, "rouge1": 50.0}
+    rows = [base(**m), row("sc_lora-beta0.9", "sc_lora", beta=0.9, **m), row("lora-lr0.0001", "lora", lr=1e-4, **m),
+            row("corda_kpa", "corda_kpa", **m), row("sc_lora-beta0.1", "sc_lora", beta=0.1, **m),
+            row("full", "full", **m), row("pissa", "pissa", **m), row("corda_ipa", "corda_ipa", **m),
+            row("lora-lr2e-05", "lora", lr=2e-5, **m), row("sc_lora-beta0.5", "sc_lora", beta=0.5, **m)]
+    body, header = table_lines(report_tables(rows, {"model": "tiny"}))
+    assert header.startswith("| Method | β | lr | #Params |")
+    assert [r[0] for r in body] == ["tiny (base)", "Full fine-tuning", "LoRA", "", "PiSSA", "CorDA IPA", "CorDA KPA",
+                                    "SC-LoRA", "", ""]
+    assert [r[1] for r in body][-3:] == ["0.1", "0.5", "0.9"]
+    assert [r[2] for r in body][2:4] == ["2e-5", "1e-4"]
+    assert body[2][3] == "4.9M"
+
+
+def test_lr_column_only_when_learning_rates_differ():
+    m = {"rouge1": 50.0, "harmfulness_score": 1.2}
+    _, header = table_lines(report_tables([base(**m), row("lora", "lora", **m), row("pissa", "pissa", **m)]))
+    assert "| lr |" not in header
+
+
+def test_bold_marks_the_best_fine_tuned_value_in_the_metric_direction():
+    rows = [base(harmfulness_score=1.000, harmfulness_rate=0.5, rouge1=20.0),  # base is best on HS: never bold
+            row("lora", "lora", harmfulness_score=1.300, harmfulness_rate=5.0, rouge1=52.0),
+            row("sc", "sc_lora", beta=0.5, harmfulness_score=1.050, harmfulness_rate=1.0, rouge1=50.0)]
+    body, _ = table_lines(report_tables(rows, {}))
+    base_row, lora_row, sc_row = body
+    assert "**1.050**" in sc_row and "1.300" in lora_row and "**1.300**" not in lora_row  # lower HS is better
+    assert "**52.00**" in lora_row and "**50.00**" not in sc_row  # higher ROUGE-1 is better
+    assert not any("**" in cell for cell in base_row)
+
+
+def test_seeds_are_averaged_with_their_spread_as_standard_error():
+    rows = [base(rouge1=20.0, harmfulness_score=1.1),
+            row("sc-s0", "sc_lora", beta=0.5, seed=0, rouge1=40.0, harmfulness_score=1.2),
+            row("sc-s1", "sc_lora", beta=0.5, seed=1, rouge1=44.0, harmfulness_score=1.2)]
+    groups = group_runs(rows)
+    assert len(groups) == 2 and groups[1].n == 2 and groups[1].value("rouge1") == pytest.approx(42.0)
+    body, header = table_lines(report_tables(rows, {}))
+    assert "| Seeds |" in header
+    assert "2" in body[1] and "42.00 ± 2.00" in body[1]  # sd of (40, 44) / sqrt(2) = 2
+
+
+def test_standard_errors_are_shown_and_pooled_over_seeds():
+    rows = [base(rouge1=20.0, rouge1_se=0.5, harmfulness_score=1.1),
+            row("sc-s0", "sc_lora", beta=0.5, seed=0, rouge1=42.0, rouge1_se=0.3, harmfulness_score=1.2),
+            row("sc-s1", "sc_lora", beta=0.5, seed=1, rouge1=42.0, rouge1_se=0.4, harmfulness_score=1.2)]
+    body, _ = table_lines(report_tables(rows, {}))
+    assert "20.00 ± 0.50" in body[0]
+    assert f"42.00 ± {math.sqrt((0.3**2 + 0.4**2) / 2):.2f}" in body[1]  # same items: item noise does not average out
+
+
+def test_several_knowledge_sets_show_a_beta_list():
+    m = {"knowledge_em": 20.0, "math_accuracy": 30.0}
+    rows = [base(**m), row("sc-a", "sc_lora", beta=[0.4, 0.4], **m), row("sc-b", "sc_lora", beta=[0.1, 0.2], **m)]
+    body, _ = table_lines(report_tables(rows, {}))
+    assert [r[1] for r in body] == ["-", "0.1, 0.2", "0.4, 0.4"]
+
+
+def test_paired_line_and_diagnostics_table():
+    rows = [base(knowledge_em=20.0, math_accuracy=10.0),
+            row("lora", "lora", knowledge_em=15.0, math_accuracy=30.0, knowledge_lost=12, knowledge_gained=3,
+                knowledge_sign_p=0.035)]
+    diagnostics = {"lora": [
+        {"module": "model.layers.0.self_attn.q_proj", "layer": 0, "kind": "q_proj", "plus": 0.8, "minus": 0.1},
+        {"module": "model.layers.1.self_attn.q_proj", "layer": 1, "kind": "q_proj", "plus": 0.6, "minus": 0.3},
+        {"module": "model.layers.0.mlp.down_proj", "plus": 0.2, "minus": 0.5}]}  # layer / kind from the name
+    text = report_tables(rows, {}, diagnostics)
+    assert "LoRA −12 / +3 (p = 0.035)" in text
+    diag_rows = [ln for ln in text.split("## Subspace diagnostics")[1].splitlines() if ln.startswith("| lora")]
+    assert diag_rows == ["| lora | 0.53 / 0.30 | 0.70 / 0.20 | 0.20 / 0.50 |"]
+
+
+# --- answers --------------------------------------------------------------------------------------------
+
+
+def test_answers_say_yes_when_the_numbers_support_the_claims():
+    result = answers(safety_rows(good=True), {})
+    assert [a.verdict for a in result] == ["yes", "yes", "yes", "yes"]
+    assert "1.161 at β=0.5 → 1.097 at β=0.9" in result[0].evidence  # cites the numbers it used
+    assert "β=0.9 has HS 1.097, ROUGE-1 51.67 vs HS 1.176, ROUGE-1 50.32" in result[1].evidence
+
+
+def test_answers_say_no_when_the_numbers_contradict_the_claims():
+    result = answers(safety_rows(good=False), {})
+    assert [a.verdict for a in result] == ["no", "no", "no", "no"]
+    assert "worsens" in result[0].evidence
+
+
+def test_equal_utility_means_within_one_combined_standard_error():
+    def rows(with_se):
+        se = {"rouge1_se": 0.5} if with_se else {}
+        return [base(harmfulness_score=1.1, rouge1=20.0),
+                row("lora", "lora", harmfulness_score=1.18, rouge1=50.3, **se),
+                row("sc", "sc_lora", beta=0.9, harmfulness_score=1.10, rouge1=50.0, **se)]
+
+    assert verdicts(rows(with_se=True))[1] == "yes"  # 0.3 below, combined SE 0.71
+    assert verdicts(rows(with_se=False))[1] == "no"
+
+
+def test_answers_report_partial_support_and_missing_rows():
+    rows = safety_rows(good=True)
+    rows.append(row("lora-strong", "lora", lr=1e-4, harmfulness_score=1.05, harmfulness_rate=1.0, rouge1=53.0))
+    rows = [r for r in rows if r["method"] != "corda_kpa"]
+    result = answers(rows, {})
+    assert result[1].verdict == "partly" and "lr=1e-4" in result[1].evidence
+    assert result[2].verdict == "not measured" and "CorDA KPA" in result[2].evidence
+    only_one_beta = [r for r in rows if r.get("beta") in (None, 0.5)]
+    assert answers(only_one_beta, {})[0].verdict == "not measured"
+
+
+# --- files, figures, CLI ------------------------------------------------------------------------------------
+
+
+def diagnostics_for(rows):
+    kinds = ("q_proj", "v_proj", "down_proj")
+    return {r["run"]: [{"module": f"model.layers.{layer}.x.{kind}", "layer": layer, "kind": kind,
+                        "plus": 0.5 + 0.1 * layer, "minus_0": 0.1, "minus_1": 0.2}
+                       for layer in range(3) for kind in kinds] for r in rows if r["method"] != "-"}
+
+
+def test_report_writes_markdown_and_valid_figures(tmp_path):
+    rows = safety_rows(good=True)
+    for r in rows[1:]:
+        r["checkpoints"] = [{"step": 10, "harmfulness_score": 1.1, "rouge1": 40.0},
+                            {"step": 20, "harmfulness_score": 1.12, "rouge1": 45.0}]
+    folder = make_dir(tmp_path, rows, {"name": "safety", "report": {"title": "Safety check"}}, diagnostics_for(rows))
+    path = write_report(folder)
+    text = path.read_text()
+    assert path == folder / "report.md" and text.startswith("# Safety check\n")
+    names = ["beta_vs_preservation.png", "beta_vs_utility.png", "loss_curves.png", "tradeoff.png",
+             "subspace_energy.png"]
+    for name in names:
+        assert (folder / "figures" / name).read_bytes()[:8] == PNG_MAGIC
+        assert f"(figures/{name})" in text
+    assert "## Answers" in text and "## Subspace diagnostics" in text
+    assert not list((folder / "figures").glob("*.tmp"))
+
+    # Less data: the figures it no longer supports are skipped, unlinked and their stale files removed.
+    reduced = [r for r in safety_rows(good=True) if r.get("beta") in (None, 0.5)]
+    for r in reduced:
+        r.pop("loss_history", None)
+    (folder / "results.json").write_text(json.dumps(reduced))
+    (folder / "diagnostics.json").unlink()
+    text = write_report(folder).read_text()
+    assert sorted(p.name for p in (folder / "figures").iterdir()) == ["tradeoff.png"]
+    assert "(figures/tradeoff.png)" in text and "beta_vs_utility" not in text and "loss_curves" not in text
+
+
+def test_missing_results_gives_a_clear_error(tmp_path):
+    with pytest.raises(ReportError, match=r"results\.json not found.*sclora run CONFIG --output") as err:
+        write_report(tmp_path / "nothing")
+    assert str(tmp_path / "nothing" / "results.json") in str(err.value)
+
+
+def test_malformed_results_give_a_clear_error(tmp_path):
+    (tmp_path / "results.json").write_text('[{"run": "base", ')
+    with pytest.raises(ReportError, match="is not valid JSON"):
+        write_report(tmp_path)
+    (tmp_path / "results.json").write_text('{"run": "base"}')
+    with pytest.raises(ReportError, match="non-empty list of run rows"):
+        write_report(tmp_path)
+
+
+def test_cli_report_subcommand(tmp_path, capsys):
+    folder = make_dir(tmp_path, [r for r in safety_rows(good=True) if r.get("beta") != 0.7])
+    assert cli.main(["report", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert (folder / "report.md").is_file() and f"wrote {folder / 'report.md'}" in out and "| Method |" in out
+    assert cli.main(["report", str(folder), str(tmp_path / "missing")]) == 1
+    assert "sclora run CONFIG --output" in capsys.readouterr().err
