@@ -143,3 +143,17 @@ def test_every_shipped_config_parses_and_dry_runs(capsys):
     for path in configs:
         assert cli.main(["run", str(path), "--dry-run"]) == 0, path
         assert "runs        base" in capsys.readouterr().out
+
+
+def test_evaluations_along_training_give_checkpoints(setup):
+    config_path, out = setup
+    config = yaml.safe_load(config_path.read_text())
+    config["runs"] = [{"method": "lora"}]
+    config["train"]["num_epochs"] = 2  # 4 optimizer steps
+    config["evaluate_steps"] = [1, 3]
+    config_path.write_text(yaml.safe_dump(config))
+    assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0
+    _, lora = json.loads((out / "results.json").read_text())
+    assert [c["step"] for c in lora["checkpoints"]] == [1, 3]
+    values = [c["knowledge_logprob"] for c in lora["checkpoints"]] + [lora["knowledge_logprob"]]
+    assert len(set(values)) == 3  # the model moved between the points

@@ -75,6 +75,7 @@ class ExperimentConfig:
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGET_MODULES))
     train: dict = field(default_factory=dict)
     evaluate: dict = field(default_factory=dict)
+    evaluate_steps: list[int] = field(default_factory=list)  # also evaluate at these optimizer steps (frontier)
     judge: dict = field(default_factory=lambda: {"kind": "refusal"})  # sclora.evaluate.judges.make_judge arguments
     report: dict = field(default_factory=dict)  # for `sclora report`: title, utility / preservation metric names
 
@@ -409,7 +410,9 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
         train_config = TrainConfig.from_dict({**config.train, "seed": seed,
                                               **({"learning_rate": run["learning_rate"]} if run.get("learning_rate")
                                                  else {})})
-        result = train(model, tokenizer, sets["train"], train_config, out / "runs" / name, show_progress=show_progress)
+        along = _checkpoint_evals(config.evaluate_steps, evaluate, out / "runs" / name / "checkpoint_evals.json")
+        result = train(model, tokenizer, sets["train"], train_config, out / "runs" / name, show_progress=show_progress,
+                       callbacks=[along])
         metrics, items = evaluate(model)
         _atomic_write(out / "samples" / f"{name}.json", json.dumps(items) + "\n")
         row = {
@@ -419,9 +422,31 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
             "train_tokens_per_second": round(result.tokens_per_second, 1), "final_loss": result.final_loss,
             "loss_history": result.loss_history, **metrics, **paired_metrics(base_items, items),
         }
+        if config.evaluate_steps:
+            row["checkpoints"] = along.rows
         rows.append(row)
         _write_results(out, rows)
     return rows
+
+
+def _checkpoint_evals(steps, evaluate, path: Path):
+    """A Trainer callback evaluating the model at chosen optimizer steps, so methods can be compared at equal
+    utility along their runs, not only at the end; saved as it goes, so a resumed run keeps earlier points."""
+    from transformers import TrainerCallback
+
+    class CheckpointEvals(TrainerCallback):
+        def __init__(self):
+            self.rows = json.loads(path.read_text()) if path.exists() else []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            step = state.global_step
+            if step in steps and all(r["step"] != step for r in self.rows):
+                metrics, _ = evaluate(model)
+                model.train()
+                self.rows.append({"step": step, **metrics})
+                _atomic_write(path, json.dumps(self.rows) + "\n")
+
+    return CheckpointEvals()
 
 
 def _minus_label(i: int, n: int) -> str:
