@@ -182,3 +182,174 @@ def test_beta1_on_widening_layers_warns_even_with_plenty_of_tokens():
     with warnings.catch_warnings():
         warnings.simplefilter("error", NonUniqueSubspaceWarning)
         get_sclora_model(tiny_llama(seed=10), SCLoRAConfig(r=4, beta=0.5), plus, minus, show_progress=False)
+
+
+# --- several knowledge sets -------------------------------------------------------------------------------
+
+
+def token_batches(lo, hi, n_batches=3, batch_size=4, seq_len=12, seed=0):
+    """Unpadded batches of tokens drawn from [lo, hi): data sets with different output distributions."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(lo, hi, (batch_size, seq_len), generator=g),
+             "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long)} for _ in range(n_batches)]
+
+
+def three_sets(model, normalize="none", **kwargs):
+    kwargs = {"show_progress": False, "normalize": normalize, **kwargs}
+    return (collect_covariances(model, token_batches(1, VOCAB, seed=1), **kwargs),
+            collect_covariances(model, token_batches(1, 30, seed=2), **kwargs),
+            collect_covariances(model, token_batches(60, VOCAB, seed=3), **kwargs))
+
+
+def combined_optimum(plus, minus, betas, r, normalize=lambda cov: cov):
+    """Float64 reference per module, from (1 - sum beta_i) Cov+ - sum beta_i Cov-_i built explicitly: the
+    projector onto its top-r eigenvectors, the optimal reward (sum of the top-r eigenvalues), and whether
+    the optimum is unique (an eigenvalue gap after the r-th; gate/up tie at 0 outside range(W0))."""
+    out = {}
+    for name in plus:
+        delta = (1 - sum(betas)) * normalize(plus[name].double())
+        for b, m in zip(betas, minus):
+            delta = delta - b * normalize(m[name].double())
+        eigvals, eigvecs = torch.linalg.eigh(delta)
+        eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
+        unique = bool(eigvals[r - 1] - eigvals[r] > 1e-6 * eigvals.abs().max())
+        out[name] = (eigvecs[:, :r] @ eigvecs[:, :r].T, eigvals[:r].sum(), delta, unique)
+    return out
+
+
+def test_two_knowledge_sets_end_to_end_theorem2_and_combined_subspace():
+    model = tiny_llama(seed=12, dtype=torch.float64)
+    plus, minus_a, minus_b = three_sets(model, dtype=torch.float64)
+    w0 = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    expected = combined_optimum(plus, [minus_a, minus_b], [0.4, 0.4], 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonUniqueSubspaceWarning)  # gate/up: fewer than r positive eigenvalues
+        peft_model = sclora.init_model(model, method="sc_lora", plus=plus, minus=[minus_a, minus_b], beta=[0.4, 0.4],
+                                       r=4, lora_alpha=8, show_progress=False)
+    n_unique = 0
+    for name, (projector, best, delta, unique) in expected.items():
+        layer = peft_model.base_model.model.get_submodule(name)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        torch.testing.assert_close(b.T @ b, torch.eye(4, dtype=torch.float64), atol=1e-10, rtol=0)
+        torch.testing.assert_close((b.T @ delta @ b).trace(), best, atol=1e-9, rtol=1e-10, msg=name)  # Theorem 1
+        if unique:
+            n_unique += 1
+            torch.testing.assert_close(b @ b.T, projector, atol=1e-8, rtol=0, msg=name)
+        torch.testing.assert_close(layer.get_base_layer().weight + layer.scaling["default"] * b @ a, w0[name],
+                                   atol=1e-12, rtol=0)  # Theorem 2's invariant W_res + s B A = W0
+    assert n_unique >= 2 * 5  # all but the widening gate/up projections
+
+
+def test_trace_normalization_applies_to_each_knowledge_set_before_weighting():
+    model = tiny_llama(seed=13, dtype=torch.float64)
+    raw = three_sets(model, dtype=torch.float64)
+    normalized = three_sets(model, normalize="trace", dtype=torch.float64)
+    expected = combined_optimum(raw[0], raw[1:], [0.3, 0.3], 3, normalize=lambda cov: cov / cov.trace())
+    unnormalized = combined_optimum(raw[0], raw[1:], [0.3, 0.3], 3)  # what weighting before normalizing gives
+    peft_model = get_sclora_model(model, SCLoRAConfig(r=3, beta=[0.3, 0.3], normalize="trace"), normalized[0],
+                                  list(normalized[1:]), show_progress=False)
+    differs = 0
+    for name, (projector, _, _, unique) in expected.items():
+        assert unique, name
+        b = peft_model.base_model.model.get_submodule(name).lora_B["default"].weight
+        torch.testing.assert_close(b @ b.T, projector, atol=1e-8, rtol=0, msg=name)
+        differs += bool((unnormalized[name][0] - projector).abs().max() > 1e-3)
+    assert differs >= 3  # the test tells the two orders apart
+
+
+def test_one_set_as_a_list_and_a_zero_weight_set_equal_the_single_set_init():
+    model = tiny_llama(seed=14)
+    plus, minus_a, minus_b = three_sets(model)
+
+    def b_of(minus, beta):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonUniqueSubspaceWarning)
+            pm = get_sclora_model(tiny_llama(seed=14), SCLoRAConfig(r=3, beta=beta), plus, minus, show_progress=False)
+        return {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_B" in n}
+
+    single = b_of(minus_a, 0.6)
+    for minus, beta in (([minus_a], [0.6]), ([minus_a], 0.6), (minus_a, [0.6]), ([minus_a, minus_b], [0.6, 0.0])):
+        got = b_of(minus, beta)
+        assert all(torch.equal(got[n], single[n]) for n in single)
+
+
+def test_init_model_collects_several_knowledge_sets_from_batches():
+    model = tiny_llama(seed=15)
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    peft_model = sclora.init_model(model, method="sc_lora", r=2, beta=[0.3, 0.3], show_progress=False,
+                                   plus=token_batches(1, VOCAB, n_batches=1),
+                                   minus=[token_batches(1, 30, n_batches=1), token_batches(60, VOCAB, n_batches=1)])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_appendix_b_warning_counts_the_tokens_of_every_weighted_set():
+    model = tiny_llama(seed=9)
+    plus = collect_covariances(model, random_batches(n_batches=3, seed=1), show_progress=False)
+    few = [collect_covariances(model, random_batches(n_batches=1, batch_size=1, seq_len=4, seed=s), show_progress=False)
+           for s in (2, 3)]
+    tokens = few[0].n_tokens + few[1].n_tokens
+    with pytest.warns(NonUniqueSubspaceWarning, match=rf"Appendix B.*min\({tokens}, 32\)"):
+        get_sclora_model(model, SCLoRAConfig(r=4, beta=[0.5, 0.5]), plus, few, show_progress=False)
+    with pytest.warns(NonUniqueSubspaceWarning, match=rf"Appendix B.*min\({few[1].n_tokens}, 32\)"):
+        get_sclora_model(tiny_llama(seed=9), SCLoRAConfig(r=4, beta=[0.0, 1.0]), plus, few, show_progress=False)
+
+
+def test_config_takes_a_list_of_betas_and_round_trips(tmp_path):
+    config = SCLoRAConfig(beta=(0.25, 0.5))
+    assert config.beta == [0.25, 0.5]
+    config.save_pretrained(tmp_path)
+    loaded = SCLoRAConfig.from_pretrained(tmp_path)
+    assert loaded == config and loaded.beta == [0.25, 0.5]
+    assert SCLoRAConfig.from_dict(SCLoRAConfig(beta=0.3).to_dict()).beta == 0.3
+
+
+@pytest.mark.parametrize("beta,match", [([0.6, 0.6], r"sum to 1.2 > 1"), ([0.5, -0.1], r"beta\[1\] must be a number >= 0"),
+                                        ([], "empty list"), (1.2, r"beta must be a number in \[0, 1\]")])
+def test_config_rejects_bad_betas(beta, match):
+    with pytest.raises(ValueError, match=match):
+        SCLoRAConfig(beta=beta)
+
+
+def test_number_of_betas_must_match_the_knowledge_sets_before_anything_is_touched():
+    model = tiny_llama()
+    plus, minus_a, minus_b = three_sets(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"2 weight\(s\) but 1 D- statistics"):
+        get_sclora_model(model, SCLoRAConfig(r=2, beta=[0.3, 0.3]), plus, minus_a, show_progress=False)
+    with pytest.raises(ValueError, match=r"1 weight\(s\) but 2 D- statistics"):
+        get_sclora_model(model, SCLoRAConfig(r=2, beta=0.3), plus, [minus_a, minus_b], show_progress=False)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=r"has 1 weight\(s\) but minus holds 2 knowledge set"):
+        sclora.init_model(model, method="sc_lora", r=2, beta=0.3, plus=random_batches(1),
+                          minus=[random_batches(1), random_batches(1, seed=2)], show_progress=False)
+    assert not calls  # refused before collecting any statistics
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_knowledge_sets_collected_differently_are_rejected():
+    model = tiny_llama()
+    plus, minus_a, _ = three_sets(model)
+    trace = collect_covariances(model, random_batches(1), normalize="trace", show_progress=False)
+    with pytest.raises(ValueError, match=r"D-_1 ones 'trace'.*collect all sets the same way"):
+        get_sclora_model(model, SCLoRAConfig(r=2, beta=[0.3, 0.3]), plus, [minus_a, trace])
+    max_abs = {side: collect_covariances(model, random_batches(1), normalize="max_abs", side=side, show_progress=False)
+               for side in ("output", "input")}
+    with pytest.raises(ValueError, match=r"side='input'.*max_abs"):
+        get_sclora_model(model, SCLoRAConfig(r=2, beta=[0.3, 0.3], normalize="max_abs"), max_abs["output"],
+                         [max_abs["output"], max_abs["input"]])
+    other = collect_covariances(tiny_llama(seed=1), random_batches(1), show_progress=False)
+    with pytest.raises(ValueError, match="differ from those the statistics were collected on"):
+        get_sclora_model(model, SCLoRAConfig(r=2, beta=[0.3, 0.3]), plus, [minus_a, other])
+    with pytest.raises(TypeError, match="non-empty list"):
+        get_sclora_model(model, SCLoRAConfig(r=2, beta=[0.3, 0.3]), plus, [minus_a, "stats"])
+
+
+def test_corda_kpa_refuses_several_knowledge_sets():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="CorDA KPA preserves one knowledge set"):
+        sclora.init_model(model, method="corda_kpa", r=2, minus=[random_batches(1), random_batches(1, seed=2)])

@@ -1,11 +1,19 @@
 """sclora.subspace against the paper's theorems, with float64 references."""
 
+import math
 import warnings
 
 import pytest
 import torch
 
-from sclora.subspace import NonUniqueSubspaceWarning, delta_covariance, reward, sc_lora_factors, sc_subspace
+from sclora.subspace import (
+    NonUniqueSubspaceWarning,
+    captured_energy,
+    delta_covariance,
+    reward,
+    sc_lora_factors,
+    sc_subspace,
+)
 
 
 def random_cov(d, rank=None, seed=0):
@@ -147,3 +155,154 @@ def test_rank_above_min_of_weight_shape_is_rejected():
 def test_mismatched_covariances_are_rejected():
     with pytest.raises(ValueError, match="same module"):
         sc_subspace(random_cov(5), random_cov(6), 0.5, 2)
+
+
+# --- several knowledge sets: dCov = (1 - sum_i beta_i) Cov+ - sum_i beta_i Cov-_i -------------------------
+
+
+def explicit_delta(cp, cms, betas):
+    """The generalized Eq. 4 written out term by term in float64."""
+    out = (1.0 - sum(betas)) * cp
+    for b, c in zip(betas, cms):
+        out = out - b * c
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("betas", [[0.3, 0.4], [0.1, 0.2, 0.6], [0.5, 0.5], [0.0, 0.7]])
+def test_several_sets_give_the_top_eigenvectors_of_the_explicit_dcov_and_beat_random_subspaces(seed, betas):
+    d, r = 20, 5
+    cp = random_cov(d, seed=seed)
+    cms = [random_cov(d, seed=100 * (i + 1) + seed) for i in range(len(betas))]
+    delta = explicit_delta(cp, cms, betas)
+    torch.testing.assert_close(delta_covariance(cp, cms, betas), delta, rtol=0, atol=1e-13)
+    eigvals, eigvecs = torch.linalg.eigh(delta)
+    eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
+    assert eigvals[r - 1] - eigvals[r] > 1e-6  # a unique optimum, so the subspace itself is comparable
+    q = sc_subspace(cp, cms, betas, r)
+    assert (projector(q) - projector(eigvecs[:, :r])).abs().max() < 1e-8
+    top = eigvals[:r].sum()
+    assert torch.allclose(reward(q, cp, cms, betas), top, rtol=1e-10, atol=1e-12)  # Theorem 1, generalized
+    for trial in range(20):
+        assert reward(random_orthonormal(d, r, 1000 * seed + trial), cp, cms, betas) <= top + 1e-12
+
+
+def test_weighted_sets_are_the_single_set_case_with_the_weighted_mean_covariance():
+    cp, cms, betas = random_cov(14, seed=1), [random_cov(14, seed=2), random_cov(14, seed=3)], [0.2, 0.6]
+    total = sum(betas)
+    mean = sum(b / total * c for b, c in zip(betas, cms))
+    torch.testing.assert_close(delta_covariance(cp, cms, betas), delta_covariance(cp, mean, total), rtol=0, atol=1e-13)
+    assert torch.allclose(projector(sc_subspace(cp, cms, betas, 4)), projector(sc_subspace(cp, mean, total, 4)),
+                          atol=1e-10)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.35, 1.0])
+def test_one_element_lists_and_zero_weight_sets_equal_the_single_set_call(beta):
+    cp, cm, other = random_cov(12, seed=4), random_cov(12, seed=5), random_cov(12, seed=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonUniqueSubspaceWarning)
+        single = sc_subspace(cp, cm, beta, 3)
+        assert torch.equal(sc_subspace(cp, [cm], [beta], 3), single)
+        assert torch.equal(sc_subspace(cp, (cm,), beta, 3), single)
+        assert torch.equal(sc_subspace(cp, [cm, other], [beta, 0.0], 3), single)
+    assert torch.equal(delta_covariance(cp, [cm, other], [beta, 0.0]), delta_covariance(cp, cm, beta))
+    assert torch.equal(reward(single, cp, [cm], [beta]), reward(single, cp, cm, beta))
+
+
+@pytest.mark.parametrize("betas", [[0.2, 0.3], [0.1, 0.15], [0.0, 0.3]])
+def test_several_sets_reduce_exactly_through_the_weight(betas):
+    d_in, d_out, r = 10, 26, 4
+    w = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cp_in, cms_in = random_cov(d_in, seed=1), [random_cov(d_in, seed=2), random_cov(d_in, seed=3)]
+    cp_out, cms_out = w @ cp_in @ w.T, [w @ c @ w.T for c in cms_in]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonUniqueSubspaceWarning)
+        q_reduced = sc_subspace(cp_in, cms_in, betas, r, weight=w)
+        q_full = sc_subspace(cp_out, cms_out, betas, r)
+    assert torch.allclose(reward(q_reduced, cp_out, cms_out, betas), reward(q_full, cp_out, cms_out, betas), atol=1e-9)
+    eigvals = torch.linalg.eigvalsh(explicit_delta(cp_out, cms_out, betas)).flip(0)
+    assert eigvals[r - 1] - eigvals[r] > 1e-6 * eigvals.abs().max()
+    assert torch.allclose(projector(q_reduced), projector(q_full), atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "n_covs,betas,match",
+    [
+        (2, [0.3, -0.1], r"beta\[1\] must be a number >= 0"),
+        (2, [0.3, float("nan")], r"beta\[1\] must be a number >= 0"),
+        (2, [0.3, "0.2"], r"beta\[1\] must be a number >= 0"),
+        (2, [0.7, 0.5], r"sum to 1.2 > 1.*scale them down"),
+        (2, [], "empty list"),
+        (2, 0.5, r"2 D- covariance\(s\) but 1 beta\(s\).*one beta per knowledge set"),
+        (3, [0.2, 0.2], r"3 D- covariance\(s\) but 2 beta\(s\)"),
+        (1, [0.2, 0.2], r"1 D- covariance\(s\) but 2 beta\(s\)"),
+    ],
+)
+def test_invalid_betas_for_several_sets_are_rejected(n_covs, betas, match):
+    cms = [random_cov(5, seed=i) for i in range(n_covs)]
+    with pytest.raises(ValueError, match=match):
+        sc_subspace(random_cov(5), cms if n_covs > 1 else cms[0], betas, 2)
+    with pytest.raises(ValueError, match=match):
+        delta_covariance(random_cov(5), cms if n_covs > 1 else cms[0], betas)
+
+
+def test_several_sets_with_mismatched_shapes_are_rejected():
+    with pytest.raises(ValueError, match=r"Cov-_1 has shape \(6, 6\).*same module"):
+        sc_subspace(random_cov(5), [random_cov(5), random_cov(6)], [0.2, 0.2], 2)
+
+
+def test_betas_summing_to_one_up_to_rounding_are_accepted():
+    betas = [0.1] * 10  # sums to 0.9999999999999999
+    assert sc_subspace(random_cov(6), [random_cov(6, seed=i) for i in range(10)], betas, 2).shape == (6, 2)
+    sc_subspace(random_cov(6), [random_cov(6, seed=1)] * 3, [0.7, 0.2, 0.1], 2)
+
+
+# --- captured energy --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_captured_energy_against_explicit_traces_with_and_without_weight(seed):
+    d_in, d_out, r = 9, 21, 4
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    c_in, c_out = random_cov(d_in, seed=seed), random_cov(d_out, seed=seed + 10)
+    q = random_orthonormal(d_out, r, seed)
+    expected_out = (q.T @ c_out @ q).trace() / c_out.trace()
+    assert math.isclose(captured_energy(q, c_out), expected_out.item(), rel_tol=1e-12)
+    full = w @ c_in @ w.T  # formed here only, for the reference
+    expected_in = (q.T @ full @ q).trace() / full.trace()
+    assert math.isclose(captured_energy(q, c_in, weight=w), expected_in.item(), rel_tol=1e-12)
+    assert math.isclose(captured_energy(q.float(), c_in.float(), weight=w.float()), expected_in.item(), rel_tol=1e-5)
+    # The whole space captures everything, nothing captures nothing of the complement.
+    assert math.isclose(captured_energy(random_orthonormal(d_out, d_out, seed), c_out), 1.0, rel_tol=1e-12)
+
+
+def test_captured_energy_of_a_set_without_energy_is_nan():
+    q = random_orthonormal(6, 2, 0)
+    assert math.isnan(captured_energy(q, torch.zeros(6, 6, dtype=torch.float64)))
+    assert math.isnan(captured_energy(q, random_cov(3), weight=torch.zeros(6, 3, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("r", [1, 3, 7])
+def test_captured_energy_of_the_beta0_subspace_is_the_ky_fan_fraction(r):
+    cp, cm = random_cov(16, seed=7), random_cov(16, seed=8)
+    eigvals = torch.linalg.eigvalsh(cp).flip(0)
+    q = sc_subspace(cp, cm, 0.0, r)
+    assert math.isclose(captured_energy(q, cp), (eigvals[:r].sum() / eigvals.sum()).item(), rel_tol=1e-10)
+    for trial in range(10):  # ...the most any r-dimensional subspace can capture
+        assert captured_energy(random_orthonormal(16, r, trial), cp) <= captured_energy(q, cp) + 1e-12
+
+
+def test_beta1_subspace_captures_nothing_of_a_low_rank_cov_minus():
+    d, r = 12, 4
+    cm = random_cov(d, rank=d - r, seed=9)  # null space of dimension exactly r: a unique optimum
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonUniqueSubspaceWarning)
+        q = sc_subspace(random_cov(d, seed=10), cm, 1.0, r)
+    assert abs(captured_energy(q, cm)) < 1e-12
+    assert captured_energy(random_orthonormal(d, r, 0), cm) > 0.05
+
+
+def test_captured_energy_rejects_a_basis_of_the_wrong_space():
+    with pytest.raises(ValueError, match="q must be d_out x r with d_out=7"):
+        captured_energy(random_orthonormal(6, 2, 0), random_cov(3), weight=torch.randn(7, 3, dtype=torch.float64))

@@ -1,10 +1,18 @@
 """sclora: Subspace-Constrained LoRA initialization (SC-LoRA) for Hugging Face models and PEFT."""
 
 from .config import LLAMA_TARGET_MODULES, METHODS, SCLoRAConfig
+from .diagnostics import subspace_energy, summarize_energy
 from .export import export_lora, merge_and_save, remember_initial_adapter, save_initial_adapter
 from .methods import get_corda_model, get_lora_model, get_sclora_model, init_model
 from .statistics import CovarianceStats, collect_covariances
-from .subspace import NonUniqueSubspaceWarning, delta_covariance, reward, sc_lora_factors, sc_subspace
+from .subspace import (
+    NonUniqueSubspaceWarning,
+    captured_energy,
+    delta_covariance,
+    reward,
+    sc_lora_factors,
+    sc_subspace,
+)
 
 __version__ = "0.1.0"
 
@@ -14,6 +22,7 @@ __all__ = [
     "CovarianceStats",
     "NonUniqueSubspaceWarning",
     "SCLoRAConfig",
+    "captured_energy",
     "collect_covariances",
     "delta_covariance",
     "export_lora",
@@ -27,4 +36,6 @@ __all__ = [
     "save_initial_adapter",
     "sc_lora_factors",
     "sc_subspace",
+    "subspace_energy",
+    "summarize_energy",
 ]

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from peft import LoraConfig
 
+from .subspace import _check_betas
+
 __all__ = ["LLAMA_TARGET_MODULES", "METHODS", "SCLoRAConfig"]
 
 LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -24,7 +26,8 @@ class SCLoRAConfig:
 
     ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora`` and ``target_modules`` mean what they
     mean in PEFT's ``LoraConfig``; ``lora_alpha=None`` means ``lora_alpha = r`` (scaling 1, as the
-    authors' code). ``beta`` balances fitting D+ (0) against preserving D- (1) (paper, Eq. 1).
+    authors' code). ``beta`` balances fitting D+ (0) against preserving D- (1) (paper, Eq. 1); with
+    several knowledge sets D-_1 .. D-_k it is a list of k weights, each >= 0, summing to at most 1.
     ``normalize`` is the statistics normalization (see :func:`sclora.collect_covariances`),
     ``dtype`` the precision of the decomposition, ``eigen_solver`` its algorithm.
     """
@@ -34,7 +37,7 @@ class SCLoRAConfig:
     lora_alpha: float | None = None
     lora_dropout: float = 0.0
     use_rslora: bool = False
-    beta: float = 0.5
+    beta: float | list[float] = 0.5
     target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_TARGET_MODULES))
     normalize: str = "none"
     dtype: str = "float64"
@@ -45,8 +48,9 @@ class SCLoRAConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be a positive integer, got {self.r!r}.")
-        if not isinstance(self.beta, (int, float)) or not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"beta must be a number in [0, 1] (paper, Definition 1), got {self.beta!r}.")
+        if isinstance(self.beta, tuple):
+            self.beta = list(self.beta)
+        _check_betas(self.beta)
         if self.lora_alpha is None:
             self.lora_alpha = self.r
         if self.lora_alpha <= 0:

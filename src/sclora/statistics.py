@@ -100,18 +100,21 @@ class CovarianceStats(Mapping):
         )
 
     # --- views ---------------------------------------------------------------------------------
-    def factor(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def factor(self, name: str, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(cov, weight): the output covariance is ``cov`` if weight is None, else weight @ cov @ weight.T.
 
         This is the form :func:`sclora.sc_subspace` takes, so input-side statistics never need a
-        d_out x d_out matrix.
+        d_out x d_out matrix. ``weight`` gives the module's original W0 explicitly instead of the bound
+        one (e.g. W_res + scaling * B A after a residual init); it must match the collection fingerprint.
         """
         info = self._info(name)
+        if weight is not None:
+            self._check_weight(name, info, weight)
         cov = self.sums[info.key] / self.n_samples
         if info.side == "output":
             weight = None
         else:
-            weight = self._bound_weight(name).to(cov.dtype)
+            weight = (self._bound_weight(name) if weight is None else weight.detach()).to(cov.device, cov.dtype)
         if self.normalize == "trace":
             trace = cov.trace() if weight is None else ((weight @ cov) * weight).sum()
             cov = cov / trace.clamp_min(torch.finfo(cov.dtype).tiny)
@@ -159,9 +162,7 @@ class CovarianceStats(Mapping):
                     "this model, or pass check_fingerprint=False if you know they match."
                 )
             for name in self.modules:
-                a = torch.tensor(theirs["probes"][name], dtype=torch.float64)
-                b = torch.tensor(ours["probes"][name], dtype=torch.float64)
-                if (a - b).abs().max() > 1e-2 * a.abs().max().clamp_min(1e-12):
+                if _probes_differ(theirs["probes"][name], ours["probes"][name]):
                     raise ValueError(
                         f"The weights of {name!r} differ from those the statistics were collected on. Either "
                         "they come from another checkpoint, or this model was already initialized with an "
@@ -187,6 +188,19 @@ class CovarianceStats(Mapping):
                 "initialized with an adapter since?). Bind them to the untouched model: stats.bind(model)."
             )
         return weight
+
+    def _check_weight(self, name: str, info: ModuleStat, weight: torch.Tensor) -> None:
+        if tuple(weight.shape) != (info.d_out, info.d_in):
+            raise ValueError(
+                f"The weight given for {name!r} has shape {tuple(weight.shape)} but the statistics were collected "
+                f"on a {(info.d_out, info.d_in)} module: they come from another model."
+            )
+        probes = self.fingerprint.get("probes", {})
+        if name in probes and _probes_differ(probes[name], _probe(weight)):
+            raise ValueError(
+                f"The weight given for {name!r} differs from the one the statistics were collected on: they "
+                "come from another model or checkpoint. Recollect them on this model."
+            )
 
     def _info(self, name: str) -> ModuleStat:
         if name not in self.modules:
@@ -481,6 +495,12 @@ def model_fingerprint(model: nn.Module, module_names: list[str]) -> dict:
         digest = "no-config"
     modules = dict(model.named_modules())
     return {"config": digest, "probes": {name: _probe(modules[name].weight) for name in module_names}}
+
+
+def _probes_differ(theirs: list[float], ours: list[float]) -> bool:
+    """Sampled weights that differ beyond a dtype cast (1% of their largest magnitude)."""
+    a, b = torch.tensor(theirs, dtype=torch.float64), torch.tensor(ours, dtype=torch.float64)
+    return bool((a - b).abs().max() > 1e-2 * a.abs().max().clamp_min(1e-12))
 
 
 def _probe(weight: torch.Tensor) -> list[float]:

@@ -7,19 +7,31 @@ space that maximizes the reward (Definition 1)
     R(S) = (1 - beta) E||Pi_S(h+)||^2 - beta E||Pi_S(h-)||^2 = tr(Q^T dCov Q),
 
 where Q holds an orthonormal basis of S and dCov = (1 - beta) Cov+ - beta Cov- (Eq. 4).
+Several knowledge sets D-_1 .. D-_k, each with its own weight beta_i >= 0 (sum_i beta_i <= 1),
+generalize this to
+
+    R(S) = (1 - sum_i beta_i) E||Pi_S(h+)||^2 - sum_i beta_i E||Pi_S(h-_i)||^2,
+    dCov = (1 - sum_i beta_i) Cov+ - sum_i beta_i Cov-_i,
+
+which is the one-set case with beta = sum_i beta_i and Cov- = sum_i (beta_i / beta) Cov-_i.
 By Ky Fan's theorem (Theorem 1) the maximum is the sum of the r largest eigenvalues of dCov,
 reached by their eigenvectors. The adapter is then B = Q, A = Q^T W0, W_res = W0 - B A
 (Eq. 6-8), so that at initialization B A x = Q Q^T W0 x = Pi_S(h) (Theorem 2).
+The fraction of a data set's output energy E||h||^2 that S keeps is tr(Q^T Cov Q) / tr(Cov)
+(:func:`captured_energy`).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Sequence
 
 import torch
 
 __all__ = [
     "NonUniqueSubspaceWarning",
+    "captured_energy",
     "delta_covariance",
     "reward",
     "sc_lora_factors",
@@ -30,31 +42,62 @@ __all__ = [
 TIE_RTOL = 1e-9
 
 
+#: One D- covariance and its float beta, or a sequence of them and a sequence of betas (one each).
+Covariances = torch.Tensor | Sequence[torch.Tensor]
+Betas = float | Sequence[float]
+
+
 class NonUniqueSubspaceWarning(UserWarning):
     """The r-th and (r+1)-th eigenvalues of dCov tie, so the optimal subspace is not unique."""
 
 
-def delta_covariance(cov_plus: torch.Tensor, cov_minus: torch.Tensor, beta: float) -> torch.Tensor:
-    """dCov = (1 - beta) Cov+ - beta Cov-  (Eq. 4)."""
-    _check_beta(beta)
-    if cov_plus.shape != cov_minus.shape:
-        raise ValueError(
-            f"Cov+ has shape {tuple(cov_plus.shape)} but Cov- has shape {tuple(cov_minus.shape)}; "
-            "both must be statistics of the same module."
-        )
-    return (1.0 - beta) * cov_plus - beta * cov_minus
+def delta_covariance(cov_plus: torch.Tensor, cov_minus: Covariances, beta: Betas) -> torch.Tensor:
+    """dCov = (1 - beta) Cov+ - beta Cov-  (Eq. 4), or (1 - sum_i beta_i) Cov+ - sum_i beta_i Cov-_i."""
+    minus, betas = _knowledge_sets(cov_minus, beta)
+    for i, cov in enumerate(minus):
+        if cov_plus.shape != cov.shape:
+            which = "Cov-" if len(minus) == 1 else f"Cov-_{i}"
+            raise ValueError(
+                f"Cov+ has shape {tuple(cov_plus.shape)} but {which} has shape {tuple(cov.shape)}; "
+                "all must be statistics of the same module."
+            )
+    delta = (1.0 - sum(betas)) * cov_plus
+    for b, cov in zip(betas, minus):
+        delta = delta - b * cov
+    return delta
 
 
-def reward(q: torch.Tensor, cov_plus: torch.Tensor, cov_minus: torch.Tensor, beta: float) -> torch.Tensor:
+def reward(q: torch.Tensor, cov_plus: torch.Tensor, cov_minus: Covariances, beta: Betas) -> torch.Tensor:
     """R(S) of the subspace spanned by the orthonormal columns of q (Eq. 1 and 15): tr(Q^T dCov Q)."""
     delta = delta_covariance(cov_plus, cov_minus, beta).to(q.dtype)
     return torch.einsum("ir,ij,jr->", q, delta, q)
 
 
+def captured_energy(q: torch.Tensor, cov: torch.Tensor, weight: torch.Tensor | None = None) -> float:
+    """tr(Q^T Cov Q) / tr(Cov): the fraction of a data set's output energy E||h||^2 kept by Pi_S, S spanned by
+    the orthonormal columns of q. With ``weight`` (W0), ``cov`` is an input covariance and the output one
+    is W0 Cov W0^T, never formed: tr(Q^T W C W^T Q) = tr((Q^T W) C (Q^T W)^T), tr(W C W^T) = sum((W C) * W).
+    A data set without energy in the layer gives nan (0 / 0)."""
+    c = cov.to(torch.float64)
+    q = q.to(device=c.device, dtype=torch.float64)
+    d_out = c.shape[0] if weight is None else weight.shape[0]
+    if q.ndim != 2 or q.shape[0] != d_out:
+        raise ValueError(f"q must be d_out x r with d_out={d_out} for this covariance, got shape {tuple(q.shape)}.")
+    if weight is None:
+        kept, total = torch.einsum("ir,ij,jr->", q, c, q), c.trace()
+    else:
+        w = weight.to(device=c.device, dtype=torch.float64)
+        if w.shape[1] != c.shape[0]:
+            raise ValueError(f"weight has d_in={w.shape[1]} but the input covariance is {c.shape[0]} x {c.shape[0]}.")
+        qw = q.T @ w
+        kept, total = ((qw @ c) * qw).sum(), ((w @ c) * w).sum()
+    return kept.item() / total.item() if total.item() != 0 else math.nan
+
+
 def sc_subspace(
     cov_plus: torch.Tensor,
-    cov_minus: torch.Tensor,
-    beta: float,
+    cov_minus: Covariances,
+    beta: Betas,
     rank: int,
     *,
     weight: torch.Tensor | None = None,
@@ -64,6 +107,7 @@ def sc_subspace(
 
     Columns are the eigenvectors of dCov for its ``rank`` algebraically largest eigenvalues, in
     descending order, each with its largest-magnitude entry positive (a deterministic sign).
+    ``cov_minus`` / ``beta`` are one D- covariance and a float, or sequences (several knowledge sets).
 
     Without ``weight`` the covariances are the layer's output covariances (d_out x d_out).
     With ``weight`` (W0, d_out x d_in) they are INPUT covariances and the output ones are
@@ -72,16 +116,16 @@ def sc_subspace(
     d_out - d_in eigenvalues are exactly 0 (directions outside the range of W0). This is exact
     and needs a d_in x d_in eigendecomposition instead of a d_out x d_out one.
     """
-    _check_beta(beta)
+    minus, betas = _knowledge_sets(cov_minus, beta)
     d_out = cov_plus.shape[0] if weight is None else weight.shape[0]
     max_rank = d_out if weight is None else min(weight.shape)
     if not isinstance(rank, int) or not 1 <= rank <= max_rank:
         raise ValueError(
             f"rank must be an integer in [1, {max_rank}] for a module of this shape"
-            f"{'' if weight is None else ' (d_out=%d, d_in=%d)' % tuple(weight.shape)}, got {rank!r}; "
+            f"{'' if weight is None else ' (d_out={}, d_in={})'.format(*weight.shape)}, got {rank!r}; "
             "choose a smaller r."
         )
-    delta = delta_covariance(cov_plus.to(dtype), cov_minus.to(dtype), beta)
+    delta = delta_covariance(cov_plus.to(dtype), [c.to(dtype) for c in minus], betas)
     if weight is None:
         eigvals, eigvecs = _eigh_descending(delta)
     else:
@@ -163,6 +207,33 @@ def _fix_signs(q: torch.Tensor) -> torch.Tensor:
     return q * signs
 
 
-def _check_beta(beta: float) -> None:
-    if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
-        raise ValueError(f"beta must be a number in [0, 1] (paper, Definition 1), got {beta!r}.")
+def _knowledge_sets(cov_minus: Covariances, beta: Betas) -> tuple[list[torch.Tensor], list[float]]:
+    """([Cov-_i], [beta_i]) from one covariance + one beta, or sequences of the same length; validated."""
+    minus = [cov_minus] if isinstance(cov_minus, torch.Tensor) else list(cov_minus)
+    betas = _check_betas(beta)
+    if len(minus) != len(betas):
+        raise ValueError(
+            f"{len(minus)} D- covariance(s) but {len(betas)} beta(s): give one beta per knowledge set, "
+            f"e.g. beta={[round(0.8 / len(minus), 3)] * len(minus)} for {len(minus)} sets."
+        )
+    return minus, betas
+
+
+def _check_betas(beta: Betas) -> list[float]:
+    """[beta] for one number in [0, 1], or the list of several D- weights, each >= 0 and summing to at most 1."""
+    if not isinstance(beta, (list, tuple)):
+        if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
+            raise ValueError(f"beta must be a number in [0, 1] (paper, Definition 1), got {beta!r}.")
+        return [float(beta)]
+    if not beta:
+        raise ValueError("beta is an empty list: give one weight per knowledge set D-_i, e.g. beta=[0.4, 0.4].")
+    for i, b in enumerate(beta):
+        if not isinstance(b, (int, float)) or not float(b) >= 0.0:
+            raise ValueError(f"beta[{i}] must be a number >= 0 (the weight of knowledge set D-_{i}), got {b!r}.")
+    if not sum(beta) <= 1.0 + 1e-12:  # also catches inf
+        raise ValueError(
+            f"The betas {list(beta)} sum to {sum(beta):g} > 1, which would give Cov+ a negative weight "
+            f"1 - sum(beta); scale them down so that they sum to at most 1, e.g. "
+            f"{[round(b / sum(beta), 3) for b in beta]}."
+        )
+    return [float(b) for b in beta]

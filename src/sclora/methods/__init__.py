@@ -16,6 +16,15 @@ from .sc_lora import get_sclora_model
 __all__ = ["corda_factors", "get_corda_model", "get_lora_model", "get_sclora_model", "init_model", "prepare_full_finetuning"]
 
 Data = CovarianceStats | Iterable[Mapping[str, torch.Tensor]] | None
+#: D- may also be several knowledge sets: a list of statistics (or of batch lists), one beta each.
+MinusData = Data | list[CovarianceStats | Iterable[Mapping[str, torch.Tensor]]]
+
+
+def _several_sets(data) -> bool:
+    """A list of statistics / of batch lists is several knowledge sets; a list of batch dicts is one set."""
+    return isinstance(data, (list, tuple)) and len(data) > 0 and all(
+        isinstance(d, CovarianceStats) or not isinstance(d, Mapping) for d in data
+    )
 
 
 def init_model(
@@ -23,7 +32,7 @@ def init_model(
     config: SCLoRAConfig | None = None,
     *,
     plus: Data = None,
-    minus: Data = None,
+    minus: MinusData = None,
     show_progress: bool = True,
     **overrides,
 ) -> nn.Module:
@@ -32,6 +41,7 @@ def init_model(
     ``plus`` / ``minus`` are the fine-tuning data D+ and the knowledge to preserve D-, each either
     statistics from :func:`sclora.collect_covariances` or batches to collect them from. SC-LoRA needs
     both, CorDA IPA ``plus`` and CorDA KPA ``minus`` (input-side statistics), the others neither.
+    SC-LoRA can preserve several knowledge sets: ``minus=[stats_a, stats_b], beta=[0.4, 0.4]``.
     Keyword overrides build or amend the config: ``init_model(model, method="pissa", r=8)``.
     Returns a PEFT model, or the model itself for ``method="full"``.
     """
@@ -45,9 +55,23 @@ def init_model(
         return collect_covariances(model, data, config.target_modules, config.normalize, side=side,
                                    show_progress=show_progress, desc=f"{label} statistics")
 
+    several = _several_sets(minus)
     if config.method == "sc_lora":
-        return get_sclora_model(model, config, stats(plus, "plus", "output"), stats(minus, "minus", "output"),
-                                show_progress=show_progress)
+        n_sets, n_betas = len(minus) if several else 1, len(config.beta) if isinstance(config.beta, list) else 1
+        if n_sets != n_betas:  # before any statistics are collected
+            raise ValueError(
+                f"beta={config.beta!r} has {n_betas} weight(s) but minus holds {n_sets} knowledge set(s): give one "
+                "beta per set (a float for one set, a list for several)."
+            )
+        plus_stats = stats(plus, "plus", "output")
+        minus_stats = ([stats(m, f"minus[{i}]", "output") for i, m in enumerate(minus)] if several
+                       else stats(minus, "minus", "output"))
+        return get_sclora_model(model, config, plus_stats, minus_stats, show_progress=show_progress)
+    if several and config.method == "corda_kpa":
+        raise ValueError(
+            f"CorDA KPA preserves one knowledge set but minus holds {len(minus)}; pass one (e.g. statistics collected "
+            "over their union). Only sc_lora weighs several sets, with one beta each."
+        )
     if config.method in ("corda_ipa", "corda_kpa"):
         data, label = (plus, "plus") if config.method == "corda_ipa" else (minus, "minus")
         return get_corda_model(model, config, stats(data, label, "input"), config.method[-3:], show_progress=show_progress)
