@@ -44,6 +44,11 @@ def test_run_writes_results_and_resumes(setup, capsys):
     assert "sc_lora-beta0.5" in capsys.readouterr().out
     assert (out / "stats" / "plus-output-none.safetensors").exists()
     assert yaml.safe_load((out / "config.yaml").read_text())["r"] == 2
+    diagnostics = json.loads((out / "diagnostics.json").read_text())
+    assert set(diagnostics) == {"sc_lora-beta0.5", "corda_kpa"}  # residual inits only; LoRA's B is zero
+    for entries in diagnostics.values():
+        assert len(entries) == 7 * 2 and all(0 <= e["plus"] <= 1 + 1e-9 and 0 <= e["minus"] <= 1 + 1e-9
+                                             for e in entries)
     # A rerun finds every run done: nothing is trained again, the results stay the same.
     mtime = (out / "results.json").stat().st_mtime_ns
     assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0
@@ -157,3 +162,23 @@ def test_evaluations_along_training_give_checkpoints(setup):
     assert [c["step"] for c in lora["checkpoints"]] == [1, 3]
     values = [c["knowledge_logprob"] for c in lora["checkpoints"]] + [lora["knowledge_logprob"]]
     assert len(set(values)) == 3  # the model moved between the points
+
+
+def test_diagnose_command_and_two_knowledge_sets(setup, monkeypatch):
+    config_path, out = setup
+    rows = [{"prompt": f"bad thing {i}", "category": "c", "source": "harmbench"} for i in range(12)]
+    monkeypatch.setattr(data, "harmful_requests", lambda source="harmbench": rows)
+    config = yaml.safe_load(config_path.read_text())
+    config["minus"] = [{"kind": "trivia", "n": 8, "offset": 8}, {"kind": "harmful", "n": 8, "response": "refusal"}]
+    config["runs"] = [{"method": "sc_lora", "beta": [0.4, 0.4]}, {"method": "sc_lora", "beta": [0.8, 0.0]}]
+    config_path.write_text(yaml.safe_dump(config))
+    assert cli.main(["diagnose", str(config_path), "--output", str(out), "--quiet"]) == 0
+    diagnostics = json.loads((out / "diagnostics.json").read_text())
+    both, first = diagnostics["sc_lora-beta0.4+0.4"], diagnostics["sc_lora-beta0.8+0.0"]
+    assert {"minus_0", "minus_1", "plus"} <= set(both[0])
+    assert all(0 <= e[k] <= 1 + 1e-9 for e in both + first for k in ("plus", "minus_0", "minus_1"))
+    assert [e["minus_1"] for e in first] != [e["minus_1"] for e in both]  # the weights change the subspace
+    config["runs"] = [{"method": "corda_kpa"}]
+    config_path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="corda_kpa preserves a single"):
+        load_config(config_path)

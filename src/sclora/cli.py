@@ -69,6 +69,15 @@ def _run(args) -> int:
     return 0
 
 
+def _diagnose(args) -> int:
+    from .experiment import diagnose_experiment, load_config
+
+    config = load_config(args.config, yaml_overrides(args.set))
+    diagnostics = diagnose_experiment(config, args.output, show_progress=not args.quiet)
+    print(f"subspace diagnostics of {len(diagnostics)} run(s) in {Path(args.output) / 'diagnostics.json'}")
+    return 0
+
+
 def _report(args) -> int:
     from .report import ReportError, load_experiment, report_tables, write_report
 
@@ -242,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--dry-run", action="store_true", help="validate the config and print the plan; load nothing")
     run.set_defaults(func=_run)
+    dia = sub.add_parser("diagnose", help="subspace diagnostics (captured D+/D- energy) of a config's inits, no training")
+    dia.add_argument("config")
+    dia.add_argument("--output", required=True, help="the experiment's output folder (statistics are cached there)")
+    dia.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a top-level config key")
+    dia.add_argument("--quiet", action="store_true", help="no progress bars")
+    dia.set_defaults(func=_diagnose)
     rep = sub.add_parser("report", help="paper-style tables, figures and answers from `sclora run` output folders")
     rep.add_argument("dirs", nargs="+", metavar="DIR", help="folder(s) with results.json; report.md is written there")
     rep.set_defaults(func=_report)

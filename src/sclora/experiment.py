@@ -75,6 +75,7 @@ class ExperimentConfig:
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGET_MODULES))
     train: dict = field(default_factory=dict)
     evaluate: dict = field(default_factory=dict)
+    diagnostics: bool = True  # subspace diagnostics of residual inits (diagnostics.json)
     evaluate_steps: list[int] = field(default_factory=list)  # also evaluate at these optimizer steps (frontier)
     judge: dict = field(default_factory=lambda: {"kind": "refusal"})  # sclora.evaluate.judges.make_judge arguments
     report: dict = field(default_factory=dict)  # for `sclora report`: title, utility / preservation metric names
@@ -99,6 +100,9 @@ class ExperimentConfig:
             if run.get("method") not in METHODS:
                 raise ValueError(f"Unknown method {run.get('method')!r} in runs; choose one of {METHODS}.")
             beta = run.get("beta")
+            if run["method"] == "corda_kpa" and n_minus > 1:
+                raise ValueError("corda_kpa preserves a single knowledge set; this config lists several under "
+                                 "'minus'. Drop the corda_kpa run or keep one D- set.")
             if run["method"] == "sc_lora" and n_minus > 1 and not (isinstance(beta, list) and len(beta) == n_minus):
                 raise ValueError(f"The config preserves {n_minus} knowledge sets, so an sc_lora run needs beta as a "
                                  f"list of {n_minus} weights, e.g. beta: {[round(0.8 / n_minus, 2)] * n_minus}.")
@@ -341,48 +345,92 @@ def plan(config: ExperimentConfig) -> str:
     return "\n".join(lines)
 
 
+class _Experiment:
+    """What every run of an experiment shares: the base model, the example sets, cached statistics."""
+
+    def __init__(self, config: ExperimentConfig, out: Path, show_progress: bool):
+        from .models import load_model
+
+        self.config, self.out, self.show_progress = config, out, show_progress
+        self.dtype = getattr(torch, config.dtype)
+        self.base, self.tokenizer = load_model(config.model, dtype=self.dtype)
+        specs = config.minus if isinstance(config.minus, list) else [config.minus]
+        self.minus_labels = [_minus_label(i, len(specs)) for i in range(len(specs))]
+        self.sets = {"plus": build_examples(config.plus, config.seed),
+                     **{label: build_examples(spec, config.seed) for label, spec in zip(self.minus_labels, specs)},
+                     "train": build_mixture(config.train_data, config.seed)}
+        self.eval_sets, self.options = {}, {}
+        for name, spec in config.evaluate.items():
+            data_spec, self.options[name] = eval_spec(spec, name)
+            self.eval_sets[name] = build_examples(data_spec, config.seed)
+        check_disjoint({**self.sets, **self.eval_sets})
+
+    def stats(self, label: str, side: str):
+        c = self.config
+        return cached_statistics(self.out / "stats" / f"{label}-{side}-{c.normalize}.safetensors", self.base,
+                                 self.tokenizer, self.sets[label], seq_len=c.stats_seq_len,
+                                 batch_size=c.stats_batch_size, target_modules=c.target_modules,
+                                 normalize=c.normalize, side=side, show_progress=self.show_progress,
+                                 desc=f"{label} statistics")
+
+    def minus_stats(self, side: str):
+        minus = [self.stats(label, side) for label in self.minus_labels]
+        return minus[0] if len(minus) == 1 else minus
+
+    def initialize(self, run: dict):
+        """A fresh copy of the model, initialized for ``run``."""
+        from . import init_model
+        from .models import load_model
+
+        c, method = self.config, run["method"]
+        model, _ = load_model(c.model, dtype=self.dtype)
+        torch.manual_seed(run.get("seed", c.seed))  # vanilla LoRA's random A
+        needed, side = NEEDS_DATA.get(method, ()), statistics_side(method)
+        plus = self.stats("plus", side) if "plus" in needed else None
+        minus = self.minus_stats(side) if "minus" in needed else None
+        overrides = {"r": c.r, "lora_alpha": c.lora_alpha, "normalize": c.normalize,
+                     "target_modules": c.target_modules, "beta": run.get("beta")}
+        return init_model(model, method=method, plus=plus, minus=minus, show_progress=self.show_progress,
+                          **{k: v for k, v in overrides.items() if v is not None})
+
+    def diagnose(self, name: str, model) -> None:
+        """Save the share of D+ and D- output energy the initial adapter captures, per module (residual inits
+        only: a zero-initialized LoRA adapter has no subspace yet)."""
+        from .diagnostics import subspace_energy
+
+        path = self.out / "diagnostics.json"
+        current = json.loads(path.read_text()) if path.exists() else {}
+        current[name] = subspace_energy(model, self.stats("plus", "output"), self.minus_stats("output"))
+        _atomic_write(path, json.dumps(current) + "\n")
+
+
+#: methods whose initial adapter spans a data-chosen subspace (the others start from zero or train everything)
+RESIDUAL_METHODS = ("sc_lora", "pissa", "corda_ipa", "corda_kpa")
+
+
 def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
                    show_progress: bool = True) -> list[dict]:
     """Run every configured run (skipping finished ones), write results.json / results.md, return rows."""
-    from . import init_model
     from .evaluate.judges import make_judge
-    from .models import load_model
     from .train import TrainConfig, train
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "config.yaml", yaml.safe_dump(_as_plain(config), sort_keys=False))
-    dtype = getattr(torch, config.dtype)
-    base, tokenizer = load_model(config.model, dtype=dtype)
-
-    minus_specs = config.minus if isinstance(config.minus, list) else [config.minus]
-    sets = {"plus": build_examples(config.plus, config.seed),
-            **{_minus_label(i, len(minus_specs)): build_examples(spec, config.seed)
-               for i, spec in enumerate(minus_specs)},
-            "train": build_mixture(config.train_data, config.seed)}
-    eval_sets, options = {}, {}
-    for name, spec in config.evaluate.items():
-        data_spec, options[name] = eval_spec(spec, name)
-        eval_sets[name] = build_examples(data_spec, config.seed)
-    check_disjoint({**sets, **eval_sets})
-    extras = _scorer_extras(config, eval_sets, sets)
-    judge = make_judge(**config.judge) if "safety" in eval_sets else None
-
-    def stats(label: str, side: str):
-        return cached_statistics(out / "stats" / f"{label}-{side}-{config.normalize}.safetensors", base, tokenizer,
-                                 sets[label], seq_len=config.stats_seq_len, batch_size=config.stats_batch_size,
-                                 target_modules=config.target_modules, normalize=config.normalize, side=side,
-                                 show_progress=show_progress, desc=f"{label} statistics")
+    exp = _Experiment(config, out, show_progress)
+    tokenizer = exp.tokenizer
+    extras = _scorer_extras(config, exp.eval_sets, exp.sets)
+    judge = make_judge(**config.judge) if "safety" in exp.eval_sets else None
 
     def evaluate(model) -> tuple[dict, dict]:
-        return evaluate_model(model, tokenizer, eval_sets, options=options, judge=judge, extras=extras,
+        return evaluate_model(model, tokenizer, exp.eval_sets, options=exp.options, judge=judge, extras=extras,
                               show_progress=show_progress)
 
     results_path = out / "results.json"
     rows = json.loads(results_path.read_text()) if results_path.exists() else []
     done = {row["run"] for row in rows}
     if "base" not in done:
-        metrics, items = evaluate(base)
+        metrics, items = evaluate(exp.base)
         _atomic_write(out / "samples" / "base.json", json.dumps(items) + "\n")
         rows.append({"run": "base", "method": "-", **metrics})
         _write_results(out, rows)
@@ -393,26 +441,17 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
         if name in done:
             continue
         method, seed = run["method"], run.get("seed", config.seed)
-        model, _ = load_model(config.model, dtype=dtype)
-        torch.manual_seed(seed)  # vanilla LoRA's random A
         start = time.perf_counter()
-        needed, side = NEEDS_DATA.get(method, ()), statistics_side(method)
-        plus = stats("plus", side) if "plus" in needed else None
-        minus = None
-        if "minus" in needed:
-            minus = [stats(_minus_label(i, len(minus_specs)), side) for i in range(len(minus_specs))]
-            minus = minus[0] if len(minus) == 1 else minus
-        overrides = {k: v for k, v in dict(r=config.r, lora_alpha=config.lora_alpha, normalize=config.normalize,
-                                           target_modules=config.target_modules, beta=run.get("beta")).items()
-                     if v is not None}
-        model = init_model(model, method=method, plus=plus, minus=minus, show_progress=show_progress, **overrides)
+        model = exp.initialize(run)
         init_seconds = time.perf_counter() - start
+        if config.diagnostics and method in RESIDUAL_METHODS:
+            exp.diagnose(name, model)
         train_config = TrainConfig.from_dict({**config.train, "seed": seed,
                                               **({"learning_rate": run["learning_rate"]} if run.get("learning_rate")
                                                  else {})})
         along = _checkpoint_evals(config.evaluate_steps, evaluate, out / "runs" / name / "checkpoint_evals.json")
-        result = train(model, tokenizer, sets["train"], train_config, out / "runs" / name, show_progress=show_progress,
-                       callbacks=[along])
+        result = train(model, tokenizer, exp.sets["train"], train_config, out / "runs" / name,
+                       show_progress=show_progress, callbacks=[along])
         metrics, items = evaluate(model)
         _atomic_write(out / "samples" / f"{name}.json", json.dumps(items) + "\n")
         row = {
@@ -427,6 +466,18 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
         rows.append(row)
         _write_results(out, rows)
     return rows
+
+
+def diagnose_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
+                        show_progress: bool = True) -> dict:
+    """Subspace diagnostics of every residual-init run of a config, without training (cheap: statistics are
+    cached in ``output_dir/stats``); writes ``diagnostics.json``. For experiments run without them."""
+    out = Path(output_dir)
+    exp = _Experiment(config, out, show_progress)
+    for run in config.runs:
+        if run["method"] in RESIDUAL_METHODS:
+            exp.diagnose(run_name(run), exp.initialize(run))
+    return json.loads((out / "diagnostics.json").read_text()) if (out / "diagnostics.json").exists() else {}
 
 
 def _checkpoint_evals(steps, evaluate, path: Path):
