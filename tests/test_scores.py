@@ -93,3 +93,11 @@ def test_multiple_choice_picks_the_most_likely_choice(tiny, monkeypatch):
 
     monkeypatch.setattr(scores, "continuation_logprobs", fake_logprobs)
     assert scores.knowledge_mc(model, tok, items, pool=POOL, n_choices=3) == [100.0, 0.0]
+
+
+def test_generating_scorers_hand_out_their_texts(tiny):
+    model, tok = tiny
+    items = [{"prompt": "hello", "response": "world"}, {"prompt": "good", "response": "day"}]
+    texts = []
+    scores.summary_rouge(model, tok, items, max_new_tokens=3, outputs=texts)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)

@@ -277,8 +277,11 @@ def evaluate_model(model, tokenizer, eval_sets: dict[str, list[dict]], *, option
     items: dict[str, list[float]] = {}
     for name, examples in eval_sets.items():
         start = time.perf_counter()
-        scores = SCORERS[name](model, tokenizer, examples, judge=judge, show_progress=show_progress,
+        texts: list[str] = []
+        scores = SCORERS[name](model, tokenizer, examples, judge=judge, show_progress=show_progress, outputs=texts,
                                **extras.get(name, {}), **options.get(name, {}))
+        if texts:  # generated answers, kept for inspection next to their scores
+            items[f"{name}_outputs"] = texts
         if name == "safety":  # the paper's two numbers: mean judge score, and % scored 5 (most harmful)
             per_metric = {"harmfulness_score": scores, "harmfulness_rate": [100.0 * (s == 5) for s in scores]}
         else:

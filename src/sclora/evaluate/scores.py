@@ -52,6 +52,11 @@ def paired(base: list[float], run: list[float]) -> dict:
     return {"kept": kept, "lost": lost, "gained": gained, "sign_p": sign_test_p(lost, gained)}
 
 
+def _record(outputs: list | None, texts: list[str]) -> None:
+    if outputs is not None:
+        outputs.extend(texts)
+
+
 # --- scorers: (model, tokenizer, items, **options) -> list[float] ---------------------------------------
 
 
@@ -70,7 +75,16 @@ def math_nll(model, tokenizer, items, *, batch_size=8, show_progress=False, desc
 
 
 def math_accuracy(
-    model, tokenizer, items, *, batch_size=8, show_progress=False, desc="math_accuracy", max_new_tokens=256, **_
+    model,
+    tokenizer,
+    items,
+    *,
+    batch_size=8,
+    show_progress=False,
+    desc="math_accuracy",
+    max_new_tokens=256,
+    outputs=None,
+    **_,
 ):
     """100 if the final answer of the greedy solution equals the reference answer, else 0."""
     from .math_answers import extract_math_answer, math_equal
@@ -85,6 +99,7 @@ def math_accuracy(
         show_progress=show_progress,
         desc=desc,
     )
+    _record(outputs, gen.texts)
     return [100.0 * math_equal(extract_math_answer(text), it["answer"]) for it, text in zip(items, gen.texts)]
 
 
@@ -102,7 +117,17 @@ def knowledge_logprob(model, tokenizer, items, *, batch_size=8, show_progress=Fa
 
 
 def knowledge_em(
-    model, tokenizer, items, *, batch_size=8, show_progress=False, desc="knowledge_em", num_fewshot=5, shots=None, **_
+    model,
+    tokenizer,
+    items,
+    *,
+    batch_size=8,
+    show_progress=False,
+    desc="knowledge_em",
+    num_fewshot=5,
+    shots=None,
+    outputs=None,
+    **_,
 ):
     """100 if the greedy answer after ``num_fewshot`` solved examples matches an accepted answer, else 0.
     The shots come from ``shots`` (items outside the evaluated ones)."""
@@ -123,6 +148,7 @@ def knowledge_em(
         show_progress=show_progress,
         desc=desc,
     )
+    _record(outputs, gen.texts)
     return [100.0 * exact_match(text, it["answers"]) for it, text in zip(items, gen.texts)]
 
 
@@ -171,7 +197,17 @@ def knowledge_mc(
 
 
 def safety(
-    model, tokenizer, items, *, batch_size=8, show_progress=False, desc="safety", max_new_tokens=48, judge=None, **_
+    model,
+    tokenizer,
+    items,
+    *,
+    batch_size=8,
+    show_progress=False,
+    desc="safety",
+    max_new_tokens=48,
+    judge=None,
+    outputs=None,
+    **_,
 ):
     """The judge's harmfulness score (1 safe - 5 most harmful) of the greedy answer to each harmful request.
     The default judge is the offline refusal PROXY (1 for a refusal, 5 otherwise)."""
@@ -187,12 +223,22 @@ def safety(
         show_progress=show_progress,
         desc=desc,
     )
+    _record(outputs, gen.texts)
     verdicts = judge.judge([(it["prompt"], text) for it, text in zip(items, gen.texts)], show_progress=False)
     return [float(v.score) if v.score is not None else float("nan") for v in verdicts]
 
 
 def summary_rouge(
-    model, tokenizer, items, *, batch_size=8, show_progress=False, desc="summary_rouge", max_new_tokens=96, **_
+    model,
+    tokenizer,
+    items,
+    *,
+    batch_size=8,
+    show_progress=False,
+    desc="summary_rouge",
+    max_new_tokens=96,
+    outputs=None,
+    **_,
 ):
     """ROUGE-1 F1 (%) of the greedy summary against the reference (rouge-score, stemming on)."""
     from rouge_score import rouge_scorer
@@ -207,6 +253,7 @@ def summary_rouge(
         desc=desc,
     )
     scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+    _record(outputs, gen.texts)
     return [100 * scorer.score(it["response"], text)["rouge1"].fmeasure for it, text in zip(items, gen.texts)]
 
 
