@@ -35,5 +35,9 @@ bench: $(VENV)/.demo
 	$(PY) benchmarks/subspace_reduction.py
 	$(PY) benchmarks/init_time.py
 
+.PHONY: bench-speed
+bench-speed: $(VENV)/.demo
+	$(PY) benchmarks/init_speed.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
