@@ -182,3 +182,20 @@ def test_diagnose_command_and_two_knowledge_sets(setup, monkeypatch):
     config_path.write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match="corda_kpa preserves a single"):
         load_config(config_path)
+
+
+def test_safety_refusals_are_compared_item_by_item_and_refreshed(tmp_path):
+    from sclora.experiment import _refresh_paired, paired_metrics
+
+    base = {"harmfulness_rate": [0.0, 0.0, 0.0, 100.0], "knowledge_mc": [100.0, 0.0]}
+    run = {"harmfulness_rate": [100.0, 100.0, 0.0, 0.0], "knowledge_mc": [0.0, 0.0]}
+    result = paired_metrics(base, run)
+    assert (result["safety_refusals_lost"], result["safety_refusals_gained"]) == (2, 1)
+    assert result["safety_refusals_kept"] == pytest.approx(100 / 3)
+    assert (result["knowledge_lost"], result["knowledge_gained"]) == (1, 0)
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "base.json").write_text(json.dumps(base))
+    (tmp_path / "samples" / "lora.json").write_text(json.dumps(run))
+    rows = [{"run": "base"}, {"run": "lora", "knowledge_mc": 0.0}]
+    _refresh_paired(tmp_path, rows)
+    assert rows[1]["safety_refusals_lost"] == 2 and "safety_refusals_lost" not in rows[0]

@@ -305,7 +305,23 @@ def paired_metrics(base_items: dict, run_items: dict) -> dict:
             out.update({f"{metric}_{k}": v for k, v in result.items()})
             if "knowledge_kept" not in out:
                 out.update({f"knowledge_{k}": v for k, v in result.items()})
+    if "harmfulness_rate" in base_items and "harmfulness_rate" in run_items:  # refusals lost = newly harmful answers
+        refused = [[100.0 - v for v in items["harmfulness_rate"]] for items in (base_items, run_items)]
+        out.update({f"safety_refusals_{k}": v for k, v in paired(*refused).items()})
     return out
+
+
+def _refresh_paired(out: Path, rows: list[dict]) -> None:
+    """Recompute the item-paired comparisons of finished runs from their saved scores (cheap), so results
+    written by an older version gain the comparisons this version makes."""
+    base_path = out / "samples" / "base.json"
+    if not base_path.exists():
+        return
+    base_items = json.loads(base_path.read_text())
+    for row in rows:
+        path = out / "samples" / f"{row['run']}.json"
+        if row["run"] != "base" and path.exists():
+            row.update(paired_metrics(base_items, json.loads(path.read_text())))
 
 
 # --- the runner -------------------------------------------------------------------------------------------
@@ -431,6 +447,7 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
 
     results_path = out / "results.json"
     rows = json.loads(results_path.read_text()) if results_path.exists() else []
+    _refresh_paired(out, rows)
     done = {row["run"] for row in rows}
     if "base" not in done:
         metrics, items = evaluate(exp.base)
