@@ -52,83 +52,45 @@ def paired(base: list[float], run: list[float]) -> dict:
     return {"kept": kept, "lost": lost, "gained": gained, "sign_p": sign_test_p(lost, gained)}
 
 
-def _record(outputs: list | None, texts: list[str]) -> None:
+def _greedy(model, tokenizer, prompts: list[str], outputs: list | None, **kwargs) -> list[str]:
+    """Greedy answers; also appended to ``outputs`` when given, so callers can keep them for inspection."""
+    texts = generate(model, tokenizer, prompts, **kwargs).texts
     if outputs is not None:
         outputs.extend(texts)
+    return texts
 
 
-# --- scorers: (model, tokenizer, items, **options) -> list[float] ---------------------------------------
+# --- scorers: (model, tokenizer, items, **options) -> list[float], one score per item ----------------------------
 
 
 def math_nll(model, tokenizer, items, *, batch_size=8, show_progress=False, desc="math_nll", **_):
     """Per-token negative log-likelihood of each reference solution (lower is better)."""
-    scores = continuation_logprobs(
-        model,
-        tokenizer,
-        [build_prompt(tokenizer, it["prompt"]) for it in items],
-        [it["response"] for it in items],
-        batch_size=batch_size,
-        show_progress=show_progress,
-        desc=desc,
-    )
+    scores = continuation_logprobs(model, tokenizer, [build_prompt(tokenizer, it["prompt"]) for it in items],
+                                   [it["response"] for it in items], batch_size=batch_size,
+                                   show_progress=show_progress, desc=desc)
     return [-s / n for s, n in scores]
 
 
-def math_accuracy(
-    model,
-    tokenizer,
-    items,
-    *,
-    batch_size=8,
-    show_progress=False,
-    desc="math_accuracy",
-    max_new_tokens=256,
-    outputs=None,
-    **_,
-):
+def math_accuracy(model, tokenizer, items, *, batch_size=8, show_progress=False, desc="math_accuracy",
+                  max_new_tokens=256, outputs=None, **_):
     """100 if the final answer of the greedy solution equals the reference answer, else 0."""
     from .math_answers import extract_math_answer, math_equal
     from .suites import MATH_SUFFIX
 
-    gen = generate(
-        model,
-        tokenizer,
-        [it["prompt"].strip() + MATH_SUFFIX for it in items],
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        show_progress=show_progress,
-        desc=desc,
-    )
-    _record(outputs, gen.texts)
-    return [100.0 * math_equal(extract_math_answer(text), it["answer"]) for it, text in zip(items, gen.texts)]
+    texts = _greedy(model, tokenizer, [it["prompt"].strip() + MATH_SUFFIX for it in items], outputs,
+                    max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=show_progress, desc=desc)
+    return [100.0 * math_equal(extract_math_answer(text), it["answer"]) for it, text in zip(items, texts)]
 
 
 def knowledge_logprob(model, tokenizer, items, *, batch_size=8, show_progress=False, desc="knowledge_logprob", **_):
     """Log-probability of the best accepted answer after lm-eval's zero-shot prompt."""
-    return best_answer_logprobs(
-        model,
-        tokenizer,
-        [knowledge_prompt(it["question"]) for it in items],
-        [it["answers"] for it in items],
-        batch_size=batch_size,
-        show_progress=show_progress,
-        desc=desc,
-    )
+    return best_answer_logprobs(model, tokenizer, [knowledge_prompt(it["question"]) for it in items],
+                                [it["answers"] for it in items], batch_size=batch_size,
+                                show_progress=show_progress, desc=desc)
 
 
-def knowledge_em(
-    model,
-    tokenizer,
-    items,
-    *,
-    batch_size=8,
-    show_progress=False,
-    desc="knowledge_em",
-    num_fewshot=5,
-    shots=None,
-    outputs=None,
-    **_,
-):
+def knowledge_em(model, tokenizer, items, *, batch_size=8, show_progress=False, desc="knowledge_em", num_fewshot=5,
+                 shots=None, outputs=None, **_):
     """100 if the greedy answer after ``num_fewshot`` solved examples matches an accepted answer, else 0.
     The shots come from ``shots`` (items outside the evaluated ones)."""
     from .knowledge import STOP
@@ -137,19 +99,10 @@ def knowledge_em(
     if len(shots) < num_fewshot:
         raise ValueError(f"knowledge_em needs {num_fewshot} few-shot examples outside the evaluated items.")
     context = "".join(f"{knowledge_prompt(s['question'])} {s['answers'][0]}\n\n" for s in shots)
-    gen = generate(
-        model,
-        tokenizer,
-        [context + knowledge_prompt(it["question"]) for it in items],
-        max_new_tokens=24,
-        stop=STOP,
-        chat=False,
-        batch_size=batch_size,
-        show_progress=show_progress,
-        desc=desc,
-    )
-    _record(outputs, gen.texts)
-    return [100.0 * exact_match(text, it["answers"]) for it, text in zip(items, gen.texts)]
+    texts = _greedy(model, tokenizer, [context + knowledge_prompt(it["question"]) for it in items], outputs,
+                    max_new_tokens=24, stop=STOP, chat=False, batch_size=batch_size, show_progress=show_progress,
+                    desc=desc)
+    return [100.0 * exact_match(text, it["answers"]) for it, text in zip(items, texts)]
 
 
 def multiple_choice(items: list[dict], pool: list[dict], n_choices: int = 4) -> list[list[str]]:
@@ -164,97 +117,50 @@ def multiple_choice(items: list[dict], pool: list[dict], n_choices: int = 4) -> 
         accepted = {normalize_answer(a) for a in it["answers"]}
         candidates = sorted({a for a in by_topic.get(it.get("topic", ""), []) if normalize_answer(a) not in accepted})
         if len(candidates) < n_choices - 1:
-            raise ValueError(
-                f"Topic {it.get('topic')!r} has only {len(candidates)} distractors for "
-                f"{it['question'][:60]!r}; use fewer choices or a larger pool."
-            )
+            raise ValueError(f"Topic {it.get('topic')!r} has only {len(candidates)} distractors for "
+                             f"{it['question'][:60]!r}; use fewer choices or a larger pool.")
         rng = random.Random(int(hashlib.sha256(it["question"].encode()).hexdigest()[:16], 16))
         choices.append([it["answers"][0], *rng.sample(candidates, n_choices - 1)])
     return choices
 
 
-def knowledge_mc(
-    model, tokenizer, items, *, batch_size=8, show_progress=False, desc="knowledge_mc", pool=None, n_choices=4, **_
-):
+def knowledge_mc(model, tokenizer, items, *, batch_size=8, show_progress=False, desc="knowledge_mc", pool=None,
+                 n_choices=4, **_):
     """100 if the accepted answer has the highest log-likelihood among ``n_choices`` same-topic choices
     (lm-eval's ``acc`` for multiple choice: summed log-probability, zero-shot), else 0."""
     choices = multiple_choice(items, pool or items, n_choices)
     flat_prompts = [knowledge_prompt(it["question"]) for it, cs in zip(items, choices) for _ in cs]
-    flat = continuation_logprobs(
-        model,
-        tokenizer,
-        flat_prompts,
-        [" " + c for cs in choices for c in cs],
-        batch_size=batch_size,
-        show_progress=show_progress,
-        desc=desc,
-    )
+    flat = continuation_logprobs(model, tokenizer, flat_prompts, [" " + c for cs in choices for c in cs],
+                                 batch_size=batch_size, show_progress=show_progress, desc=desc)
     scores = []
     for i in range(len(items)):
-        lls = [s for s, _ in flat[i * n_choices : (i + 1) * n_choices]]
+        lls = [s for s, _ in flat[i * n_choices:(i + 1) * n_choices]]
         scores.append(100.0 * (max(range(n_choices), key=lls.__getitem__) == 0))
     return scores
 
 
-def safety(
-    model,
-    tokenizer,
-    items,
-    *,
-    batch_size=8,
-    show_progress=False,
-    desc="safety",
-    max_new_tokens=48,
-    judge=None,
-    outputs=None,
-    **_,
-):
+def safety(model, tokenizer, items, *, batch_size=8, show_progress=False, desc="safety", max_new_tokens=48,
+           judge=None, outputs=None, **_):
     """The judge's harmfulness score (1 safe - 5 most harmful) of the greedy answer to each harmful request.
     The default judge is the offline refusal PROXY (1 for a refusal, 5 otherwise)."""
     from .judges import RefusalJudge
 
     judge = judge or RefusalJudge()
-    gen = generate(
-        model,
-        tokenizer,
-        [it["prompt"] for it in items],
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        show_progress=show_progress,
-        desc=desc,
-    )
-    _record(outputs, gen.texts)
-    verdicts = judge.judge([(it["prompt"], text) for it, text in zip(items, gen.texts)], show_progress=False)
+    texts = _greedy(model, tokenizer, [it["prompt"] for it in items], outputs, max_new_tokens=max_new_tokens,
+                    batch_size=batch_size, show_progress=show_progress, desc=desc)
+    verdicts = judge.judge([(it["prompt"], text) for it, text in zip(items, texts)], show_progress=False)
     return [float(v.score) if v.score is not None else float("nan") for v in verdicts]
 
 
-def summary_rouge(
-    model,
-    tokenizer,
-    items,
-    *,
-    batch_size=8,
-    show_progress=False,
-    desc="summary_rouge",
-    max_new_tokens=96,
-    outputs=None,
-    **_,
-):
+def summary_rouge(model, tokenizer, items, *, batch_size=8, show_progress=False, desc="summary_rouge",
+                  max_new_tokens=96, outputs=None, **_):
     """ROUGE-1 F1 (%) of the greedy summary against the reference (rouge-score, stemming on)."""
     from rouge_score import rouge_scorer
 
-    gen = generate(
-        model,
-        tokenizer,
-        [it["prompt"] for it in items],
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        show_progress=show_progress,
-        desc=desc,
-    )
+    texts = _greedy(model, tokenizer, [it["prompt"] for it in items], outputs, max_new_tokens=max_new_tokens,
+                    batch_size=batch_size, show_progress=show_progress, desc=desc)
     scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
-    _record(outputs, gen.texts)
-    return [100 * scorer.score(it["response"], text)["rouge1"].fmeasure for it, text in zip(items, gen.texts)]
+    return [100 * scorer.score(it["response"], text)["rouge1"].fmeasure for it, text in zip(items, texts)]
 
 
 #: evaluation name in a config -> scorer
