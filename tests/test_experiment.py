@@ -173,6 +173,11 @@ def test_diagnose_command_and_two_knowledge_sets(setup, monkeypatch):
     config["runs"] = [{"method": "sc_lora", "beta": [0.4, 0.4]}, {"method": "sc_lora", "beta": [0.8, 0.0]}]
     config_path.write_text(yaml.safe_dump(config))
     assert cli.main(["diagnose", str(config_path), "--output", str(out), "--quiet"]) == 0
+    stats_files = sorted(p.name for p in (out / "stats").iterdir())
+    assert cli.main(["diagnose", str(config_path), "--output", str(out), "--quiet", "--set", "normalize=trace",
+                     "--file", "diagnostics-trace.json"]) == 0
+    assert sorted(p.name for p in (out / "stats").iterdir()) == stats_files  # read from the raw sums, no new pass
+    assert json.loads((out / "diagnostics-trace.json").read_text()) != json.loads((out / "diagnostics.json").read_text())
     diagnostics = json.loads((out / "diagnostics.json").read_text())
     both, first = diagnostics["sc_lora-beta0.4+0.4"], diagnostics["sc_lora-beta0.8+0.0"]
     assert {"minus_0", "minus_1", "plus"} <= set(both[0])

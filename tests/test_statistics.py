@@ -174,3 +174,17 @@ def test_stats_from_another_model_are_rejected(tmp_path):
 def test_target_modules_select_a_subset(model):
     stats = sclora.collect_covariances(model, random_batches(1), target_modules=["v_proj"], show_progress=False)
     assert sorted(stats) == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
+
+
+def test_none_and_trace_statistics_convert_without_a_new_pass(model):
+    batches = random_batches()
+    raw = collect_covariances(model, batches, ["q_proj", "down_proj"], "none")
+    trace = collect_covariances(model, batches, ["q_proj", "down_proj"], "trace")
+    converted = raw.with_normalize("trace")
+    for name in raw:
+        torch.testing.assert_close(converted[name], trace[name])
+        assert torch.allclose(converted[name].trace(), torch.tensor(1.0, dtype=converted[name].dtype))
+        torch.testing.assert_close(converted.with_normalize("none")[name], raw[name])
+    scaled = collect_covariances(model, batches, ["q_proj"], "max_abs")
+    with pytest.raises(ValueError, match="max_abs"):
+        scaled.with_normalize("trace")

@@ -73,8 +73,8 @@ def _diagnose(args) -> int:
     from .experiment import diagnose_experiment, load_config
 
     config = load_config(args.config, yaml_overrides(args.set))
-    diagnostics = diagnose_experiment(config, args.output, show_progress=not args.quiet)
-    print(f"subspace diagnostics of {len(diagnostics)} run(s) in {Path(args.output) / 'diagnostics.json'}")
+    diagnostics = diagnose_experiment(config, args.output, show_progress=not args.quiet, diagnostics_file=args.file)
+    print(f"subspace diagnostics of {len(diagnostics)} run(s) in {Path(args.output) / args.file}")
     return 0
 
 
@@ -256,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     dia.add_argument("--output", required=True, help="the experiment's output folder (statistics are cached there)")
     dia.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a top-level config key")
     dia.add_argument("--quiet", action="store_true", help="no progress bars")
+    dia.add_argument("--file", default="diagnostics.json", help="file name inside the output folder")
     dia.set_defaults(func=_diagnose)
     rep = sub.add_parser("report", help="paper-style tables, figures and answers from `sclora run` output folders")
     rep.add_argument("dirs", nargs="+", metavar="DIR", help="folder(s) with results.json; report.md is written there")

@@ -226,6 +226,10 @@ def cached_statistics(path: Path, model, tokenizer, examples: list[dict], *, seq
     """Statistics of ``examples`` saved at ``path``: collected on first use, loaded afterwards."""
     from .statistics import CovarianceStats, collect_covariances
 
+    for other in ("none", "trace"):  # the same raw sums, normalized at read time: no new pass over the data
+        sibling = path.with_name(path.name.replace(f"-{normalize}.", f"-{other}."))
+        if normalize in ("none", "trace") and not path.exists() and sibling.exists():
+            return CovarianceStats.load(sibling).with_normalize(normalize)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         batches = statistics_batches(tokenizer, examples, seq_len, batch_size)
@@ -367,10 +371,12 @@ def plan(config: ExperimentConfig) -> str:
 class _Experiment:
     """What every run of an experiment shares: the base model, the example sets, cached statistics."""
 
-    def __init__(self, config: ExperimentConfig, out: Path, show_progress: bool):
+    def __init__(self, config: ExperimentConfig, out: Path, show_progress: bool,
+                 diagnostics_file: str = "diagnostics.json"):
         from .models import load_model
 
         self.config, self.out, self.show_progress = config, out, show_progress
+        self.diagnostics_file = diagnostics_file
         self.dtype = getattr(torch, config.dtype)
         self.base, self.tokenizer = load_model(config.model, dtype=self.dtype)
         specs = config.minus if isinstance(config.minus, list) else [config.minus]
@@ -417,7 +423,7 @@ class _Experiment:
         only: a zero-initialized LoRA adapter has no subspace yet)."""
         from .diagnostics import subspace_energy
 
-        path = self.out / "diagnostics.json"
+        path = self.out / self.diagnostics_file
         current = json.loads(path.read_text()) if path.exists() else {}
         current[name] = subspace_energy(model, self.stats("plus", "output"), self.minus_stats("output"))
         _atomic_write(path, json.dumps(current) + "\n")
@@ -488,16 +494,18 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
     return rows
 
 
-def diagnose_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
-                        show_progress: bool = True) -> dict:
+def diagnose_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *, show_progress: bool = True,
+                        diagnostics_file: str = "diagnostics.json") -> dict:
     """Subspace diagnostics of every residual-init run of a config, without training (cheap: statistics are
-    cached in ``output_dir/stats``); writes ``diagnostics.json``. For experiments run without them."""
+    cached in ``output_dir/stats``); writes ``diagnostics_file``. For experiments run without them, or to see
+    what another ``normalize`` or beta would do (``--set``) before training anything."""
     out = Path(output_dir)
-    exp = _Experiment(config, out, show_progress)
+    exp = _Experiment(config, out, show_progress, diagnostics_file)
     for run in config.runs:
         if run["method"] in RESIDUAL_METHODS:
             exp.diagnose(run_name(run), exp.initialize(run))
-    return json.loads((out / "diagnostics.json").read_text()) if (out / "diagnostics.json").exists() else {}
+    path = out / diagnostics_file
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _checkpoint_evals(steps, evaluate, path: Path):

@@ -208,6 +208,21 @@ class CovarianceStats(Mapping):
             raise KeyError(f"No statistics for module {name!r}; these stats cover e.g. {sample}.")
         return self.modules[name]
 
+    def with_normalize(self, normalize: str) -> CovarianceStats:
+        """The same statistics read with another normalization, without a new pass over the data: "none"
+        and "trace" store the same raw sums ("trace" divides at read time). "max_abs" scales each sample
+        during collection, so it cannot be converted to or from."""
+        convertible = {"none", "trace"}
+        if normalize == self.normalize:
+            return self
+        if {normalize, self.normalize} - convertible:
+            raise ValueError(f"Statistics collected with normalize={self.normalize!r} cannot be read as "
+                             f"{normalize!r}: 'max_abs' scales each sample during collection. Collect them again.")
+        other = CovarianceStats(self.sums, self.modules, n_samples=self.n_samples, n_tokens=self.n_tokens,
+                                normalize=normalize, side=self.side, fingerprint=self.fingerprint)
+        other._bound, other._bound_probes = dict(self._bound), dict(self._bound_probes)
+        return other
+
     # --- persistence ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write one safetensors file (tensors + a JSON header in its metadata), atomically."""
