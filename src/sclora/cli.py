@@ -74,6 +74,12 @@ def _diagnose(args) -> int:
 
     config = load_config(args.config, yaml_overrides(args.set))
     diagnostics = diagnose_experiment(config, args.output, show_progress=not args.quiet, diagnostics_file=args.file)
+    from .diagnostics import summarize_energy
+
+    print(f"captured output energy, mean over modules (normalize={config.normalize}):")
+    for run, entries in diagnostics.items():
+        overall = summarize_energy(entries)["overall"]
+        print(f"  {run:<28} " + "  ".join(f"{k} {v:.3f}" for k, v in overall.items()))
     print(f"subspace diagnostics of {len(diagnostics)} run(s) in {Path(args.output) / args.file}")
     return 0
 
