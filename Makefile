@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # from resolving pyproject's range to a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: test demo demo-init setup clean bench
+.PHONY: test demo demo-init setup clean bench experiments-small
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ bench: $(VENV)/.demo
 .PHONY: bench-speed
 bench-speed: $(VENV)/.demo
 	$(PY) benchmarks/init_speed.py
+
+# The paper's experiments at small scale (hours on 2 CPU cores; resumable: rerun to continue). The safety ones
+# start from the aligned stand-in: `sclora align --output runs/align --install` first.
+SMALL_EXPERIMENTS ?= safety-benign-small safety-poison-small knowledge-math-small multi-knowledge-small
+experiments-small: $(VENV)/.demo
+	for exp in $(SMALL_EXPERIMENTS); do \
+		$(VENV)/bin/sclora run configs/$$exp.yaml --output runs/$$exp && $(VENV)/bin/sclora report runs/$$exp || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
