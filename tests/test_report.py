@@ -267,3 +267,11 @@ def test_cli_report_subcommand(tmp_path, capsys):
     assert (folder / "report.md").is_file() and f"wrote {folder / 'report.md'}" in out and "| Method |" in out
     assert cli.main(["report", str(folder), str(tmp_path / "missing")]) == 1
     assert "sclora run CONFIG --output" in capsys.readouterr().err
+
+
+def test_paired_line_names_the_specific_knowledge_probe_once():
+    paired = {"knowledge_lost": 3, "knowledge_gained": 1, "knowledge_sign_p": 0.6,
+              "knowledge_mc_lost": 3, "knowledge_mc_gained": 1, "knowledge_mc_sign_p": 0.6}
+    rows = [base(knowledge_mc=50.0, math_nll=1.5), row("lora", "lora", knowledge_mc=49.0, math_nll=1.2, **paired)]
+    text = report_tables(rows)
+    assert "Paired vs base (knowledge_mc)" in text and "Paired vs base (knowledge)" not in text

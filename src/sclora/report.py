@@ -377,6 +377,8 @@ def paired_lines(groups: list[Group]) -> list[str]:
     """One line per item-paired comparison with the base model (``<prefix>_lost`` / ``_gained`` / ``_sign_p``)."""
     lr_methods = _several_lrs(groups)
     prefixes = sorted({k[: -len("_lost")] for g in groups for k in g.samples if k.endswith("_lost")})
+    if any(p.startswith("knowledge_") for p in prefixes):  # "knowledge_*" repeats the first specific knowledge probe
+        prefixes = [p for p in prefixes if p != "knowledge"]
     lines = []
     for prefix in prefixes:
         parts = []
