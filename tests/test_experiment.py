@@ -204,3 +204,16 @@ def test_safety_refusals_are_compared_item_by_item_and_refreshed(tmp_path):
     rows = [{"run": "base"}, {"run": "lora", "knowledge_mc": 0.0}]
     _refresh_paired(tmp_path, rows)
     assert rows[1]["safety_refusals_lost"] == 2 and "safety_refusals_lost" not in rows[0]
+
+
+def test_a_rerun_of_a_finished_experiment_writes_refreshed_comparisons(setup):
+    config_path, out = setup
+    assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    stale = [{k: v for k, v in r.items() if not k.startswith("knowledge_") or k == "knowledge_logprob"} for r in rows]
+    (out / "results.json").write_text(json.dumps(stale))
+    (out / "samples" / "lora.json").write_text(json.dumps({"knowledge_mc": [0.0, 100.0]}))
+    (out / "samples" / "base.json").write_text(json.dumps({"knowledge_mc": [100.0, 100.0]}))
+    assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0
+    lora = json.loads((out / "results.json").read_text())[1]
+    assert lora["run"] == "lora" and (lora["knowledge_lost"], lora["knowledge_gained"]) == (1, 0)

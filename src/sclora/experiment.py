@@ -453,7 +453,10 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
 
     results_path = out / "results.json"
     rows = json.loads(results_path.read_text()) if results_path.exists() else []
+    before = json.dumps(rows)
     _refresh_paired(out, rows)
+    if json.dumps(rows) != before:
+        _write_results(out, rows)
     done = {row["run"] for row in rows}
     if "base" not in done:
         metrics, items = evaluate(exp.base)
