@@ -92,7 +92,7 @@ class ExperimentConfig:
                                     for i, v in enumerate(value)])
         if not self.runs:
             raise ValueError("The config lists no runs: add e.g. runs: [{method: lora}, {method: sc_lora, beta: 0.8}].")
-        n_minus = len(self.minus) if isinstance(self.minus, list) else 1
+        n_minus = len(_as_list(self.minus))
         for run in self.runs:
             unknown = set(run) - RUN_KEYS
             if unknown:
@@ -189,6 +189,10 @@ def _harmful_rows(spec: DataSpec, seed: int) -> list[dict]:
     return [{"prompt": it["prompt"], "response": ""} for it in items]
 
 
+def _as_list(specs: DataSpec | list[DataSpec]) -> list[DataSpec]:
+    return specs if isinstance(specs, list) else [specs]
+
+
 def build_mixture(specs: DataSpec | list[DataSpec], seed: int) -> list[dict]:
     """One spec's examples, or several specs' examples shuffled together (deterministic under seed)."""
     if isinstance(specs, DataSpec):
@@ -224,12 +228,13 @@ def statistics_side(method: str) -> str:
 def cached_statistics(path: Path, model, tokenizer, examples: list[dict], *, seq_len: int, batch_size: int,
                       target_modules, normalize: str, side: str, show_progress: bool = True, desc: str = "statistics"):
     """Statistics of ``examples`` saved at ``path``: collected on first use, loaded afterwards."""
-    from .statistics import CovarianceStats, collect_covariances
+    from .statistics import RAW_SUM_NORMALIZATIONS, CovarianceStats, collect_covariances
 
-    for other in ("none", "trace"):  # the same raw sums, normalized at read time: no new pass over the data
-        sibling = path.with_name(path.name.replace(f"-{normalize}.", f"-{other}."))
-        if normalize in ("none", "trace") and not path.exists() and sibling.exists():
-            return CovarianceStats.load(sibling).with_normalize(normalize)
+    if not path.exists() and normalize in RAW_SUM_NORMALIZATIONS:  # same raw sums: no new pass over the data
+        for other in set(RAW_SUM_NORMALIZATIONS) - {normalize}:
+            sibling = path.with_name(path.name.replace(f"-{normalize}.", f"-{other}."))
+            if sibling.exists():
+                return CovarianceStats.load(sibling).with_normalize(normalize)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         batches = statistics_batches(tokenizer, examples, seq_len, batch_size)
@@ -348,12 +353,11 @@ def plan(config: ExperimentConfig) -> str:
     from .train import TrainConfig
 
     def describe(specs) -> str:
-        specs = specs if isinstance(specs, list) else [specs]
         return " + ".join(f"{s.kind}{'/' + s.source if s.source else ''}[{s.split}] n={s.n} from {s.offset}"
-                          + (f" ({s.response})" if s.response != "none" else "") for s in specs)
+                          + (f" ({s.response})" if s.response != "none" else "") for s in _as_list(specs))
 
     train = TrainConfig.from_dict(config.train)
-    n_train = sum(s.n for s in (config.train_data if isinstance(config.train_data, list) else [config.train_data]))
+    n_train = sum(s.n for s in _as_list(config.train_data))
     steps = train.max_steps if train.max_steps > 0 else math.ceil(n_train * train.num_epochs / train.batch_size)
     lines = [(f"experiment {config.name!r}: model {config.model} ({config.dtype}), r={config.r}, "
               f"normalize={config.normalize}, {len(config.target_modules)} target module kinds"),
@@ -379,7 +383,7 @@ class _Experiment:
         self.diagnostics_file = diagnostics_file
         self.dtype = getattr(torch, config.dtype)
         self.base, self.tokenizer = load_model(config.model, dtype=self.dtype)
-        specs = config.minus if isinstance(config.minus, list) else [config.minus]
+        specs = _as_list(config.minus)
         self.minus_labels = [_minus_label(i, len(specs)) for i in range(len(specs))]
         self.sets = {"plus": build_examples(config.plus, config.seed),
                      **{label: build_examples(spec, config.seed) for label, spec in zip(self.minus_labels, specs)},

@@ -32,6 +32,8 @@ from tqdm.auto import tqdm
 __all__ = ["CovarianceStats", "ModuleStat", "collect_covariances", "find_linear_modules", "model_fingerprint"]
 
 NORMALIZATIONS = ("none", "max_abs", "trace")
+#: normalizations applied at read time: their stored sums are the same, so they convert freely
+RAW_SUM_NORMALIZATIONS = ("none", "trace")
 SIDES = ("output", "input")
 FORMAT_VERSION = 1
 _PROBES_PER_MODULE = 8
@@ -212,10 +214,9 @@ class CovarianceStats(Mapping):
         """The same statistics read with another normalization, without a new pass over the data: "none"
         and "trace" store the same raw sums ("trace" divides at read time). "max_abs" scales each sample
         during collection, so it cannot be converted to or from."""
-        convertible = {"none", "trace"}
         if normalize == self.normalize:
             return self
-        if {normalize, self.normalize} - convertible:
+        if {normalize, self.normalize} - set(RAW_SUM_NORMALIZATIONS):
             raise ValueError(f"Statistics collected with normalize={self.normalize!r} cannot be read as "
                              f"{normalize!r}: 'max_abs' scales each sample during collection. Collect them again.")
         other = CovarianceStats(self.sums, self.modules, n_samples=self.n_samples, n_tokens=self.n_tokens,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import string
 
-__all__ = ["PROMPTS", "STOP", "exact_match", "lm_eval_exact_match", "normalize_answer", "prompt"]
+__all__ = ["PROMPTS", "STOP", "exact_match", "fewshot_context", "lm_eval_exact_match", "normalize_answer", "prompt"]
 
 PROMPTS = {"triviaqa": "Question: {question}?\nAnswer:", "nq_open": "Q: {question}?\nA:"}
 STOP = ["\n", ".", ","]
@@ -22,6 +22,11 @@ _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 def prompt(question: str, task: str = "triviaqa") -> str:
     return PROMPTS[task].format(question=question.strip().rstrip("?"))
+
+
+def fewshot_context(shots: list[dict], task: str = "triviaqa") -> str:
+    """Solved examples in lm-eval's format: each prompt, " " + its first answer, then a blank line."""
+    return "".join(f"{prompt(s['question'], task)} {s['answers'][0]}\n\n" for s in shots)
 
 
 def normalize_answer(text: str) -> str:

@@ -12,7 +12,7 @@ import math
 import random
 
 from .generation import build_prompt, generate
-from .knowledge import exact_match, normalize_answer
+from .knowledge import exact_match, fewshot_context, normalize_answer
 from .knowledge import prompt as knowledge_prompt
 from .likelihood import best_answer_logprobs, continuation_logprobs
 
@@ -98,7 +98,7 @@ def knowledge_em(model, tokenizer, items, *, batch_size=8, show_progress=False, 
     shots = (shots or [])[:num_fewshot]
     if len(shots) < num_fewshot:
         raise ValueError(f"knowledge_em needs {num_fewshot} few-shot examples outside the evaluated items.")
-    context = "".join(f"{knowledge_prompt(s['question'])} {s['answers'][0]}\n\n" for s in shots)
+    context = fewshot_context(shots)
     texts = _greedy(model, tokenizer, [context + knowledge_prompt(it["question"]) for it in items], outputs,
                     max_new_tokens=24, stop=STOP, chat=False, batch_size=batch_size, show_progress=show_progress,
                     desc=desc)

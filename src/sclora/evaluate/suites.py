@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from .generation import build_prompt, generate
-from .knowledge import STOP, exact_match, lm_eval_exact_match, prompt
+from .knowledge import STOP, exact_match, fewshot_context, lm_eval_exact_match, prompt
 from .likelihood import best_answer_logprobs, continuation_logprobs
 from .math_answers import extract_math_answer, math_equal
 from .summarize import rouge
@@ -64,7 +64,7 @@ def evaluate_knowledge(model, tokenizer, items: list[dict] | None = None, *, lim
     shots = shuffled[len(items):][:num_fewshot] if num_fewshot else []
     if len(shots) < num_fewshot:
         raise ValueError(f"Need {num_fewshot} few-shot examples outside the {len(items)} evaluated items; lower limit.")
-    context = "".join(f"{prompt(s['question'], task)} {s['answers'][0]}\n\n" for s in shots)
+    context = fewshot_context(shots, task)
     start = time.perf_counter()
     prompts = [context + prompt(it["question"], task) for it in items]
     gen = generate(model, tokenizer, prompts, max_new_tokens=24, stop=STOP, chat=chat, batch_size=batch_size,
