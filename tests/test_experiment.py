@@ -217,3 +217,62 @@ def test_a_rerun_of_a_finished_experiment_writes_refreshed_comparisons(setup):
     assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0
     lora = json.loads((out / "results.json").read_text())[1]
     assert lora["run"] == "lora" and (lora["knowledge_lost"], lora["knowledge_gained"]) == (1, 0)
+
+
+def test_runs_claimed_by_a_live_process_are_left_to_it_and_dead_claims_are_taken_over(setup):
+    from sclora.experiment import _claim, _release
+
+    config_path, out = setup
+    claims = out / "claims"
+    claims.mkdir(parents=True)
+    import os
+    import subprocess
+    import sys
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        host = os.uname().nodename
+        (claims / "lora.json").write_text(json.dumps({"pid": sleeper.pid, "host": host}))
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        (claims / "corda_kpa.json").write_text(json.dumps({"pid": dead.pid, "host": host}))
+        assert not _claim(out, "lora")  # alive: another worker is on it
+        assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0
+        rows = json.loads((out / "results.json").read_text())
+        # The live claim was skipped; the dead one's run was taken over and finished.
+        assert [r["run"] for r in rows] == ["base", "sc_lora-beta0.5", "corda_kpa"]
+        assert not (claims / "corda_kpa.json").exists() and (claims / "lora.json").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    _release(out, "lora")
+    assert _claim(out, "lora") and not _claim(out, "lora")  # a fresh claim is exclusive, also to its owner
+
+
+def test_two_processes_share_one_folder_without_redoing_or_losing_runs(setup, monkeypatch):
+    import subprocess
+    import sys
+
+    config_path, out = setup
+    # A second process on the same folder, with the same (test) trivia data as this one.
+    code = (f"import json; from sclora import cli, data; rows = json.loads({json.dumps(json.dumps(TRIVIA))}); "
+            f"data.trivia = lambda *a, **k: rows; "
+            f"raise SystemExit(cli.main(['run', {str(config_path)!r}, '--output', {str(out)!r}, '--quiet']))")
+    other = subprocess.Popen([sys.executable, "-c", code], env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0
+    assert other.wait(timeout=600) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert sorted(r["run"] for r in rows) == ["base", "corda_kpa", "lora", "sc_lora-beta0.5"]  # each run once
+    for row in rows:
+        assert "knowledge_logprob" in row and (row["run"] == "base" or row["loss_history"])
+    assert not list((out / "claims").iterdir())  # every claim released
+
+    launched = []
+    monkeypatch.setattr(subprocess, "Popen", lambda command, env: launched.append((command, env)) or
+                        type("Done", (), {"wait": lambda self: 0, "args": command})())
+    assert cli.main(["run", str(config_path), "--output", str(out), "--quiet", "--workers", "3",
+                     "--set", "r=2"]) == 0
+    assert len(launched) == 2 and all(c[c.index("--output") + 1] == str(out) and "--set=r=2" in c
+                                      and e["OMP_NUM_THREADS"] == "1" for c, e in launched)
+    with pytest.raises(SystemExit, match="--workers must be >= 1"):
+        cli.main(["run", str(config_path), "--output", str(out), "--workers", "0"])

@@ -34,8 +34,8 @@ def _eval(args) -> int:
     if args.suite == "safety":
         from .evaluate.judges import make_judge
 
-        judge_kwargs = {"llm": dict(base_url=args.judge_url, model=args.judge_model, api_key_env=args.judge_key_env),
-                        "local": dict(path=args.judge_model), "refusal": {}}[args.judge]
+        judge_kwargs = {"llm": {"base_url": args.judge_url, "model": args.judge_model, "api_key_env": args.judge_key_env},
+                        "local": {"path": args.judge_model}, "refusal": {}}[args.judge]
         if args.judge != "refusal" and not args.judge_model:
             raise SystemExit(f"--judge {args.judge} needs --judge-model" + (" and --judge-url" if args.judge == "llm" else ""))
         kwargs["judge"] = make_judge(args.judge, **judge_kwargs)
@@ -52,7 +52,7 @@ def _eval(args) -> int:
 
 
 def _run(args) -> int:
-    from .experiment import load_config, results_table, run_experiment
+    from .experiment import load_config, read_results, results_table, run_experiment
 
     overrides = yaml_overrides(args.set)
     config = load_config(args.config, overrides)
@@ -63,10 +63,33 @@ def _run(args) -> int:
         return 0
     if not args.output:
         raise SystemExit("sclora run: --output DIR is required (or use --dry-run to only check the config).")
+    if args.workers < 1:
+        raise SystemExit(f"sclora run: --workers must be >= 1, got {args.workers}.")
+    helpers = _spawn_workers(args) if args.workers > 1 else []
     rows = run_experiment(config, args.output, show_progress=not args.quiet)
+    failed = [p.args for p in helpers if p.wait() != 0]
+    if failed:
+        raise SystemExit(f"sclora run: {len(failed)} worker process(es) failed; rerun the same command to resume.")
+    rows = read_results(args.output)  # with the rows the other workers finished after this process
     print(results_table(rows))
     print(f"wrote {Path(args.output) / 'results.json'} and results.md")
     return 0
+
+
+def _spawn_workers(args) -> list:
+    """N-1 more ``sclora run`` processes on the same config and folder; each claims the runs nobody else has.
+    Threads are split between them: on a small CPU, one single-thread process per core trains faster in total
+    than one process using every core."""
+    import subprocess
+
+    import torch
+
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    torch.set_num_threads(threads)
+    command = [sys.executable, "-m", "sclora", "run", args.config, "--output", args.output, "--quiet",
+               "--workers", "1", *[f"--set={kv}" for kv in args.set or []]]
+    return [subprocess.Popen(command, env=env) for _ in range(args.workers - 1)]
 
 
 def _diagnose(args) -> int:
@@ -256,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a top-level config key")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--dry-run", action="store_true", help="validate the config and print the plan; load nothing")
+    run.add_argument("--workers", type=int, default=1,
+                     help="processes sharing the runs (and the CPU threads); resumable, results merged in one table")
     run.set_defaults(func=_run)
     dia = sub.add_parser("diagnose", help="subspace diagnostics (captured D+/D- energy) of a config's inits, no training")
     dia.add_argument("config")

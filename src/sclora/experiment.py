@@ -439,9 +439,11 @@ RESIDUAL_METHODS = ("sc_lora", "pissa", "corda_ipa", "corda_kpa")
 
 def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
                    show_progress: bool = True) -> list[dict]:
-    """Run every configured run (skipping finished ones), write results.json / results.md, return rows."""
+    """Run every configured run (skipping finished ones), write results.json / results.md, return rows.
+
+    Several processes may run the same config into the same folder at once (``sclora run --workers N``):
+    each takes the runs no other live process has claimed, and all share one results table."""
     from .evaluate.judges import make_judge
-    from .train import TrainConfig, train
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -455,50 +457,121 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
         return evaluate_model(model, tokenizer, exp.eval_sets, options=exp.options, judge=judge, extras=extras,
                               show_progress=show_progress)
 
-    results_path = out / "results.json"
-    rows = json.loads(results_path.read_text()) if results_path.exists() else []
-    before = json.dumps(rows)
-    _refresh_paired(out, rows)
-    if json.dumps(rows) != before:
-        _write_results(out, rows)
-    done = {row["run"] for row in rows}
-    if "base" not in done:
-        metrics, items = evaluate(exp.base)
-        _atomic_write(out / "samples" / "base.json", json.dumps(items) + "\n")
-        rows.append({"run": "base", "method": "-", **metrics})
-        _write_results(out, rows)
-    base_samples = out / "samples" / "base.json"
-    base_items = json.loads(base_samples.read_text()) if base_samples.exists() else {}
+    rows = _update_results(out)
+    if "base" not in {row["run"] for row in rows} and _claim(out, "base"):
+        try:
+            metrics, items = evaluate(exp.base)
+            _atomic_write(out / "samples" / "base.json", json.dumps(items) + "\n")
+            rows = _update_results(out, {"run": "base", "method": "-", **metrics})
+        finally:
+            _release(out, "base")
     for run in config.runs:
         name = run_name(run)
-        if name in done:
-            continue
-        method, seed = run["method"], run.get("seed", config.seed)
-        start = time.perf_counter()
-        model = exp.initialize(run)
-        init_seconds = time.perf_counter() - start
-        if config.diagnostics and method in RESIDUAL_METHODS:
-            exp.diagnose(name, model)
-        train_config = TrainConfig.from_dict({**config.train, "seed": seed,
-                                              **({"learning_rate": run["learning_rate"]} if run.get("learning_rate")
-                                                 else {})})
-        along = _checkpoint_evals(config.evaluate_steps, evaluate, out / "runs" / name / "checkpoint_evals.json")
-        result = train(model, tokenizer, exp.sets["train"], train_config, out / "runs" / name,
-                       show_progress=show_progress, callbacks=[along])
-        metrics, items = evaluate(model)
-        _atomic_write(out / "samples" / f"{name}.json", json.dumps(items) + "\n")
-        row = {
-            "run": name, "method": method, "beta": run.get("beta"), "learning_rate": train_config.learning_rate,
-            "seed": seed, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "init_seconds": round(init_seconds, 1), "train_seconds": round(result.train_seconds, 1),
-            "train_tokens_per_second": round(result.tokens_per_second, 1), "final_loss": result.final_loss,
-            "loss_history": result.loss_history, **metrics, **paired_metrics(base_items, items),
-        }
-        if config.evaluate_steps:
-            row["checkpoints"] = along.rows
-        rows.append(row)
-        _write_results(out, rows)
+        if name in {row["run"] for row in _update_results(out, refresh=False)} or not _claim(out, name):
+            continue  # finished, or being run by another `sclora run` process sharing this folder
+        try:
+            row = _run_one(config, exp, run, name, out, evaluate)
+            rows = _update_results(out, row)
+        finally:
+            _release(out, name)
     return rows
+
+
+def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, out: Path, evaluate) -> dict:
+    from .train import TrainConfig, train
+
+    method, seed = run["method"], run.get("seed", config.seed)
+    start = time.perf_counter()
+    model = exp.initialize(run)
+    init_seconds = time.perf_counter() - start
+    if config.diagnostics and method in RESIDUAL_METHODS:
+        exp.diagnose(name, model)
+    train_config = TrainConfig.from_dict({**config.train, "seed": seed,
+                                          **({"learning_rate": run["learning_rate"]} if run.get("learning_rate")
+                                             else {})})
+    along = _checkpoint_evals(config.evaluate_steps, evaluate, out / "runs" / name / "checkpoint_evals.json")
+    result = train(model, exp.tokenizer, exp.sets["train"], train_config, out / "runs" / name,
+                   show_progress=exp.show_progress, callbacks=[along])
+    metrics, items = evaluate(model)
+    _atomic_write(out / "samples" / f"{name}.json", json.dumps(items) + "\n")
+    row = {
+        "run": name, "method": method, "beta": run.get("beta"), "learning_rate": train_config.learning_rate,
+        "seed": seed, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "init_seconds": round(init_seconds, 1), "train_seconds": round(result.train_seconds, 1),
+        "train_tokens_per_second": round(result.tokens_per_second, 1), "final_loss": result.final_loss,
+        "loss_history": result.loss_history, **metrics,
+    }
+    if config.evaluate_steps:
+        row["checkpoints"] = along.rows
+    return row
+
+
+# --- several processes on one output folder --------------------------------------------------------------
+# `sclora run` may be started several times on the same config and folder (e.g. one single-thread process
+# per core): each run is claimed by one process, and results.json is read-merged-written under a file lock,
+# so the processes share the table and none redoes another's run.
+
+
+def read_results(output_dir: str | os.PathLike) -> list[dict]:
+    """The rows of an experiment folder's results.json, with the comparisons against the base model refreshed."""
+    return _update_results(Path(output_dir))
+
+
+def _update_results(out: Path, row: dict | None = None, *, refresh: bool = True) -> list[dict]:
+    """Under the folder's lock: re-read results.json, add or replace ``row``, refresh the comparisons against
+    the base model (its scores may have been written by another process), write back if anything changed."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = out / "results.json"
+        rows = json.loads(path.read_text()) if path.exists() else []
+        before = json.dumps(rows)
+        if row is not None:
+            rows = [r for r in rows if r["run"] != row["run"]] + [row]
+        if refresh:
+            _refresh_paired(out, rows)
+        if json.dumps(rows) != before:
+            _write_results(out, rows)
+        return rows
+
+
+def _claim(out: Path, name: str) -> bool:
+    """Atomically claim run ``name`` for this process; a claim left by a dead process on this host is taken over."""
+    path = out / "claims" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": os.uname().nodename}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return False  # being written right now by its owner
+            if owner.get("host") != me["host"] or _alive(owner.get("pid", -1)):
+                return False
+            path.unlink(missing_ok=True)  # its process died: the run is free again (training resumes)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return True
+    return False
+
+
+def _release(out: Path, name: str) -> None:
+    (out / "claims" / f"{name}.json").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def diagnose_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *, show_progress: bool = True,
