@@ -276,3 +276,27 @@ def test_two_processes_share_one_folder_without_redoing_or_losing_runs(setup, mo
                                       and e["OMP_NUM_THREADS"] == "1" for c, e in launched)
     with pytest.raises(SystemExit, match="--workers must be >= 1"):
         cli.main(["run", str(config_path), "--output", str(out), "--workers", "0"])
+
+
+def test_a_run_may_use_another_normalization_of_the_same_statistics(setup):
+    config_path, out = setup
+    config = yaml.safe_load(config_path.read_text())
+    config["runs"] = [{"method": "sc_lora", "beta": 0.5}, {"method": "sc_lora", "beta": 0.5, "normalize": "trace"}]
+    config_path.write_text(yaml.safe_dump(config))
+    assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0
+    rows = {r["run"]: r for r in json.loads((out / "results.json").read_text())}
+    assert set(rows) == {"base", "sc_lora-beta0.5", "sc_lora-beta0.5-trace"}
+    assert rows["sc_lora-beta0.5"]["knowledge_logprob"] != rows["sc_lora-beta0.5-trace"]["knowledge_logprob"]
+    diagnostics = json.loads((out / "diagnostics.json").read_text())
+    assert diagnostics["sc_lora-beta0.5"] != diagnostics["sc_lora-beta0.5-trace"]
+    assert sorted(p.name for p in (out / "stats").iterdir()) == ["minus-output-none.safetensors",
+                                                                 "plus-output-none.safetensors"]  # no second pass
+    config["runs"] = [{"method": "sc_lora", "beta": 0.5, "normalize": "l2"}]
+    with pytest.raises(ValueError, match="Unknown normalize 'l2'"):
+        load_config_from(config)
+
+
+def load_config_from(config):
+    from sclora.experiment import ExperimentConfig
+
+    return ExperimentConfig(**config)

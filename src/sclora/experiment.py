@@ -27,6 +27,7 @@ from .config import LLAMA_TARGET_MODULES, METHODS
 __all__ = ["ExperimentConfig", "build_examples", "load_config", "run_experiment"]
 
 from .hub_data import HUB_SOURCES
+from .statistics import NORMALIZATIONS
 
 DATA_KINDS = ("math", "trivia", "summaries", "harmful", *HUB_SOURCES)
 
@@ -99,6 +100,8 @@ class ExperimentConfig:
                 raise ValueError(f"Unknown run key(s) {sorted(unknown)}; a run takes {sorted(RUN_KEYS)}.")
             if run.get("method") not in METHODS:
                 raise ValueError(f"Unknown method {run.get('method')!r} in runs; choose one of {METHODS}.")
+            if run.get("normalize") not in (None, *NORMALIZATIONS):
+                raise ValueError(f"Unknown normalize {run['normalize']!r} in run {run}; choose one of {NORMALIZATIONS}.")
             beta = run.get("beta")
             if run["method"] == "corda_kpa" and n_minus > 1:
                 raise ValueError("corda_kpa preserves a single knowledge set; this config lists several under "
@@ -115,7 +118,7 @@ class ExperimentConfig:
         TrainConfig.from_dict(self.train)  # fail on a bad key now, not after an hour of statistics
 
 
-RUN_KEYS = {"method", "beta", "learning_rate", "name", "seed"}
+RUN_KEYS = {"method", "beta", "learning_rate", "name", "seed", "normalize"}
 
 
 def _strict(cls, data: dict, what: str):
@@ -343,6 +346,8 @@ def run_name(run: dict) -> str:
         name += "-beta" + ("+".join(str(b) for b in beta) if isinstance(beta, list) else str(beta))
     if "name" not in run and run.get("learning_rate") is not None:
         name += f"-lr{run['learning_rate']}"
+    if "name" not in run and run.get("normalize") is not None:
+        name += f"-{run['normalize']}"
     if "name" not in run and run.get("seed") is not None:
         name += f"-seed{run['seed']}"
     return name
@@ -394,16 +399,17 @@ class _Experiment:
             self.eval_sets[name] = build_examples(data_spec, config.seed)
         check_disjoint({**self.sets, **self.eval_sets})
 
-    def stats(self, label: str, side: str):
+    def stats(self, label: str, side: str, normalize: str | None = None):
         c = self.config
-        return cached_statistics(self.out / "stats" / f"{label}-{side}-{c.normalize}.safetensors", self.base,
+        normalize = normalize or c.normalize
+        return cached_statistics(self.out / "stats" / f"{label}-{side}-{normalize}.safetensors", self.base,
                                  self.tokenizer, self.sets[label], seq_len=c.stats_seq_len,
                                  batch_size=c.stats_batch_size, target_modules=c.target_modules,
-                                 normalize=c.normalize, side=side, show_progress=self.show_progress,
+                                 normalize=normalize, side=side, show_progress=self.show_progress,
                                  desc=f"{label} statistics")
 
-    def minus_stats(self, side: str):
-        minus = [self.stats(label, side) for label in self.minus_labels]
+    def minus_stats(self, side: str, normalize: str | None = None):
+        minus = [self.stats(label, side, normalize) for label in self.minus_labels]
         return minus[0] if len(minus) == 1 else minus
 
     def initialize(self, run: dict):
@@ -415,21 +421,23 @@ class _Experiment:
         model, _ = load_model(c.model, dtype=self.dtype)
         torch.manual_seed(run.get("seed", c.seed))  # vanilla LoRA's random A
         needed, side = NEEDS_DATA.get(method, ()), statistics_side(method)
-        plus = self.stats("plus", side) if "plus" in needed else None
-        minus = self.minus_stats(side) if "minus" in needed else None
-        overrides = {"r": c.r, "lora_alpha": c.lora_alpha, "normalize": c.normalize,
+        normalize = run.get("normalize") or c.normalize  # a run may compare another normalization
+        plus = self.stats("plus", side, normalize) if "plus" in needed else None
+        minus = self.minus_stats(side, normalize) if "minus" in needed else None
+        overrides = {"r": c.r, "lora_alpha": c.lora_alpha, "normalize": normalize,
                      "target_modules": c.target_modules, "beta": run.get("beta")}
         return init_model(model, method=method, plus=plus, minus=minus, show_progress=self.show_progress,
                           **{k: v for k, v in overrides.items() if v is not None})
 
-    def diagnose(self, name: str, model) -> None:
+    def diagnose(self, name: str, model, normalize: str | None = None) -> None:
         """Save the share of D+ and D- output energy the initial adapter captures, per module (residual inits
         only: a zero-initialized LoRA adapter has no subspace yet)."""
         from .diagnostics import subspace_energy
 
         path = self.out / self.diagnostics_file
         current = json.loads(path.read_text()) if path.exists() else {}
-        current[name] = subspace_energy(model, self.stats("plus", "output"), self.minus_stats("output"))
+        current[name] = subspace_energy(model, self.stats("plus", "output", normalize),
+                                        self.minus_stats("output", normalize))
         _atomic_write(path, json.dumps(current) + "\n")
 
 
@@ -485,7 +493,7 @@ def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, o
     model = exp.initialize(run)
     init_seconds = time.perf_counter() - start
     if config.diagnostics and method in RESIDUAL_METHODS:
-        exp.diagnose(name, model)
+        exp.diagnose(name, model, run.get("normalize"))
     train_config = TrainConfig.from_dict({**config.train, "seed": seed,
                                           **({"learning_rate": run["learning_rate"]} if run.get("learning_rate")
                                              else {})})
@@ -583,7 +591,7 @@ def diagnose_experiment(config: ExperimentConfig, output_dir: str | os.PathLike,
     exp = _Experiment(config, out, show_progress, diagnostics_file)
     for run in config.runs:
         if run["method"] in RESIDUAL_METHODS:
-            exp.diagnose(run_name(run), exp.initialize(run))
+            exp.diagnose(run_name(run), exp.initialize(run), run.get("normalize"))
     path = out / diagnostics_file
     return json.loads(path.read_text()) if path.exists() else {}
 
