@@ -170,7 +170,7 @@ def _data_spec(text: str):
 
 def _build_init(args, model, tokenizer, out: Path):
     """Statistics (cached in out/stats) and the initialized model, deterministically from args."""
-    from . import SCLoRAConfig, init_model
+    from . import SCLoRAConfig, distributed, init_model
     from .experiment import NEEDS_DATA, build_examples, cached_statistics, statistics_side
 
     config = SCLoRAConfig(method=args.method, r=args.r, beta=args.beta, normalize=args.normalize)
@@ -180,55 +180,105 @@ def _build_init(args, model, tokenizer, out: Path):
         spec = getattr(args, label)
         if spec is None:
             raise SystemExit(f"--method {args.method} needs --{label} DATA (e.g. --{label} math:256)")
-        stats[label] = cached_statistics(out / "stats" / f"{label}-{side}-{args.normalize}.safetensors", model,
-                                         tokenizer, build_examples(_data_spec(spec), args.seed), seq_len=args.seq_len,
-                                         batch_size=8, target_modules=config.target_modules, normalize=args.normalize,
-                                         side=side, show_progress=not args.quiet, desc=f"{label} statistics")
-    config.save_pretrained(out)
+        collect = cached_statistics if not distributed.is_distributed() else _shared_statistics
+        stats[label] = collect(out / "stats" / f"{label}-{side}-{args.normalize}.safetensors", model,
+                               tokenizer, build_examples(_data_spec(spec), args.seed), seq_len=args.seq_len,
+                               batch_size=8, target_modules=config.target_modules, normalize=args.normalize,
+                               side=side, show_progress=not args.quiet, desc=f"{label} statistics")
+    if distributed.is_main_process():
+        config.save_pretrained(out)
     return init_model(model, config, plus=stats.get("plus"), minus=stats.get("minus"), show_progress=not args.quiet)
+
+
+def _shared_statistics(path: Path, model, tokenizer, examples: list[dict], *, seq_len: int, batch_size: int,
+                       target_modules, normalize: str, side: str, show_progress: bool = True, desc: str = "statistics"):
+    """``cached_statistics`` over several processes, kept on the model's device (its GPU): each rank collects
+    over its shard of ``examples`` and the sums are all-reduced. Every rank takes the same branch: the cache
+    is read only if every rank sees it (or its sibling normalization, which stores the same raw sums)."""
+    from . import distributed
+    from .experiment import statistics_batches
+    from .statistics import RAW_SUM_NORMALIZATIONS, CovarianceStats, collect_covariances
+
+    where = next(model.parameters()).device
+    candidates = [path] + [path.with_name(path.name.replace(f"-{normalize}.", f"-{other}."))
+                           for other in RAW_SUM_NORMALIZATIONS if normalize in RAW_SUM_NORMALIZATIONS
+                           and other != normalize]
+    found = next((p for p in candidates if p.exists()), None)
+    if distributed.all_true(found is not None):
+        return CovarianceStats.load(found, device=str(where)).with_normalize(normalize)
+    batches = statistics_batches(tokenizer, distributed.shard(examples), seq_len, batch_size)
+    stats = collect_covariances(model, batches, target_modules, normalize, side=side, show_progress=show_progress,
+                                desc=desc)
+    if distributed.local_rank() == 0:  # one writer per node (with a shared file system they write the same bytes)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stats.save(path)
+    distributed.barrier()
+    return stats
 
 
 def _init(args) -> int:
     import time
 
+    from . import distributed
     from .export import save_initial_adapter
-    from .models import load_model
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _load_model(args.model)
     start = time.perf_counter()
     model = _build_init(args, model, tokenizer, out)
-    if hasattr(model, "peft_config"):
-        save_initial_adapter(model, out / "initial_adapter")
-    (out / "init_args.json").write_text(json.dumps(vars(args), default=str, indent=2) + "\n")
-    print(f"initialized {args.method} in {time.perf_counter() - start:.1f} s; statistics and config in {out}")
+    if distributed.is_main_process():  # every rank holds the same adapter; one writes it
+        if hasattr(model, "peft_config"):
+            save_initial_adapter(model, out / "initial_adapter")
+        (out / "init_args.json").write_text(json.dumps(vars(args), default=str, indent=2) + "\n")
+        print(f"initialized {args.method} in {time.perf_counter() - start:.1f} s; statistics and config in {out}")
+    distributed.barrier()
     return 0
 
 
+def _load_model(name: str):
+    """load_model, on this process's GPU when several processes share a node's GPUs."""
+    from . import distributed
+    from .models import load_model
+
+    if not distributed.is_main_process():  # one set of progress bars
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+    model, tokenizer = load_model(name)
+    if distributed.is_distributed() and distributed.device().type == "cuda":
+        model.to(distributed.device())
+    return model, tokenizer
+
+
 def _train(args) -> int:
+    from . import distributed
     from .experiment import build_examples
     from .export import export_lora
-    from .models import load_model
     from .train import TrainConfig, train
 
     init_dir = Path(args.init)
     saved = json.loads((init_dir / "init_args.json").read_text())
     init_args = argparse.Namespace(**{**saved, "quiet": args.quiet})
-    model, tokenizer = load_model(init_args.model)
+    model, tokenizer = _load_model(init_args.model)
     model = _build_init(init_args, model, tokenizer, init_dir)  # same stats, same init: resumable
     config = TrainConfig.from_dict(yaml_overrides(args.set))
     examples = build_examples(_data_spec(args.data), init_args.seed)
+    # Under torchrun / accelerate launch Trainer trains with DDP or FSDP; every process holds the whole data
+    # and Trainer gives each its share of every global batch (config batch_size).
     result = train(model, tokenizer, examples, config, Path(args.output) / "checkpoints", show_progress=not args.quiet)
-    if hasattr(model, "peft_config"):
-        export_lora(model, Path(args.output) / "adapter")
-        where = "plain LoRA adapter for the untouched base in " + str(Path(args.output) / "adapter")
-    else:  # full fine-tuning: the model itself
-        model.save_pretrained(Path(args.output) / "model")
-        tokenizer.save_pretrained(Path(args.output) / "model")
-        where = "model in " + str(Path(args.output) / "model")
-    print(f"{result.steps} steps, {result.train_seconds:.1f} s, {result.tokens_per_second:.1f} tokens/s, "
-          f"final loss {result.final_loss:.4f}; {where}")
+    with distributed.full_parameters(model):  # FSDP: the whole weights, on rank 0
+        if distributed.is_main_process():  # one writer; the other ranks wait at the barrier
+            if hasattr(model, "peft_config"):
+                export_lora(model, Path(args.output) / "adapter")
+                where = "plain LoRA adapter for the untouched base in " + str(Path(args.output) / "adapter")
+            else:  # full fine-tuning: the model itself
+                model.save_pretrained(Path(args.output) / "model")
+                tokenizer.save_pretrained(Path(args.output) / "model")
+                where = "model in " + str(Path(args.output) / "model")
+            print(f"{result.steps} steps, {result.train_seconds:.1f} s, {result.tokens_per_second:.1f} tokens/s, "
+                  f"final loss {result.final_loss:.4f}; {where}")
+    distributed.barrier()
     return 0
 
 
@@ -298,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "full"])
     ini.add_argument("--plus", help="D+ data spec kind:n[:offset[:split]], e.g. math:256")
     ini.add_argument("--minus", help="D- data spec, e.g. trivia:256")
-    ini.add_argument("--r", type=int, default=16)
+    # --lora-r: torchrun's own parser rejects "--r" anywhere on its command line (an ambiguous prefix of its options)
+    ini.add_argument("--r", "--lora-r", dest="r", type=int, default=16, help="LoRA rank (--lora-r under torchrun)")
     ini.add_argument("--beta", type=float, default=0.5)
     ini.add_argument("--normalize", default="none", choices=["none", "max_abs", "trace"])
     ini.add_argument("--seq-len", type=int, default=256)
@@ -325,7 +376,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    # torchrun / accelerate launch: init and train spread over the processes (docs/distributed.md)
+    started = False
+    if args.command in ("init", "train"):
+        from . import distributed
+
+        started = distributed.init_from_env()
+    try:
+        return args.func(args)
+    finally:
+        if started:
+            import torch.distributed
+
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

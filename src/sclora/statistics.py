@@ -29,6 +29,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
+
 __all__ = ["CovarianceStats", "ModuleStat", "collect_covariances", "find_linear_modules", "model_fingerprint"]
 
 NORMALIZATIONS = ("none", "max_abs", "trace")
@@ -289,6 +291,12 @@ def collect_covariances(
     ``"none"`` (Algorithm 1 literally), ``"max_abs"`` (each sample's activations divided by their
     max |value|, as CorDA and the authors' code do), ``"trace"`` (each covariance scaled to unit
     trace). Sums are accumulated in ``dtype`` (float32 or float64), never in the model's dtype.
+
+    Several processes (``torch.distributed`` initialized): each rank passes ITS OWN shard of the data
+    (e.g. ``sclora.distributed.shard(examples)``; the caller shards, this function does not) and every
+    rank must call it with the same model and settings. The raw sums and the sample / token counts are
+    all-reduced before anything is normalized, so every rank returns the statistics of the union of
+    the shards, as one process would over all the data (up to float rounding).
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}.")
@@ -299,6 +307,11 @@ def collect_covariances(
     targets = resolve_targets(model, target_modules)
     iterator = iter(batches)
     first = next(iterator, None)
+    reduce = distributed.is_distributed()
+    if reduce:  # every rank must reach the all-reduce below, so they fail together
+        distributed.fail_together(None if first is not None else ValueError(
+            f"Rank {distributed.rank()} got no batches for the statistics: give every rank a non-empty shard "
+            f"(at least {distributed.world_size()} samples in all)."), "collecting the statistics")
     if first is None:
         raise ValueError("No batches: the data set for the statistics is empty. Pass at least one sample.")
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -325,18 +338,28 @@ def collect_covariances(
     n_samples = n_tokens = 0
     was_training = model.training
     model.eval()
+    error = None
     try:
-        for batch in tqdm(chain([first], iterator), total=total, desc=desc, disable=not show_progress):
+        for batch in tqdm(chain([first], iterator), total=total, desc=desc,
+                          disable=not show_progress or not distributed.is_main_process()):
             batch = _to_device(batch, device)
             state["mask"] = batch["attention_mask"].bool()
             forward(batch)
             n_samples += int(state["mask"].any(dim=1).sum())
             n_tokens += int(state["mask"].sum())
             _check_finite(sums, groups)
+    except Exception as err:
+        if not reduce:
+            raise
+        error = err
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    if reduce:  # raw sums and counts over all ranks' shards, before any normalization
+        distributed.fail_together(error, "collecting the statistics")
+        n_samples, n_tokens = distributed.all_reduce_sums(sums, n_samples, n_tokens)
+        _check_finite(sums, groups)
     if n_tokens == 0:
         raise ValueError("Every token of the data was padding (attention_mask all zero); there is nothing to count.")
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch.utils.data import Dataset
 
+from . import distributed
 from .evaluate.generation import build_prompt
 
 __all__ = ["PadCollator", "TrainConfig", "TrainResult", "tokenize_examples", "train"]
@@ -39,10 +40,12 @@ class TrainConfig:
     """Fine-tuning hyper-parameters; the defaults are the SC-LoRA paper's recipe.
 
     ``batch_size`` is the effective batch (examples per optimizer step), reached by gradient
-    accumulation over micro-batches of ``micro_batch_size``. ``save_steps`` and ``max_steps`` count
-    optimizer steps; ``max_steps > 0`` overrides ``num_epochs``. ``bf16`` trains under bf16
-    autocast (also on CPU, where it is faster than fp32). ``chat`` wraps prompts in the
-    tokenizer's chat template. ``max_grad_norm`` is Trainer's gradient clipping (its default).
+    accumulation over micro-batches of ``micro_batch_size``; under torchrun / accelerate launch it stays
+    the global batch (micro-batch x accumulation x processes, so a multiple of ``micro_batch_size`` x
+    processes; docs/distributed.md). ``save_steps`` and ``max_steps`` count optimizer steps;
+    ``max_steps > 0`` overrides ``num_epochs``. ``bf16`` trains under bf16 autocast (also on CPU,
+    where it is faster than fp32). ``chat`` wraps prompts in the tokenizer's chat template.
+    ``max_grad_norm`` is Trainer's gradient clipping (its default).
     """
 
     learning_rate: float = 2e-5
@@ -247,6 +250,54 @@ def _meter_callback():
     return Meter()
 
 
+def _training_arguments(config: TrainConfig, output_dir: str, show_progress: bool):
+    """Trainer's arguments for ``config``. ``config.batch_size`` stays the global batch under data parallelism:
+    micro-batch x gradient accumulation x processes."""
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=config.micro_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="no",
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=config.bf16,
+        use_cpu=not cuda,
+        dataloader_pin_memory=cuda,
+        report_to="none",
+        disable_tqdm=not show_progress,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,  # every adapter (or model) weight takes part in each forward pass
+    )
+    processes = args.world_size
+    if processes > 1:
+        per_step = config.micro_batch_size * processes
+        if config.batch_size % per_step:
+            raise ValueError(
+                f"batch_size ({config.batch_size}) must be a multiple of micro_batch_size x processes "
+                f"({config.micro_batch_size} x {processes} = {per_step}): batch_size is the global batch, reached by "
+                "gradient accumulation over micro-batches on every process. Change batch_size, micro_batch_size "
+                "or the number of processes."
+            )
+        args.gradient_accumulation_steps = config.batch_size // per_step
+    return args
+
+
 def train(
     model,
     tokenizer,
@@ -285,7 +336,7 @@ def train(
     ``output_dir/train_run.json`` (what a resume must match). ``callbacks`` are extra
     ``transformers.TrainerCallback`` objects. The model is left in the mode it came in.
     """
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     output_dir = os.fspath(output_dir)
     if not isinstance(config, TrainConfig):
@@ -298,15 +349,20 @@ def train(
         raise ValueError("The model has no trainable parameter; wrap it with sclora.init_model first.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    # Creating the arguments sets up the processes under torchrun / accelerate launch (DDP, FSDP).
+    args = _training_arguments(config, output_dir, show_progress)
+    main = args.process_index == 0  # writes train_run.json, train_log.json (Trainer saves checkpoints itself)
     os.makedirs(output_dir, exist_ok=True)
     existing = _checkpoints(output_dir)
     if existing and not resume:
-        warnings.warn(f"resume=False: deleting {len(existing)} checkpoint(s) of an earlier run in {output_dir}.",
-                      stacklevel=2)
-        for path in existing:
-            shutil.rmtree(path)
+        if main:
+            warnings.warn(f"resume=False: deleting {len(existing)} checkpoint(s) of an earlier run in {output_dir}.",
+                          stacklevel=2)
+            for path in existing:
+                shutil.rmtree(path)
         existing = []
     resume_from = existing[-1] if existing else None
+    resume_from = distributed.broadcast_object(resume_from)  # every rank resumes from rank 0's choice
     run = {"config": {k: v for k, v in config.to_dict().items() if k not in _RESUME_FREE},
            "examples": len(items), "data_sha256": _fingerprint(items)}
     run_path = os.path.join(output_dir, RUN_FILE)
@@ -323,36 +379,10 @@ def train(
                 "A resume restores the old optimizer, schedule and data order, so it must use the same config and "
                 "examples; pass resume=False (deletes the checkpoints) or use another output_dir."
             )
-    _write_json_atomic(run_path, run)
+    if main:
+        _write_json_atomic(run_path, run)
+    distributed.barrier()
 
-    cuda = torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=output_dir,
-        per_device_train_batch_size=config.micro_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        num_train_epochs=config.num_epochs,
-        max_steps=config.max_steps,
-        logging_strategy="steps",
-        logging_steps=config.logging_steps,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        eval_strategy="no",
-        seed=config.seed,
-        data_seed=config.seed,
-        bf16=config.bf16,
-        use_cpu=not cuda,
-        dataloader_pin_memory=cuda,
-        report_to="none",
-        disable_tqdm=not show_progress,
-        remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
-    )
     meter = _meter_callback()
     trainer = Trainer(
         model=model,
@@ -370,6 +400,8 @@ def train(
         trainer.train(resume_from_checkpoint=resume_from)
     finally:
         model.train(was_training)
+    if trainer.is_fsdp_enabled:  # for sclora.distributed.full_parameters (an export after FSDP training)
+        object.__setattr__(model, "_sclora_fsdp_root", trainer.model_wrapped)
 
     state = trainer.state
     history = [(int(e["step"]), float(e["loss"])) for e in state.log_history if "loss" in e and "step" in e]
@@ -386,6 +418,8 @@ def train(
         dropped_examples=dropped,
         extra={"examples": len(items), "max_steps": int(state.max_steps)},
     )
+    if not main:
+        return result
     log_path = os.path.join(output_dir, TRAIN_LOG)
     calls = []
     if resume_from and os.path.exists(log_path):  # keep the timings of the calls before this resume

@@ -11,6 +11,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..config import SCLoRAConfig
 from ..statistics import resolve_targets
 
@@ -60,20 +61,48 @@ def build_residual_adapter(
     targets = resolve_targets(model, config.target_modules)
     check_rank(targets, config.r)
     peft_model = get_peft_model(model, config.to_lora_config(init_lora_weights=False))
-    for name, layer in tqdm(lora_layers(peft_model, targets).items(), desc=desc, disable=not show_progress):
-        base = layer.get_base_layer()
-        lora_a, lora_b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-        a, b, w_res = factors(name, base.weight.detach(), layer.scaling[ADAPTER])
-        lora_a.data = a.to(device=lora_a.device, dtype=lora_a.dtype).contiguous()
-        lora_b.data = b.to(device=lora_b.device, dtype=lora_b.dtype).contiguous()
-        base.weight.data = w_res.to(device=base.weight.device, dtype=base.weight.dtype).contiguous()
+    layers = list(lora_layers(peft_model, targets).items())
+    # Several processes: rank k decomposes modules k, k + world, ...; then each module's (A, B, W_res) is
+    # broadcast from its owner, so every rank ends with the same bits. One process owns them all.
+    world, me, spread = distributed.world_size(), distributed.rank(), distributed.is_distributed()
+    mine = layers[me::world]
+    error = None
+    try:
+        for name, layer in tqdm(mine, desc=desc, disable=not show_progress or me != 0):
+            base = layer.get_base_layer()
+            lora_a, lora_b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            a, b, w_res = factors(name, base.weight.detach(), layer.scaling[ADAPTER])
+            lora_a.data = a.to(device=lora_a.device, dtype=lora_a.dtype).contiguous()
+            lora_b.data = b.to(device=lora_b.device, dtype=lora_b.dtype).contiguous()
+            base.weight.data = w_res.to(device=base.weight.device, dtype=base.weight.dtype).contiguous()
+    except Exception as err:
+        if not spread:
+            raise
+        error = err
+    if spread:
+        distributed.fail_together(error, f"{desc} (decomposition)")
+        for i, (_, layer) in enumerate(layers):
+            tensors = [layer.lora_A[ADAPTER].weight.data, layer.lora_B[ADAPTER].weight.data,
+                       layer.get_base_layer().weight.data]
+            distributed.broadcast_tensors(tensors, src=i % world)
     remember_initial_adapter(peft_model)
     return peft_model
 
 
+#: what FSDP (auto-wrap) and activation checkpointing insert into module names
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
 def adapter_layers(peft_model: PeftModel) -> dict[str, LoraLayer]:
+    """LoRA layers by their model names (also inside FSDP units, whose wrapper names are left out)."""
     inner = peft_model.base_model.model
-    return {name: m for name, m in inner.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
+    layers = {}
+    for name, m in inner.named_modules():
+        if isinstance(m, LoraLayer) and ADAPTER in m.lora_A:
+            for prefix in _WRAPPER_PREFIXES:
+                name = name.replace(prefix, "")
+            layers[name] = m
+    return layers
 
 
 @torch.no_grad()
