@@ -5,7 +5,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import random_batches, tiny_llama
 
+from sclora import SCLoRAConfig, collect_covariances, get_sclora_model
+from sclora.eigensolvers import SOLVERS, Operator, auto_solver, top_eigenpairs
 from sclora.subspace import (
     NonUniqueSubspaceWarning,
     captured_energy,
@@ -306,3 +309,146 @@ def test_beta1_subspace_captures_nothing_of_a_low_rank_cov_minus():
 def test_captured_energy_rejects_a_basis_of_the_wrong_space():
     with pytest.raises(ValueError, match="q must be d_out x r with d_out=7"):
         captured_energy(random_orthonormal(6, 2, 0), random_cov(3), weight=torch.randn(7, 3, dtype=torch.float64))
+
+
+# --- top-r eigensolvers (solver="lobpcg" / "mixed" / "auto") against the float64 eigh reference -------------
+
+FAST_SOLVERS = ("lobpcg", "mixed")
+
+
+def eigh_reference(delta, r):
+    eigvals, eigvecs = torch.linalg.eigh(delta)
+    return eigvals.flip(0)[:r].sum(), eigvecs.flip(1)[:, :r]
+
+
+def projector_distance(q, q_ref):
+    return torch.linalg.norm(projector(q) - projector(q_ref)).item()
+
+
+@pytest.mark.parametrize("solver", FAST_SOLVERS)
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("beta", [0.3, 0.7])
+def test_fast_solvers_match_the_float64_eigh_subspace_and_reward(solver, seed, beta):
+    d, r = 64, 4
+    cp, cm = random_cov(d, seed=seed), random_cov(d, seed=40 + seed)
+    delta = delta_covariance(cp, cm, beta)
+    eigvals = torch.linalg.eigvalsh(delta).flip(0)
+    assert eigvals[r - 1] - eigvals[r] > 1e-3 * (eigvals[0] - eigvals[-1])  # a clear eigengap after the r-th
+    reward_ref, q_ref = eigh_reference(delta, r)
+    info = {}
+    _, vecs = top_eigenpairs(Operator(delta), r, solver, info)
+    assert info["solver"] == solver and not info["fallback"] and info["iterations"] > 0  # it ran, eigh did not
+    q = sc_subspace(cp, cm, beta, r, solver=solver)
+    assert torch.allclose(q.T @ q, torch.eye(r, dtype=q.dtype), atol=1e-12)
+    assert projector_distance(q, q_ref) < 1e-6
+    assert projector_distance(vecs[:, :r], q_ref) < 1e-6
+    assert abs((reward(q, cp, cm, beta) - reward_ref) / reward_ref) < 1e-9
+    # Same columns as eigh, signs included (distinct eigenvalues): the adapter does not depend on the solver.
+    assert torch.allclose(q, sc_subspace(cp, cm, beta, r), atol=1e-6)
+
+
+@pytest.mark.parametrize("solver", FAST_SOLVERS + ("auto",))
+@pytest.mark.parametrize("d_out,d_in", [(96, 48), (40, 64), (128, 128)])
+def test_fast_solvers_through_the_weight_match_eigh(solver, d_out, d_in):
+    # (96, 48): d_out > d_in, the thin-QR reduction; (40, 64), (128, 128): W0 dCov_in W0^T, which mixed applies
+    # through its factors at 128 (cheaper than forming it for a few products).
+    r, beta = 4, 0.5
+    g = torch.Generator().manual_seed(d_out)
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) / d_in**0.5
+    cp, cm = random_cov(d_in, seed=1), random_cov(d_in, seed=2)
+    q_ref = sc_subspace(cp, cm, beta, r, weight=w)
+    q = sc_subspace(cp, cm, beta, r, weight=w, solver=solver)
+    assert projector_distance(q, q_ref) < 1e-6
+    out_p, out_m = w @ cp @ w.T, w @ cm @ w.T
+    r_ref = reward(q_ref, out_p, out_m, beta)
+    assert abs((reward(q, out_p, out_m, beta) - r_ref) / r_ref) < 1e-9
+
+
+def test_operator_applies_w_dcov_wt_through_its_factors_when_cheaper():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 128, generator=g, dtype=torch.float64)
+    delta = delta_covariance(random_cov(128, seed=1), random_cov(128, seed=2), 0.5)
+    op = Operator(delta, w)
+    implicit, explicit = op.applier(columns=12, products=4), op.applier(columns=12, products=1000)
+    assert getattr(implicit, "__self__", None) is None and isinstance(explicit.__self__, torch.Tensor)
+    x = torch.randn(128, 12, generator=g, dtype=torch.float64)
+    assert torch.allclose(implicit(x), op.dense() @ x, rtol=1e-12, atol=1e-10)
+    assert torch.allclose(explicit(x), op.dense() @ x, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("solver", FAST_SOLVERS)
+def test_fast_solvers_in_float32_are_as_close_as_float32_eigh(solver):
+    d, r = 96, 4
+    cp, cm = random_cov(d, seed=3), random_cov(d, seed=4)
+    _, q_ref = eigh_reference(delta_covariance(cp, cm, 0.5), r)
+    q32 = sc_subspace(cp, cm, 0.5, r, dtype=torch.float32)
+    q = sc_subspace(cp, cm, 0.5, r, dtype=torch.float32, solver=solver)
+    assert q.dtype == torch.float32
+    assert projector_distance(q.double(), q_ref) < max(1e-4, 10 * projector_distance(q32.double(), q_ref))
+
+
+@pytest.mark.parametrize("solver", FAST_SOLVERS)
+def test_fast_solvers_hand_a_tie_to_eigh_and_its_warning(solver):
+    d, r = 64, 3
+    cm = torch.diag(torch.tensor([5.0] * 32 + [1.0] * 32, dtype=torch.float64))  # -Cov-: 32-fold tie at the top
+    info = {}
+    top_eigenpairs(Operator(delta_covariance(random_cov(d, seed=4), cm, 1.0)), r, solver, info)
+    assert info["fallback"] and info["solver"] == "eigh"
+    with pytest.warns(NonUniqueSubspaceWarning, match="beta slightly below 1"):
+        q = sc_subspace(random_cov(d, seed=4), cm, 1.0, r, solver=solver)
+    with pytest.warns(NonUniqueSubspaceWarning):
+        assert torch.equal(q, sc_subspace(random_cov(d, seed=4), cm, 1.0, r))
+
+
+def test_auto_picks_the_solver_measured_fastest():
+    # benchmarks/eigensolver.py: LOBPCG at large d and small r, mixed precision at SmolLM2's 576 with r=16 in
+    # float64, eigh for large r, small d and float32 below that.
+    assert auto_solver(4096, 16, torch.float64) == "lobpcg"
+    assert auto_solver(1536, 16, torch.float32) == "lobpcg"
+    assert auto_solver(576, 16, torch.float64) == "mixed"
+    assert auto_solver(576, 16, torch.float32) == "eigh"
+    assert auto_solver(576, 128, torch.float64) == "eigh"
+    assert auto_solver(192, 16, torch.float64) == "eigh"
+
+
+def test_solvers_fall_back_to_eigh_where_they_do_not_apply():
+    cp, cm = random_cov(12, seed=1), random_cov(12, seed=2)
+    info = {}
+    top_eigenpairs(Operator(delta_covariance(cp, cm, 0.5)), 3, "lobpcg", info)  # 3 (r + guard) > d
+    assert info["solver"] == "eigh" and not info["fallback"]
+    for solver in SOLVERS:
+        assert torch.allclose(projector(sc_subspace(cp, cm, 0.5, 3, solver=solver)),
+                              projector(sc_subspace(cp, cm, 0.5, 3)), atol=1e-10)
+
+
+def test_bad_solver_is_rejected_naming_the_options():
+    cp, cm = random_cov(8, seed=1), random_cov(8, seed=2)
+    with pytest.raises(ValueError, match=r"solver must be one of \('eigh', 'lobpcg', 'mixed', 'auto'\)"):
+        sc_subspace(cp, cm, 0.5, 2, solver="svd")
+    with pytest.raises(ValueError, match=r"eigen_solver must be one of \('eigh', 'lobpcg', 'mixed', 'auto'\)"):
+        SCLoRAConfig(eigen_solver="svd")
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_config_round_trip_keeps_the_solver(tmp_path, solver):
+    config = SCLoRAConfig(r=8, beta=0.6, eigen_solver=solver)
+    config.save_pretrained(tmp_path)
+    loaded = SCLoRAConfig.from_pretrained(tmp_path)
+    assert loaded == config and loaded.eigen_solver == solver
+    assert SCLoRAConfig().eigen_solver == "eigh"  # the default is unchanged
+
+
+@pytest.mark.parametrize("solver", FAST_SOLVERS)
+def test_sc_lora_model_with_a_fast_solver_builds_the_eigh_adapters(solver):
+    adapters = {}
+    for name in ("eigh", solver):
+        model = tiny_llama(seed=3, dtype=torch.float64, hidden_size=64, intermediate_size=160)
+        stats = [collect_covariances(model, random_batches(n_batches=2, seed=s), dtype=torch.float64,
+                                     show_progress=False) for s in (21, 22)]
+        peft_model = get_sclora_model(model, SCLoRAConfig(r=4, beta=0.5, eigen_solver=name), *stats,
+                                      show_progress=False)
+        adapters[name] = {n: m.lora_B["default"].weight.detach() for n, m in peft_model.named_modules()
+                          if hasattr(m, "lora_B") and "default" in m.lora_B}
+    assert adapters["eigh"].keys() == adapters[solver].keys() and len(adapters["eigh"]) == 14
+    for name, b in adapters["eigh"].items():
+        assert projector_distance(adapters[solver][name], b) < 1e-6, name

@@ -19,6 +19,14 @@ reached by their eigenvectors. The adapter is then B = Q, A = Q^T W0, W_res = W0
 (Eq. 6-8), so that at initialization B A x = Q Q^T W0 x = Pi_S(h) (Theorem 2).
 The fraction of a data set's output energy E||h||^2 that S keeps is tr(Q^T Cov Q) / tr(Cov)
 (:func:`captured_energy`).
+
+Only the top r eigenpairs of dCov are needed. ``solver`` picks how they are found: "eigh" (a full
+eigendecomposition, the default and reference), "lobpcg" (block LOBPCG with Rayleigh-Ritz: only
+products dCov @ X, where X has r + a few guard columns), "mixed" (a float32 eigh refined in float64)
+or "auto" (the one measured fastest at equal accuracy for that size; see benchmarks/eigensolver.py).
+The fast solvers stop when the projector onto the top r Ritz vectors changes by less than
+1e-8 (float64) between iterations and hand over to eigh when they do not converge or meet a near-tie,
+so they return the same subspace as eigh up to that tolerance.
 """
 
 from __future__ import annotations
@@ -29,7 +37,10 @@ from collections.abc import Sequence
 
 import torch
 
+from .eigensolvers import SOLVERS, Operator, check_solver, top_eigenpairs
+
 __all__ = [
+    "SOLVERS",
     "NonUniqueSubspaceWarning",
     "captured_energy",
     "delta_covariance",
@@ -102,6 +113,7 @@ def sc_subspace(
     *,
     weight: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
+    solver: str = "eigh",
 ) -> torch.Tensor:
     """Orthonormal basis Q (d_out x rank) of the optimal subspace S of Theorem 1.
 
@@ -115,7 +127,12 @@ def sc_subspace(
     W0 = U R its eigenvectors are U V where R dCov_in R^T = V diag(lam) V^T, and the remaining
     d_out - d_in eigenvalues are exactly 0 (directions outside the range of W0). This is exact
     and needs a d_in x d_in eigendecomposition instead of a d_out x d_out one.
+
+    ``solver`` ("eigh", "lobpcg", "mixed" or "auto", see the module docstring) only changes how the
+    top eigenpairs are computed; the iterative ones apply W0 dCov_in W0^T through its factors when
+    that is cheaper than forming it.
     """
+    check_solver(solver)
     minus, betas = _knowledge_sets(cov_minus, beta)
     d_out = cov_plus.shape[0] if weight is None else weight.shape[0]
     max_rank = d_out if weight is None else min(weight.shape)
@@ -127,7 +144,7 @@ def sc_subspace(
         )
     delta = delta_covariance(cov_plus.to(dtype), [c.to(dtype) for c in minus], betas)
     if weight is None:
-        eigvals, eigvecs = _eigh_descending(delta)
+        eigvals, eigvecs = top_eigenpairs(Operator(delta), rank, solver)
     else:
         w = weight.to(dtype)
         if w.shape[1] != delta.shape[0]:
@@ -135,9 +152,9 @@ def sc_subspace(
                 f"weight has d_in={w.shape[1]} but the input covariances are {delta.shape[0]} x {delta.shape[0]}."
             )
         if w.shape[0] <= w.shape[1]:
-            eigvals, eigvecs = _eigh_descending(w @ delta @ w.T)
+            eigvals, eigvecs = top_eigenpairs(Operator(delta, w), rank, solver)
         else:
-            eigvals, eigvecs = _eigh_through_weight(w, delta, rank)
+            eigvals, eigvecs = _eigh_through_weight(w, delta, rank, solver)
     _warn_if_tied(eigvals, rank)
     return _fix_signs(eigvecs[:, :rank].contiguous())
 
@@ -155,18 +172,19 @@ def sc_lora_factors(
     return projected / scaling, q, w - q @ projected
 
 
-def _eigh_descending(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def eigh_descending(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     eigvals, eigvecs = torch.linalg.eigh(matrix)
     return eigvals.flip(0), eigvecs.flip(1)
 
 
 def _eigh_through_weight(
-    w: torch.Tensor, delta_in: torch.Tensor, rank: int
+    w: torch.Tensor, delta_in: torch.Tensor, rank: int, solver: str = "eigh"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """All d_out eigenvalues of W dCov_in W^T (descending) and the eigenvectors of the top ``rank``."""
+    """Eigenvalues of W dCov_in W^T (descending: all d_out with eigh, else at least the top rank + 1)
+    and the eigenvectors of the top ``rank``."""
     d_out, d_in = w.shape
     u, r = torch.linalg.qr(w)
-    lam, v = _eigh_descending(r @ delta_in @ r.T)
+    lam, v = top_eigenpairs(Operator(delta_in, r), rank, solver)
     # The d_out - d_in directions orthogonal to range(W0) carry eigenvalue exactly 0; they rank
     # after the positive eigenvalues and before the negative ones.
     n_pos = int((lam > 0).sum())

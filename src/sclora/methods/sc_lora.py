@@ -60,7 +60,8 @@ def get_sclora_model(
             covs, args = [c if w is None else w @ c @ w.T for c, w in parts], {}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", NonUniqueSubspaceWarning)
-            q = sc_subspace(covs[0], covs[1:], betas, config.r, dtype=config.torch_dtype, **args)
+            q = sc_subspace(covs[0], covs[1:], betas, config.r, dtype=config.torch_dtype,
+                            solver=config.eigen_solver, **args)
         if any(issubclass(w.category, NonUniqueSubspaceWarning) for w in caught):
             tied.append(name)
         return sc_lora_factors(weight, q, scaling)
