@@ -28,7 +28,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from statistics import median
 
@@ -101,6 +101,10 @@ def timed(out: dict, key: str):
     out[key] = time.perf_counter() - start
 
 
+#: --precision: the forward passes of sclora's statistics and the floor run under this autocast
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+
+
 def lora_kwargs(args) -> dict:
     # lora_alpha = r: scaling 1, as SCLoRAConfig's default, so every method builds the same adapter shape
     return {"r": args.r, "lora_alpha": args.r, "target_modules": list(sclora.LLAMA_TARGET_MODULES),
@@ -109,11 +113,12 @@ def lora_kwargs(args) -> dict:
 
 def phase_sclora(args) -> dict:
     model, plus, minus = setup(args)
-    config, out = sclora.SCLoRAConfig(r=args.r, beta=0.5), {}
+    config, out = sclora.SCLoRAConfig(r=args.r, beta=0.5, eigen_solver=args.eigen_solver), {}
     log(f"(a) SC-LoRA statistics over {len(plus)} + {len(minus)} samples, then decomposition; (e) {len(BETAS)} betas")
     with timed(out, "statistics_s"):
         stats = [sclora.collect_covariances(model, batches(rows, args.batch_size), config.target_modules,
-                                            show_progress=False) for rows in (plus, minus)]
+                                            autocast=AUTOCAST[args.precision], show_progress=False)
+                 for rows in (plus, minus)]
     with timed(out, "decomposition_s"):
         sclora.get_sclora_model(model, config, *stats, show_progress=False)
     out["init_s"] = out["statistics_s"] + out["decomposition_s"]
@@ -133,7 +138,8 @@ def phase_sclora(args) -> dict:
     for beta in BETAS:
         fresh = copy.deepcopy(pristine)  # untimed: not part of the init
         with timed(sweep, str(beta)):
-            sclora.get_sclora_model(fresh, sclora.SCLoRAConfig(r=args.r, beta=beta), *stats, show_progress=False)
+            sclora.get_sclora_model(fresh, sclora.SCLoRAConfig(r=args.r, beta=beta, eigen_solver=args.eigen_solver),
+                                    *stats, show_progress=False)
     out.update(beta_sweep_s=sweep, extra_beta_mean_s=sum(sweep.values()) / len(sweep))
     out["peak_rss_after_sweep_mb"] = peak_rss_mb()
     return out
@@ -201,7 +207,8 @@ def phase_floor(args) -> dict:
     matrices = {n: a @ a.T for n, a in randoms.items()}  # symmetric, as dCov
     out = {"eigh_count": len(sizes)}
     log(f"(d) plain forwards over {len(plus) + len(minus)} samples, {len(sizes)} eigh of sizes {sorted(set(sizes))}")
-    with timed(out, "forward_s"), torch.no_grad():
+    half = torch.autocast("cpu", dtype=AUTOCAST[args.precision]) if AUTOCAST[args.precision] else nullcontext()
+    with timed(out, "forward_s"), torch.no_grad(), half:  # the same precision as sclora's statistics
         for batch in batches(plus + minus, args.batch_size):
             model.model(**batch, use_cache=False)
     with timed(out, "eigh_s"):
@@ -347,6 +354,9 @@ def parse_args():
     parser.add_argument("--eva-budget", type=float, help="stop EVA after this many seconds (default none, quick 60)")
     parser.add_argument("--batch-size", type=int, default=8, help="for the statistics, EVA and the floor")
     parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--precision", choices=sorted(AUTOCAST), default="fp32",
+                        help="forward precision of sclora's statistics and of the floor (sums stay float32)")
+    parser.add_argument("--eigen-solver", default="eigh", help="SCLoRAConfig.eigen_solver: eigh, lobpcg, mixed, auto")
     parser.add_argument("--steps", type=int, help="timed training steps per model (default 5, quick 3)")
     parser.add_argument("--warmup", type=int, help="untimed training steps per model (default 2, quick 1)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()),

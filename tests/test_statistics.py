@@ -188,3 +188,25 @@ def test_none_and_trace_statistics_convert_without_a_new_pass(model):
     scaled = collect_covariances(model, batches, ["q_proj"], "max_abs")
     with pytest.raises(ValueError, match="max_abs"):
         scaled.with_normalize("trace")
+
+
+def test_bfloat16_autocast_forward_keeps_float32_sums_and_the_subspace():
+    from sclora.subspace import reward, sc_subspace
+
+    model = tiny_llama(seed=4)
+    batches = random_batches(n_batches=2)
+    exact = collect_covariances(model, batches, show_progress=False)
+    half = collect_covariances(model, batches, show_progress=False, autocast=torch.bfloat16)
+    assert all(s.dtype == torch.float32 for s in half.sums.values())
+    assert half.n_tokens == exact.n_tokens
+    worst_cov = worst_reward = 0.0
+    for name in exact:
+        a, b = exact[name].double(), half[name].double()
+        worst_cov = max(worst_cov, (torch.linalg.norm(a - b) / torch.linalg.norm(a)).item())
+        q_exact, q_half = sc_subspace(a, a.diag().diag(), 0.3, 4), sc_subspace(b, b.diag().diag(), 0.3, 4)
+        best = reward(q_exact, a, a.diag().diag(), 0.3)
+        worst_reward = max(worst_reward, ((best - reward(q_half, a, a.diag().diag(), 0.3)) / best.abs()).item())
+    assert 0 < worst_cov < 3e-2  # bf16 really ran (not identical), and stays close
+    assert worst_reward < 1e-2  # the subspace it picks is within 1% of the optimum on the exact statistics
+    with pytest.raises(ValueError, match="autocast must be"):
+        collect_covariances(model, batches, show_progress=False, autocast=torch.float64)

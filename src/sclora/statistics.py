@@ -20,6 +20,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from itertools import chain
 
@@ -279,6 +280,7 @@ def collect_covariances(
     *,
     side: str = "output",
     dtype: torch.dtype = torch.float32,
+    autocast: torch.dtype | None = None,
     show_progress: bool = True,
     desc: str = "covariances",
 ) -> CovarianceStats:
@@ -291,6 +293,10 @@ def collect_covariances(
     ``"none"`` (Algorithm 1 literally), ``"max_abs"`` (each sample's activations divided by their
     max |value|, as CorDA and the authors' code do), ``"trace"`` (each covariance scaled to unit
     trace). Sums are accumulated in ``dtype`` (float32 or float64), never in the model's dtype.
+    ``autocast`` (``torch.bfloat16`` or ``torch.float16``) runs the forward passes under
+    ``torch.autocast`` — faster where the hardware has fast half-precision matmuls — while the
+    activations are still summed in ``dtype`` (benchmarks/stats_precision.py measures speed and the
+    effect on the subspace).
 
     Several processes (``torch.distributed`` initialized): each rank passes ITS OWN shard of the data
     (e.g. ``sclora.distributed.shard(examples)``; the caller shards, this function does not) and every
@@ -304,6 +310,8 @@ def collect_covariances(
         raise ValueError(f"side must be one of {SIDES}, got {side!r}.")
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"Accumulate in torch.float32 or torch.float64, not {dtype}.")
+    if autocast not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, not {autocast}.")
     targets = resolve_targets(model, target_modules)
     iterator = iter(batches)
     first = next(iterator, None)
@@ -334,7 +342,7 @@ def collect_covariances(
         handles.append(linear.register_forward_hook(_accumulator(leader, sums[leader], stored, scale_from,
                                                                  normalize, state, dtype)))
 
-    forward = _forward_fn(model, targets)
+    forward = _forward_fn(model, targets, autocast)
     n_samples = n_tokens = 0
     was_training = model.training
     model.eval()
@@ -447,7 +455,7 @@ def _siblings(model, targets, batch) -> list[list[str]]:
     return list(groups.values())
 
 
-def _forward_fn(model: nn.Module, targets: dict[str, nn.Module]):
+def _forward_fn(model: nn.Module, targets: dict[str, nn.Module], autocast: torch.dtype | None = None):
     # The causal LM's body (without the vocabulary projection) is enough when no target lies outside it.
     body = getattr(model, "base_model", model)
     body_modules = {id(m) for m in body.modules()} if body is not model else set()
@@ -460,7 +468,9 @@ def _forward_fn(model: nn.Module, targets: dict[str, nn.Module]):
         kwargs = {}
         if takes_positions:  # positions count real tokens only, so left padding changes nothing (as in generate)
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
-        runner(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **kwargs)
+        half = torch.autocast(batch["input_ids"].device.type, dtype=autocast) if autocast else nullcontext()
+        with half:
+            runner(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **kwargs)
 
     return forward
 
