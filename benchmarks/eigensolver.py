@@ -19,7 +19,6 @@ Writes benchmarks/results/eigensolver.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -30,6 +29,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from _results import write_json
 
 import sclora
 from sclora.eigensolvers import SOLVERS, Operator, top_eigenpairs
@@ -252,11 +252,7 @@ def main() -> None:
                                         "no adapter build); synthetic weights and covariances of the real shapes"},
         "runtime_s": round(time.perf_counter() - start, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    out = write_json(args.out, result)
     log(f"wrote {out} in {result['runtime_s']} s")
 
 

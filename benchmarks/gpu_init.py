@@ -35,9 +35,7 @@ Sizing for one H200 (projections, not measurements; the JSON holds the measured 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import platform
 import sys
 import time
@@ -47,6 +45,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from _results import write_json
 
 import sclora
 from sclora.eigensolvers import SOLVERS, auto_solver
@@ -253,11 +252,7 @@ def main() -> None:
         print(f"{row['module']:<36}{row['n']:>6}{row['auto_choice']:>8}{row['eigh_s']:>9.3f}{row['solver_s']:>10.3f}"
               f"{row['solver_vs_eigh_distance']:>13.1e}{row['adapter_projector_distance']:>14.1e}"
               f"{row['adapter_reward_loss']:>10.1e}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    out = write_json(args.out, result)
     log(f"wrote {out} in {result['wall_s']:.1f} s")
 
 

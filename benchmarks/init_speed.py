@@ -35,6 +35,7 @@ from statistics import median
 import peft
 import torch
 import transformers
+from _results import write_json
 
 import sclora
 from sclora.models import EMBEDDED_MODEL, load_model
@@ -287,11 +288,7 @@ def run_parent(args) -> None:
         "settings": {k: v for k, v in vars(args).items() if k not in ("phase", "out")},
         "betas": list(BETAS), **ratios, "targets": targets, "phases": phases,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    out = write_json(args.out, result)
     log(f"wrote {out}")
 
 

@@ -23,7 +23,7 @@ import sclora
 from sclora.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from offline_data import paper_texts, token_windows, trivia_texts  # noqa: E402
+from offline_data import paper_texts, token_windows, trivia_texts
 
 
 def batches(windows, batch_size):
