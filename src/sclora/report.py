@@ -152,6 +152,7 @@ class Group:
     ses: dict[str, float]
     loss: list[tuple[int, float]]  # mean over seeds at each logged step
     checkpoints: list[dict]
+    normalize: str | None = None  # set when the run overrode the experiment's normalize
 
     @property
     def n(self) -> int:
@@ -183,7 +184,8 @@ def group_runs(rows: list[dict]) -> list[Group]:
     for row in rows:
         beta = row.get("beta")
         key = ("base", None, None) if _is_base(row) else (
-            row.get("method"), tuple(beta) if isinstance(beta, list) else beta, row.get("learning_rate"))
+            row.get("method"), tuple(beta) if isinstance(beta, list) else beta, row.get("learning_rate"),
+            row.get("normalize"))  # a run with its own normalize is another method variant, not another seed
         buckets.setdefault(key, []).append(row)
     return sorted((_merge(key, members) for key, members in buckets.items()), key=_paper_position)
 
@@ -205,7 +207,7 @@ def _merge(key: tuple, members: list[dict]) -> Group:
         se = _pooled_se(values, [m[f"{name}_se"] for m in members if _is_number(m.get(f"{name}_se"))])
         if se is not None:
             ses[name] = se
-    return Group(method=key[0], beta=key[1], lr=key[2], runs=[str(m.get("run")) for m in members], samples=samples,
+    return Group(method=key[0], beta=key[1], lr=key[2], normalize=key[3] if len(key) > 3 else None, runs=[str(m.get("run")) for m in members], samples=samples,
                  ses=ses, loss=_mean_by_step([m.get("loss_history") or [] for m in members]),
                  checkpoints=_mean_checkpoints([m.get("checkpoints") or [] for m in members]))
 
@@ -354,7 +356,8 @@ def main_table(groups: list[Group], layout: Layout, model: str | None = None) ->
     for g in groups:
         name = "" if g.method == previous else method_name(g, model)  # the paper names a method once
         previous = g.method
-        cells = [name, _fmt_beta(g.beta), *([_fmt_lr(g.lr)] * show_lr), *([str(g.n)] * show_seeds),
+        beta_cell = _fmt_beta(g.beta) + (f" (normalize {g.normalize})" if g.normalize else "")
+        cells = [name, beta_cell, *([_fmt_lr(g.lr)] * show_lr), *([str(g.n)] * show_seeds),
                  _fmt_params(g.value("trainable_params"))]
         for m in metrics:
             text = _with_se(g, m)
