@@ -180,40 +180,13 @@ def _build_init(args, model, tokenizer, out: Path):
         spec = getattr(args, label)
         if spec is None:
             raise SystemExit(f"--method {args.method} needs --{label} DATA (e.g. --{label} math:256)")
-        collect = cached_statistics if not distributed.is_distributed() else _shared_statistics
-        stats[label] = collect(out / "stats" / f"{label}-{side}-{args.normalize}.safetensors", model,
-                               tokenizer, build_examples(_data_spec(spec), args.seed), seq_len=args.seq_len,
-                               batch_size=8, target_modules=config.target_modules, normalize=args.normalize,
-                               side=side, show_progress=not args.quiet, desc=f"{label} statistics")
+        stats[label] = cached_statistics(out / "stats" / f"{label}-{side}-{args.normalize}.safetensors", model,
+                                         tokenizer, build_examples(_data_spec(spec), args.seed), seq_len=args.seq_len,
+                                         batch_size=8, target_modules=config.target_modules, normalize=args.normalize,
+                                         side=side, show_progress=not args.quiet, desc=f"{label} statistics")
     if distributed.is_main_process():
         config.save_pretrained(out)
     return init_model(model, config, plus=stats.get("plus"), minus=stats.get("minus"), show_progress=not args.quiet)
-
-
-def _shared_statistics(path: Path, model, tokenizer, examples: list[dict], *, seq_len: int, batch_size: int,
-                       target_modules, normalize: str, side: str, show_progress: bool = True, desc: str = "statistics"):
-    """``cached_statistics`` over several processes, kept on the model's device (its GPU): each rank collects
-    over its shard of ``examples`` and the sums are all-reduced. Every rank takes the same branch: the cache
-    is read only if every rank sees it (or its sibling normalization, which stores the same raw sums)."""
-    from . import distributed
-    from .experiment import statistics_batches
-    from .statistics import RAW_SUM_NORMALIZATIONS, CovarianceStats, collect_covariances
-
-    where = next(model.parameters()).device
-    candidates = [path] + [path.with_name(path.name.replace(f"-{normalize}.", f"-{other}."))
-                           for other in RAW_SUM_NORMALIZATIONS if normalize in RAW_SUM_NORMALIZATIONS
-                           and other != normalize]
-    found = next((p for p in candidates if p.exists()), None)
-    if distributed.all_true(found is not None):
-        return CovarianceStats.load(found, device=str(where)).with_normalize(normalize)
-    batches = statistics_batches(tokenizer, distributed.shard(examples), seq_len, batch_size)
-    stats = collect_covariances(model, batches, target_modules, normalize, side=side, show_progress=show_progress,
-                                desc=desc)
-    if distributed.local_rank() == 0:  # one writer per node (with a shared file system they write the same bytes)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        stats.save(path)
-    distributed.barrier()
-    return stats
 
 
 def _init(args) -> int:

@@ -230,20 +230,28 @@ def statistics_side(method: str) -> str:
 
 def cached_statistics(path: Path, model, tokenizer, examples: list[dict], *, seq_len: int, batch_size: int,
                       target_modules, normalize: str, side: str, show_progress: bool = True, desc: str = "statistics"):
-    """Statistics of ``examples`` saved at ``path``: collected on first use, loaded afterwards."""
+    """Statistics of ``examples`` saved at ``path``: collected on first use, loaded afterwards (also from the
+    sibling file of the other raw-sum normalization: "none" and "trace" store the same sums).
+
+    Under torch.distributed every rank takes the same branch: the cache is read only if every rank sees it;
+    otherwise each rank collects over its shard of ``examples``, the sums are all-reduced, and one process
+    per node writes the file. The statistics stay on the model's device."""
+    from . import distributed
     from .statistics import RAW_SUM_NORMALIZATIONS, CovarianceStats, collect_covariances
 
-    if not path.exists() and normalize in RAW_SUM_NORMALIZATIONS:  # same raw sums: no new pass over the data
-        for other in set(RAW_SUM_NORMALIZATIONS) - {normalize}:
-            sibling = path.with_name(path.name.replace(f"-{normalize}.", f"-{other}."))
-            if sibling.exists():
-                return CovarianceStats.load(sibling).with_normalize(normalize)
-    if not path.exists():
+    siblings = [path.with_name(path.name.replace(f"-{normalize}.", f"-{other}."))
+                for other in RAW_SUM_NORMALIZATIONS if normalize in RAW_SUM_NORMALIZATIONS and other != normalize]
+    found = next((p for p in [path, *siblings] if p.exists()), None)
+    if distributed.all_true(found is not None):
+        return CovarianceStats.load(found, device=str(next(model.parameters()).device)).with_normalize(normalize)
+    batches = statistics_batches(tokenizer, distributed.shard(examples), seq_len, batch_size)
+    stats = collect_covariances(model, batches, target_modules, normalize, side=side, show_progress=show_progress,
+                                desc=desc)
+    if distributed.local_rank() == 0:  # one writer per node (on a shared file system they write the same bytes)
         path.parent.mkdir(parents=True, exist_ok=True)
-        batches = statistics_batches(tokenizer, examples, seq_len, batch_size)
-        collect_covariances(model, batches, target_modules, normalize, side=side, show_progress=show_progress,
-                            desc=desc).save(path)
-    return CovarianceStats.load(path)
+        stats.save(path)
+    distributed.barrier()
+    return stats
 
 
 def check_disjoint(named: dict[str, list[dict]]) -> None:
