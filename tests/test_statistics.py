@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import sclora
-from sclora.statistics import CovarianceStats, collect_covariances
+from sclora import statistics
+from sclora.statistics import CovarianceStats, add_gram_upper, collect_covariances, symmetrize_upper
 from conftest import random_batches, tiny_llama
 
 
@@ -210,3 +211,27 @@ def test_bfloat16_autocast_forward_keeps_float32_sums_and_the_subspace():
     assert worst_reward < 1e-2  # the subspace it picks is within 1% of the optimum on the exact statistics
     with pytest.raises(ValueError, match="autocast must be"):
         collect_covariances(model, batches, show_progress=False, autocast=torch.float64)
+
+
+@pytest.mark.parametrize("d,strip", [(5, 1), (64, 7), (193, 192), (400, 192), (100, 1000)])
+def test_upper_strip_gram_equals_the_full_product(d, strip):
+    torch.manual_seed(d)
+    acc = torch.zeros(d, d, dtype=torch.float64)
+    batches = [torch.randn(n, d, dtype=torch.float64) for n in (3, 17, 40)]
+    for x in batches:
+        add_gram_upper(acc, x, strip)
+    symmetrize_upper(acc)
+    ref = sum(x.T @ x for x in batches)
+    torch.testing.assert_close(acc, ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(acc, acc.T)
+
+
+def test_covariances_are_exact_when_the_gram_is_split_into_many_strips(model64, monkeypatch):
+    monkeypatch.setattr(statistics, "GRAM_STRIP", 24)  # the tiny model's 64- and 128-wide statistics span 3-6 strips
+    batches = random_batches(n_batches=2, batch_size=3, seq_len=9, pad_left=True)
+    stats = collect_covariances(model64, batches, dtype=torch.float64, show_progress=False)
+    ref = reference_covariances(model64, batches)
+    for name, cov in ref.items():
+        torch.testing.assert_close(stats[name], cov, rtol=1e-9, atol=1e-12, msg=name)
+    for leader, total in stats.sums.items():
+        assert torch.equal(total, total.T), leader

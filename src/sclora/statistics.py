@@ -364,6 +364,8 @@ def collect_covariances(
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    for acc in sums.values():
+        symmetrize_upper(acc)
     if reduce:  # raw sums and counts over all ranks' shards, before any normalization
         distributed.fail_together(error, "collecting the statistics")
         n_samples, n_tokens = distributed.all_reduce_sums(sums, n_samples, n_tokens)
@@ -399,9 +401,29 @@ def _accumulator(key, acc, stored_side, scale_from, normalize, state, dtype):
             per_sample = per_sample.clamp_min(torch.finfo(dtype).tiny)
             token_scale = (1.0 / per_sample)[:, None].expand_as(mask)[mask]
             x = x * token_scale[:, None]
-        acc.addmm_(x.T, x)
+        add_gram_upper(acc, x)
 
     return hook
+
+
+#: Width of the row strips in ``add_gram_upper``: narrow enough to skip most of the lower triangle, wide
+#: enough to keep the matrix products efficient (benchmarks/gram.py measured the choice).
+GRAM_STRIP = 192
+
+
+def add_gram_upper(acc: torch.Tensor, x: torch.Tensor, strip: int | None = None) -> None:
+    """``acc += xᵀx`` on the block upper triangle only, in row strips of ``strip``: XᵀX is symmetric,
+    so the blocks below the diagonal are skipped (a d x d Gram with k strips costs (k+1)/2k of the full
+    product). ``symmetrize_upper`` completes the matrix once, after the last batch."""
+    d, strip = acc.shape[0], strip or GRAM_STRIP
+    for start in range(0, d, strip):
+        rows = x[:, start:start + strip]
+        acc[start:start + strip, start:].addmm_(rows.T, x[:, start:])
+
+
+def symmetrize_upper(acc: torch.Tensor) -> None:
+    """Fill the lower triangle from the upper one, in place (the result is exactly symmetric)."""
+    acc.copy_(acc.triu() + acc.triu(1).T)
 
 
 def _plan(model, targets, side, normalize, batch) -> dict[str, tuple[str, list[str]]]:
