@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import random_batches, tiny_llama
 
 import sclora
 from sclora import statistics
 from sclora.statistics import CovarianceStats, add_gram_upper, collect_covariances, symmetrize_upper
-from conftest import random_batches, tiny_llama
 
 
 def reference_covariances(model, batches, normalize="none", side="output"):
