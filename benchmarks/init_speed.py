@@ -65,6 +65,15 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
+def current_rss_mb() -> float | None:
+    """Resident memory now (Linux), to tell the init's own memory from the interpreter + model it shares."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
 def load(args):
     """(model, tokenizer or None) in eval mode, fp32."""
     if args.model != "tiny":
@@ -115,6 +124,7 @@ def lora_kwargs(args) -> dict:
 def phase_sclora(args) -> dict:
     model, plus, minus = setup(args)
     config, out = sclora.SCLoRAConfig(r=args.r, beta=0.5, eigen_solver=args.eigen_solver), {}
+    out["loaded_rss_mb"] = current_rss_mb()
     log(f"(a) SC-LoRA statistics over {len(plus)} + {len(minus)} samples, then decomposition; (e) {len(BETAS)} betas")
     with timed(out, "statistics_s"):
         stats = [sclora.collect_covariances(model, batches(rows, args.batch_size), config.target_modules,
@@ -154,7 +164,7 @@ def phase_corda(args) -> dict:
 
     model, plus, minus = setup(args)
     config = LoraConfig(**lora_kwargs(args), init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm"))
-    out = {"samples": len(plus) + len(minus)}
+    out = {"samples": len(plus) + len(minus), "loaded_rss_mb": current_rss_mb()}
 
     def run_model():
         for ids in plus + minus:  # batch size 1: CorDA's hook squeezes the batch dimension away
@@ -275,7 +285,14 @@ def run_parent(args) -> None:
         ratios[name] = round(a / b, 4) if a is not None and b else None
         targets[name] = {"value": ratios[name], "target": f"<= {bound}",
                          "pass": None if ratios[name] is None else ratios[name] <= bound}
+    above = {phase: phases[phase]["peak_rss_mb"] - phases[phase]["loaded_rss_mb"]
+             for phase in ("sclora", "corda") if phases[phase].get("ok") and phases[phase].get("loaded_rss_mb")}
+    # Not a target: the same ratio without the interpreter and the loaded model that both inits carry.
+    ratios["mem_above_model_vs_corda"] = round(above["sclora"] / above["corda"], 4) if len(above) == 2 else None
     print_table(phases, targets)
+    if ratios["mem_above_model_vs_corda"] is not None:
+        print(f"{'mem_above_model_vs_corda':<22}{ratios['mem_above_model_vs_corda']:>10.3f}  (peak RSS minus RSS "
+              f"after the model load: {above['sclora']:.0f} vs {above['corda']:.0f} MB; not a target)")
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                platform.processor())
