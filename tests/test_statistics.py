@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import random_batches, tiny_llama
+from conftest import VOCAB, random_batches, tiny_llama
 
 import sclora
 from sclora import statistics
@@ -235,3 +235,14 @@ def test_covariances_are_exact_when_the_gram_is_split_into_many_strips(model64, 
         torch.testing.assert_close(stats[name], cov, rtol=1e-9, atol=1e-12, msg=name)
     for leader, total in stats.sums.items():
         assert torch.equal(total, total.T), leader
+
+
+@pytest.mark.parametrize("normalize", ["none", "max_abs"])
+def test_unpadded_batches_take_the_no_copy_path_and_stay_exact(model64, normalize):
+    g = torch.Generator().manual_seed(5)
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+               for ids in torch.randint(1, VOCAB, (2, 3, 8), generator=g)]
+    stats = collect_covariances(model64, batches, normalize=normalize, dtype=torch.float64, show_progress=False)
+    for name, cov in reference_covariances(model64, batches, normalize).items():
+        torch.testing.assert_close(stats[name], cov, rtol=1e-9, atol=1e-12, msg=name)
+    assert stats.n_tokens == 2 * 3 * 8

@@ -352,6 +352,7 @@ def collect_covariances(
                           disable=not show_progress or not distributed.is_main_process()):
             batch = _to_device(batch, device)
             state["mask"] = batch["attention_mask"].bool()
+            state["dense"] = bool(state["mask"].all())
             forward(batch)
             n_samples += int(state["mask"].any(dim=1).sum())
             n_tokens += int(state["mask"].sum())
@@ -394,7 +395,8 @@ def _accumulator(key, acc, stored_side, scale_from, normalize, state, dtype):
                 f"Module {key!r} saw activations of shape {tuple(act.shape)} that do not line up with the "
                 f"attention mask {tuple(mask.shape)}; only token-aligned (batch, seq, features) layers can be hooked."
             )
-        x = act[mask].to(dtype)
+        # Without padding the tokens are a free view; a boolean gather would copy every activation.
+        x = (act.reshape(-1, act.shape[-1]) if state["dense"] else act[mask]).to(dtype)
         if normalize == "max_abs":
             source = args[0] if scale_from == "input" else output
             per_sample = source.detach().abs().amax(dim=-1).masked_fill(~mask, 0).amax(dim=-1).to(dtype)
