@@ -361,11 +361,11 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=EMBEDDED_MODEL, help="path, hub id, the embedded model, or 'tiny'")
     parser.add_argument("--quick", action="store_true",
-                        help="32 + 32 x 128 tokens, EVA on 8 + 8 for at most 60 s, 3 train steps")
+                        help="32 + 32 x 128 tokens, EVA on 8 + 8 for at most 40 s, 3 train steps")
     parser.add_argument("--samples", type=int, help="samples per set, D+ and D- each (default 256, quick 32)")
     parser.add_argument("--seq-len", type=int, help="tokens per sample (default 256, quick 128)")
     parser.add_argument("--eva-samples", type=int, help="EVA's samples per set (default --samples, quick 8)")
-    parser.add_argument("--eva-budget", type=float, help="stop EVA after this many seconds (default none, quick 60)")
+    parser.add_argument("--eva-budget", type=float, help="stop EVA after this many seconds (default none, quick 40)")
     parser.add_argument("--batch-size", type=int, default=8, help="for the statistics, EVA and the floor")
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--precision", choices=sorted(AUTOCAST), default="fp32",
@@ -381,7 +381,7 @@ def parse_args():
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     for key, normal, quick in (("samples", 256, 32), ("seq_len", 256, 128), ("steps", 5, 3), ("warmup", 2, 1),
-                               ("eva_budget", None, 60.0)):
+                               ("eva_budget", None, 40.0)):
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else normal)
     if args.eva_samples is None:
