@@ -1,7 +1,7 @@
 """SC-LoRA's init against PEFT's data-driven inits (CorDA, EVA) and the floor, on the same model and samples.
 
     python benchmarks/init_speed.py                       # SmolLM2-135M-Instruct, 256 + 256 samples x 256 tokens
-    python benchmarks/init_speed.py --quick               # 32 + 32 x 128 tokens, EVA on 8 + 8 stopped after 60 s
+    python benchmarks/init_speed.py --quick               # 32 + 32 x 128 tokens, EVA on 8 + 8 stopped after 40 s
     python benchmarks/init_speed.py --model tiny --quick  # a tiny random Llama on random tokens: checks the script
 
 Phases, each in a fresh subprocess (so that peak RSS is per phase and includes the same model load):
