@@ -275,3 +275,14 @@ def test_paired_line_names_the_specific_knowledge_probe_once():
     rows = [base(knowledge_mc=50.0, math_nll=1.5), row("lora", "lora", knowledge_mc=49.0, math_nll=1.2, **paired)]
     text = report_tables(rows)
     assert "Paired vs base (knowledge_mc)" in text and "Paired vs base (knowledge)" not in text
+
+
+def test_a_run_with_its_own_normalize_is_named_and_kept_out_of_the_beta_trend():
+    rows = safety_rows(good=True)
+    # a variant at the top beta that would reverse the trend if it were taken for the default run
+    rows.append(row("sc_lora-beta0.9-none", "sc_lora", beta=0.9, normalize="none", harmfulness_score=1.9,
+                    harmfulness_rate=1.8, rouge1=40.0))
+    result = answers(rows, {})
+    assert result[0].verdict == "yes"
+    assert "1.161 at β=0.5 → 1.097 at β=0.9" in result[0].evidence and "over 3 β values" in result[0].evidence
+    assert "SC-LoRA β=0.9 (normalize none)" in result[3].evidence  # listed under its own name

@@ -306,6 +306,8 @@ def label(group: Group, lr_methods: frozenset[str] = frozenset(), model: str | N
         text += f" β={_beta_text(group.beta)}"
     if group.method in lr_methods and group.lr is not None:
         text += f" lr={_fmt_lr(group.lr)}"
+    if group.normalize:
+        text += f" (normalize {group.normalize})"
     return text
 
 
@@ -483,8 +485,9 @@ def answers(rows: list[dict], config: dict | None = None) -> list[Answer]:
     utility = metric(layout.utility[0]) if layout.utility else None
     lr_methods = _several_lrs(groups)
     sc = [g for g in groups if g.method == "sc_lora" and g.beta is not None]
+    # The β trend compares like with like: runs that override the experiment's normalize are left out of it.
     return [
-        _answer_trend(sc, preservation, utility),
+        _answer_trend([g for g in sc if not g.normalize], preservation, utility),
         _answer_versus(QUESTIONS[1], sc, [g for g in groups if g.method == "lora"], "LoRA", preservation, utility,
                        lambda a, b: _combined_se(a, b, utility) or 0.0,
                        "Equal utility: within 1 combined standard error, or exactly equal without standard errors",
@@ -580,7 +583,8 @@ def _answer_versus(question: str, sc: list[Group], refs: list[Group], ref_name: 
         rivals = [g for g in sc if g.value(win.key) is not None and g.value(hold.key) is not None]
         beaters = [g for g in rivals if win.gain(g, ref) > 0 and hold.gain(g, ref) >= -tolerance(g, ref)]
         if not beaters:
-            others = "; ".join(f"β={_beta_text(g.beta)}: {_two(g, win, hold)}" for g in rivals) or "none measured"
+            others = "; ".join(f"β={_beta_text(g.beta)}{f' (normalize {g.normalize})' if g.normalize else ''}: "
+                               f"{_two(g, win, hold)}" for g in rivals) or "none measured"
             findings.append(f"Against {name}: no — {name} has {_two(ref, win, hold)}; SC-LoRA has {others}.")
             continue
         wins += 1
