@@ -306,7 +306,8 @@ def run_parent(args) -> None:
         "betas": list(BETAS), **ratios, "targets": targets, "phases": phases,
     }
     out = write_json(args.out, result)
-    log(f"wrote {out}")
+    out.with_suffix(".md").write_text(markdown(result))
+    log(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 def run_phases(args) -> dict:
@@ -326,35 +327,63 @@ def run_phases(args) -> dict:
     return phases
 
 
-def print_table(phases: dict, targets: dict) -> None:
-    rows = [("(a) SC-LoRA init: statistics + decomposition", "sclora", "init_s", True),
-            ("      statistics (D+ and D-)", "sclora", "statistics_s", False),
-            ("      decomposition + adapter build", "sclora", "decomposition_s", False),
-            (f"(e) extra beta, mean of {len(BETAS)}", "sclora", "extra_beta_mean_s", False),
-            ("(b) CorDA preprocess (batch 1)", "corda", "preprocess_s", True),
-            ("      CorDA get_peft_model", "corda", "build_s", False),
-            ("(c) EVA initialize_lora_eva_weights (* stopped)", "eva", "init_s", True),
-            ("(d) floor: forwards + eigh", "floor", "floor_s", True),
-            ("      plain forwards", "floor", "forward_s", False),
-            ("      float64 eigh", "floor", "eigh_s", False),
-            ("(f) SC-LoRA train s/step", "train", "sclora_step_s", True),
-            ("    LoRA train s/step", "train", "lora_step_s", False)]
-    print(f"\n{'phase':<48}{'wall s':>10}{'peak RSS MB':>13}")
-    for label, phase, key, show_rss in rows:
+TABLE_ROWS = [("(a) SC-LoRA init: statistics + decomposition", "sclora", "init_s", True),
+              ("      statistics (D+ and D-)", "sclora", "statistics_s", False),
+              ("      decomposition + adapter build", "sclora", "decomposition_s", False),
+              (f"(e) extra beta, mean of {len(BETAS)}", "sclora", "extra_beta_mean_s", False),
+              ("(b) CorDA preprocess (batch 1)", "corda", "preprocess_s", True),
+              ("      CorDA get_peft_model", "corda", "build_s", False),
+              ("(c) EVA initialize_lora_eva_weights (* stopped)", "eva", "init_s", True),
+              ("(d) floor: forwards + eigh", "floor", "floor_s", True),
+              ("      plain forwards", "floor", "forward_s", False),
+              ("      float64 eigh", "floor", "eigh_s", False),
+              ("(f) SC-LoRA train s/step", "train", "sclora_step_s", True),
+              ("    LoRA train s/step", "train", "lora_step_s", False)]
+
+
+def table_cells(phases: dict) -> list[tuple[str, str, str]]:
+    """(label, seconds, peak RSS MB) per row of the table, as text."""
+    cells = []
+    for label, phase, key, show_rss in TABLE_ROWS:
         info = phases[phase]
         seconds = ("skipped" if info.get("skipped") else "FAILED" if not info["ok"] else
                    "-" if info.get(key) is None else f"{info[key]:.3f}")
         seconds += "*" if info.get("converged") is False else ""
         rss = f"{info['peak_rss_mb']:.0f}" if show_rss and info.get("peak_rss_mb") else ""
+        cells.append((label, seconds, rss))
+    return cells
+
+
+def target_cells(targets: dict) -> list[tuple[str, str, str, str]]:
+    """(ratio, value, target, verdict) per target."""
+    return [(name, "-" if t["value"] is None else f"{t['value']:.3f}", t["target"],
+             {True: "pass", False: "MISS", None: "n/a"}[t["pass"]]) for name, t in targets.items()]
+
+
+def print_table(phases: dict, targets: dict) -> None:
+    print(f"\n{'phase':<48}{'wall s':>10}{'peak RSS MB':>13}")
+    for label, seconds, rss in table_cells(phases):
         print(f"{label:<48}{seconds:>10}{rss:>13}")
     print()
-    for name, target in targets.items():
-        flag = {True: "pass", False: "MISS", None: "n/a"}[target["pass"]]
-        shown = "-" if target["value"] is None else f"{target['value']:.3f}"
-        print(f"{name:<22}{shown:>10}  (target {target['target']})  {flag}")
+    for name, shown, target, flag in target_cells(targets):
+        print(f"{name:<22}{shown:>10}  (target {target})  {flag}")
     for phase, info in phases.items():
         if info.get("error"):
             print(f"{phase} failed: {info['error']}")
+
+
+def markdown(result: dict) -> str:
+    """The table and the ratios of one result JSON as Markdown, with the command that measured them."""
+    lines = [f"# init_speed: `{result['command']}`", "",
+             f"{result['machine']}; {result['threads']} threads; " +
+             ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
+             "| phase | wall s | peak RSS MB |", "|---|---:|---:|"]
+    lines += [f"| {label.strip()} | {seconds} | {rss} |" for label, seconds, rss in table_cells(result["phases"])]
+    lines += ["", "| ratio | measured | target | |", "|---|---:|---|---|"]
+    lines += [f"| {name} | {shown} | {target} | {flag} |" for name, shown, target, flag in target_cells(result["targets"])]
+    if result.get("mem_above_model_vs_corda") is not None:
+        lines.append(f"| mem_above_model_vs_corda (not a target) | {result['mem_above_model_vs_corda']:.3f} | - | |")
+    return "\n".join(lines) + "\n"
 
 
 def parse_args():
