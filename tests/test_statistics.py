@@ -154,11 +154,13 @@ def test_batches_must_be_dicts(model):
         collect_covariances(model, [torch.zeros(2, 3, dtype=torch.long)], show_progress=False)
 
 
-def test_nonfinite_activations_are_reported_with_the_module(model):
+@pytest.mark.parametrize("check_every", [1, 1000])  # 1000: only the final check sees it
+def test_nonfinite_activations_are_reported_with_the_module(model, monkeypatch, check_every):
+    monkeypatch.setattr(statistics, "FINITE_CHECK_EVERY", check_every)
     with torch.no_grad():
         model.model.layers[1].self_attn.o_proj.weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match="NaN or inf activations.*layers.1"):
-        collect_covariances(model, random_batches(1), show_progress=False)
+        collect_covariances(model, random_batches(3), show_progress=False)
 
 
 def test_stats_from_another_model_are_rejected(tmp_path):

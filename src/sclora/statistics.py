@@ -348,15 +348,17 @@ def collect_covariances(
     model.eval()
     error = None
     try:
-        for batch in tqdm(chain([first], iterator), total=total, desc=desc,
-                          disable=not show_progress or not distributed.is_main_process()):
+        for i, batch in enumerate(tqdm(chain([first], iterator), total=total, desc=desc,
+                                       disable=not show_progress or not distributed.is_main_process())):
             batch = _to_device(batch, device)
             state["mask"] = batch["attention_mask"].bool()
             state["dense"] = bool(state["mask"].all())
             forward(batch)
             n_samples += int(state["mask"].any(dim=1).sum())
             n_tokens += int(state["mask"].sum())
-            _check_finite(sums, groups)
+            if (i + 1) % FINITE_CHECK_EVERY == 0:  # non-finite sums stay non-finite: checking now and then fails early
+                _check_finite(sums, groups)
+        _check_finite(sums, groups)
     except Exception as err:
         if not reduce:
             raise
@@ -408,16 +410,23 @@ def _accumulator(key, acc, stored_side, scale_from, normalize, state, dtype):
     return hook
 
 
-#: Width of the row strips in ``add_gram_upper``: narrow enough to skip most of the lower triangle, wide
-#: enough to keep the matrix products efficient (benchmarks/gram.py measured the choice).
-GRAM_STRIP = 192
+#: Width of the row strips in ``add_gram_upper``; None: ``gram_strip(d)``, the width measured fastest.
+GRAM_STRIP: int | None = None
+
+
+def gram_strip(d: int) -> int:
+    """Strip width for a d x d Gram: narrow strips skip more of the lower triangle, wide ones make more
+    efficient products. d // 6 within [96, 384] was the fastest width measured at d = 576, 1536 and 4096
+    (benchmarks/gram.py, benchmarks/results/gram.json)."""
+    return GRAM_STRIP or max(96, min(384, d // 6))
 
 
 def add_gram_upper(acc: torch.Tensor, x: torch.Tensor, strip: int | None = None) -> None:
     """``acc += xᵀx`` on the block upper triangle only, in row strips of ``strip``: XᵀX is symmetric,
     so the blocks below the diagonal are skipped (a d x d Gram with k strips costs (k+1)/2k of the full
     product). ``symmetrize_upper`` completes the matrix once, after the last batch."""
-    d, strip = acc.shape[0], strip or GRAM_STRIP
+    d = acc.shape[0]
+    strip = strip or gram_strip(d)
     for start in range(0, d, strip):
         rows = x[:, start:start + strip]
         acc[start:start + strip, start:].addmm_(rows.T, x[:, start:])
@@ -511,6 +520,10 @@ def _to_device(batch: Mapping[str, torch.Tensor], device) -> dict[str, torch.Ten
     mask = batch.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+#: batches between two finiteness checks of the running sums (each check reads every stored matrix)
+FINITE_CHECK_EVERY = 16
 
 
 def _check_finite(sums: dict[str, torch.Tensor], groups: dict[str, list[str]]) -> None:
