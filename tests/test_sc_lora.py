@@ -353,3 +353,18 @@ def test_corda_kpa_refuses_several_knowledge_sets():
     model = tiny_llama()
     with pytest.raises(ValueError, match="CorDA KPA preserves one knowledge set"):
         sclora.init_model(model, method="corda_kpa", r=2, minus=[random_batches(1), random_batches(1, seed=2)])
+
+
+def test_residual_weights_are_written_in_place_without_a_second_copy():
+    model = tiny_llama(seed=2)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    before = {n: (m.weight.data_ptr(), m.weight.detach().clone()) for n, m in linears.items()}
+    plus, minus = stats_pair(model)
+    peft_model = get_sclora_model(model, SCLoRAConfig(r=4, beta=0.5), plus, minus, show_progress=False)
+    inner = peft_model.base_model.model
+    for name, (pointer, w0) in before.items():
+        layer = inner.get_submodule(name)
+        weight = layer.get_base_layer().weight
+        assert weight.data_ptr() == pointer, name  # the same storage: no second copy of the weights
+        rebuilt = weight + layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        torch.testing.assert_close(rebuilt, w0, rtol=1e-5, atol=1e-5, msg=name)

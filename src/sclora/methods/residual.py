@@ -74,7 +74,9 @@ def build_residual_adapter(
             a, b, w_res = factors(name, base.weight.detach(), layer.scaling[ADAPTER])
             lora_a.data = a.to(device=lora_a.device, dtype=lora_a.dtype).contiguous()
             lora_b.data = b.to(device=lora_b.device, dtype=lora_b.dtype).contiguous()
-            base.weight.data = w_res.to(device=base.weight.device, dtype=base.weight.dtype).contiguous()
+            # In place: a second copy of every target weight would double their memory (the originals of a
+            # memory-mapped checkpoint stay resident until overwritten).
+            base.weight.data.copy_(w_res)
     except Exception as err:
         if not spread:
             raise
