@@ -512,7 +512,8 @@ def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, o
     _atomic_write(out / "samples" / f"{name}.json", json.dumps(items) + "\n")
     row = {
         "run": name, "method": method, "beta": run.get("beta"), "learning_rate": train_config.learning_rate,
-        "seed": seed, **({"normalize": run["normalize"]} if run.get("normalize") else {}), "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "seed": seed, **({"normalize": run["normalize"]} if run.get("normalize") else {}),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "init_seconds": round(init_seconds, 1), "train_seconds": round(result.train_seconds, 1),
         "train_tokens_per_second": round(result.tokens_per_second, 1), "final_loss": result.final_loss,
         "loss_history": result.loss_history, **metrics,

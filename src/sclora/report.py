@@ -183,7 +183,7 @@ def group_runs(rows: list[dict]) -> list[Group]:
     buckets: dict[tuple, list[dict]] = {}
     for row in rows:
         beta = row.get("beta")
-        key = ("base", None, None) if _is_base(row) else (
+        key = ("base", None, None, None) if _is_base(row) else (
             row.get("method"), tuple(beta) if isinstance(beta, list) else beta, row.get("learning_rate"),
             row.get("normalize"))  # a run with its own normalize is another method variant, not another seed
         buckets.setdefault(key, []).append(row)
@@ -207,8 +207,8 @@ def _merge(key: tuple, members: list[dict]) -> Group:
         se = _pooled_se(values, [m[f"{name}_se"] for m in members if _is_number(m.get(f"{name}_se"))])
         if se is not None:
             ses[name] = se
-    return Group(method=key[0], beta=key[1], lr=key[2], normalize=key[3] if len(key) > 3 else None, runs=[str(m.get("run")) for m in members], samples=samples,
-                 ses=ses, loss=_mean_by_step([m.get("loss_history") or [] for m in members]),
+    return Group(method=key[0], beta=key[1], lr=key[2], normalize=key[3], runs=[str(m.get("run")) for m in members],
+                 samples=samples, ses=ses, loss=_mean_by_step([m.get("loss_history") or [] for m in members]),
                  checkpoints=_mean_checkpoints([m.get("checkpoints") or [] for m in members]))
 
 
@@ -306,9 +306,12 @@ def label(group: Group, lr_methods: frozenset[str] = frozenset(), model: str | N
         text += f" β={_beta_text(group.beta)}"
     if group.method in lr_methods and group.lr is not None:
         text += f" lr={_fmt_lr(group.lr)}"
-    if group.normalize:
-        text += f" (normalize {group.normalize})"
-    return text
+    return text + _variant(group)
+
+
+def _variant(group: Group) -> str:
+    """' (normalize none)' for a run that overrode the experiment's normalize, else ''."""
+    return f" (normalize {group.normalize})" if group.normalize else ""
 
 
 def _with_se(group: Group, m: Metric) -> str:
@@ -358,8 +361,7 @@ def main_table(groups: list[Group], layout: Layout, model: str | None = None) ->
     for g in groups:
         name = "" if g.method == previous else method_name(g, model)  # the paper names a method once
         previous = g.method
-        beta_cell = _fmt_beta(g.beta) + (f" (normalize {g.normalize})" if g.normalize else "")
-        cells = [name, beta_cell, *([_fmt_lr(g.lr)] * show_lr), *([str(g.n)] * show_seeds),
+        cells = [name, _fmt_beta(g.beta) + _variant(g), *([_fmt_lr(g.lr)] * show_lr), *([str(g.n)] * show_seeds),
                  _fmt_params(g.value("trainable_params"))]
         for m in metrics:
             text = _with_se(g, m)
@@ -583,8 +585,8 @@ def _answer_versus(question: str, sc: list[Group], refs: list[Group], ref_name: 
         rivals = [g for g in sc if g.value(win.key) is not None and g.value(hold.key) is not None]
         beaters = [g for g in rivals if win.gain(g, ref) > 0 and hold.gain(g, ref) >= -tolerance(g, ref)]
         if not beaters:
-            others = "; ".join(f"β={_beta_text(g.beta)}{f' (normalize {g.normalize})' if g.normalize else ''}: "
-                               f"{_two(g, win, hold)}" for g in rivals) or "none measured"
+            others = "; ".join(f"β={_beta_text(g.beta)}{_variant(g)}: {_two(g, win, hold)}"
+                               for g in rivals) or "none measured"
             findings.append(f"Against {name}: no — {name} has {_two(ref, win, hold)}; SC-LoRA has {others}.")
             continue
         wins += 1
