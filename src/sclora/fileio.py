@@ -1,0 +1,110 @@
+"""Crash-safe file writes and cross-process locks: the one place sclora writes files that must survive kill -9.
+
+* :func:`atomic_write` / :func:`atomic_write_bytes` / :func:`atomic_write_json`: the bytes go to a temp
+  file with a name unique to this process and call (``<name>.tmp-<pid>-<random>``), are fsync'd, then
+  renamed over the target (``os.replace`` is atomic on POSIX), and the folder entry is fsync'd. A reader
+  sees the old file or the new one, never a half-written one, and two writers never share a temp file.
+* :func:`atomic_path`: the same for writers that need a path (safetensors ``save_file``, ``savefig``).
+* :func:`locked`: an exclusive ``flock`` on ``<file>.lock`` for read-modify-write of a shared file.
+  flock is advisory and per host; on network file systems (NFS without lock support) it may not exclude
+  processes of other machines (docs/reliability.md).
+* :func:`safe_name`: names that become file or folder names (run names, labels) stay inside their folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_json", "fsync_dir", "locked",
+           "safe_name", "temp_name"]
+
+#: Every temp file sclora writes has this marker, so leftovers of a killed process are recognisable.
+TMP_MARKER = ".tmp-"
+
+
+def temp_name(path: str | os.PathLike) -> Path:
+    """A sibling temp path unique to this process and call."""
+    path = Path(path)
+    return path.with_name(f"{path.name}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a rename inside ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(os.fspath(directory), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path to write to; on success it is fsync'd and renamed over ``path``, on error removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+
+
+def atomic_write(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, data, *, indent: int | None = 2, **kwargs) -> None:
+    atomic_write(path, json.dumps(data, indent=indent, **kwargs) + "\n")
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (blocking) for a read-modify-write of ``path``."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]{0,127}$")
+
+
+def safe_name(name, what: str = "name") -> str:
+    """``name`` if it can be used as one file or folder name: letters, digits and ``. _ + = , -``, starting
+    with a letter or digit, at most 128 characters, no separators and no ``..``; else a ValueError."""
+    if not isinstance(name, str) or not _SAFE.match(name) or ".." in name:
+        raise ValueError(
+            f"{what} {name!r} cannot be used as a file name: use 1-128 letters, digits and . _ + = , - (starting "
+            "with a letter or digit, no '/', no '..'), e.g. 'sc_lora-beta0.8'."
+        )
+    return name
