@@ -7,8 +7,10 @@ import email.utils
 import json
 import math
 import socket
+import sqlite3
 import threading
 import time
+from contextlib import closing
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -121,13 +123,15 @@ def test_make_judge(tmp_path):
 # --- LLM judge against a fake OpenAI-compatible server ------------------------------------------
 
 class FakeAPI(ThreadingHTTPServer):
-    """Scores by a marker in the judged response; can fail the first calls with 429 / 500 or start
-    answering 401 after some calls."""
+    """Scores by a marker in the judged response; can fail the first calls with 429 / 500, start
+    answering 401 after some calls, or redirect every request (``redirect=(status, location)``).
+    ``auth_seen`` records the Authorization header of every request, whatever its method."""
 
-    def __init__(self, key="test-key", fail_429=0, fail_500=0, unauthorized_after=None):
+    def __init__(self, key="test-key", fail_429=0, fail_500=0, unauthorized_after=None, redirect=None):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.key, self.fail_429, self.fail_500, self.unauthorized_after = key, fail_429, fail_500, unauthorized_after
-        self.calls, self.errors, self.lock = 0, [], threading.Lock()
+        self.redirect = redirect
+        self.calls, self.errors, self.auth_seen, self.lock = 0, [], [], threading.Lock()
         threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     @property
@@ -149,11 +153,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_GET(self):  # what urllib sends after following a 301/302/303
+        with self.server.lock:
+            self.server.calls += 1
+            self.server.auth_seen.append(self.headers.get("Authorization"))
+        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": "#thescore: 1"}}]})
+
     def do_POST(self):
         srv = self.server
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if srv.redirect:
+            return self._send(srv.redirect[0], headers=[("Location", srv.redirect[1])])
         with srv.lock:
             srv.calls += 1
+            srv.auth_seen.append(self.headers.get("Authorization"))
             calls = srv.calls
             fail = "429" if srv.fail_429 > 0 else "500" if srv.fail_500 > 0 else None
             srv.fail_429 -= fail == "429"
@@ -234,12 +247,13 @@ def test_llm_judge_scores_retries_and_cache(api, tmp_path, monkeypatch):
 
 def test_llm_judge_keeps_every_reply_when_a_run_dies(api, tmp_path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "test-key")
-    dying = api(unauthorized_after=2)
+    srv = api(unauthorized_after=2)
     with pytest.raises(JudgeError):
-        _judge(dying, tmp_path).judge(PAIRS, show_progress=False)
-    healthy = api()
-    out = _judge(healthy, tmp_path).judge(PAIRS, show_progress=False)
-    assert healthy.calls == len(PAIRS) - 2
+        _judge(srv, tmp_path).judge(PAIRS, show_progress=False)
+    assert srv.calls == 3
+    srv.unauthorized_after = None  # the endpoint recovers: only the two unjudged pairs are asked again
+    out = _judge(srv, tmp_path).judge(PAIRS, show_progress=False)
+    assert srv.calls == 3 + len(PAIRS) - 2
     assert [j.score for j in out] == [1, 5, 3, None]
 
 
@@ -251,6 +265,61 @@ def test_llm_judge_401_fails_fast_and_clearly(api, tmp_path, monkeypatch):
         _judge(srv, tmp_path, backoff=10).judge(PAIRS, show_progress=False)
     assert srv.base_url + "/chat/completions" in str(err.value)
     assert srv.calls == 1 and time.perf_counter() - start < 2
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_llm_judge_never_follows_a_redirect(api, tmp_path, monkeypatch, status):
+    monkeypatch.setenv(KEY_ENV, "test-key")
+    elsewhere = api()  # another port: another origin, which must never see the key
+    location = elsewhere.base_url + "/chat/completions"
+    srv = api(redirect=(status, location))
+    judge = _judge(srv, tmp_path, backoff=10)
+    with pytest.raises(JudgeError, match=f"redirected \\(HTTP {status}\\)") as err:
+        judge.judge(PAIRS[:1], show_progress=False)
+    assert location in str(err.value) and "--judge-url" in str(err.value)
+    assert judge.requests == 1  # not retried
+    assert elsewhere.calls == 0 and elsewhere.auth_seen == []
+    with closing(sqlite3.connect(tmp_path / "cache.sqlite")) as db:
+        assert db.execute("SELECT COUNT(*) FROM replies").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("http://example.com/v1", "plain http"), ("http://10.0.0.5/v1", "plain http"),
+    ("http://localhost.example.com/v1", "plain http"), ("http://127.0.0.1.nip.io/v1", "plain http"),
+    ("ftp://example.com/v1", "https://"), ("file:///etc/passwd", "https://"), ("https:///v1", "https://"),
+    ("api.deepseek.com/v1", "https://"), ("https://example.com:99999/v1", "port"),
+])
+def test_llm_judge_refuses_unsafe_urls_at_construction(url, problem, tmp_path):
+    with pytest.raises(ValueError, match=problem) as err:
+        LLMJudge(url, "m", cache_path=tmp_path / "c.db")
+    assert url in str(err.value)
+    if problem == "plain http":
+        assert "allow_insecure_http" in str(err.value)
+
+
+def test_llm_judge_accepts_https_local_http_and_explicit_insecure_http(tmp_path):
+    for url in ("https://api.deepseek.com/v1", "HTTPS://API.example.com/v1/", "http://localhost:8000/v1",
+                "http://127.0.0.1:1/v1", "http://127.5.6.7/v1", "http://[::1]:8080/v1"):
+        assert LLMJudge(url, "m", cache_path=tmp_path / "c.db").url == url.rstrip("/") + "/chat/completions"
+    judge = LLMJudge("http://example.com/v1", "m", cache_path=tmp_path / "c.db", allow_insecure_http=True)
+    assert judge.url == "http://example.com/v1/chat/completions"
+    assert make_judge("llm", base_url="http://example.com/v1", model="m", cache_path=tmp_path / "c.db",
+                      allow_insecure_http=True).url == judge.url
+    for url in ("ftp://example.com/v1", "file:///etc/passwd"):  # only http is unlocked
+        with pytest.raises(ValueError, match="https://"):
+            LLMJudge(url, "m", cache_path=tmp_path / "c.db", allow_insecure_http=True)
+
+
+def test_llm_judge_cache_is_per_endpoint(api, tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "test-key")
+    first, second = api(), api()
+    [a] = _judge(first, tmp_path).judge(PAIRS[:1], show_progress=False)
+    [b] = _judge(second, tmp_path).judge(PAIRS[:1], show_progress=False)  # same model name, same cache file
+    assert first.calls == 1 and second.calls == 1 and a.raw == b.raw
+    # The same endpoint spelled with a trailing slash or an upper-case scheme still hits the cache.
+    for url in (first.base_url + "/", first.base_url.replace("http:", "HTTP:")):
+        LLMJudge(url, "judge-model", api_key_env=KEY_ENV, cache_path=tmp_path / "cache.sqlite").judge(PAIRS[:1])
+    assert first.calls == 1
 
 
 def test_llm_judge_missing_key(api, tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import http.client
+import ipaddress
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import re
 import sqlite3
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from contextlib import closing
 from dataclasses import dataclass
@@ -254,22 +256,68 @@ class RefusalJudge(Judge):
 _RETRYABLE = {408, 409, 425, 429}
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: urllib would re-send the Authorization header to wherever it points. The
+    3xx then reaches the caller as an HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # 127.0.0.0/8 and ::1
+    except ValueError:
+        return False
+
+
+def _endpoint(base_url: str, allow_insecure_http: bool) -> str:
+    """``base_url`` checked (https, or plain http only to this machine unless ``allow_insecure_http``)
+    and normalized to ``scheme://host:port/path`` without a trailing slash."""
+    try:
+        parts = urllib.parse.urlsplit(base_url.strip())
+        port = parts.port
+    except ValueError as err:
+        raise ValueError(f"LLM judge: invalid base_url {base_url!r} ({err}); fix the host or port") from None
+    scheme, host = parts.scheme.lower(), parts.hostname
+    if scheme not in ("http", "https") or not host:
+        raise ValueError(f"LLM judge: base_url {base_url!r} is not an http(s) URL with a host; "
+                         "use https://, e.g. https://api.deepseek.com/v1")
+    if scheme == "http" and not allow_insecure_http and not _is_loopback(host):
+        raise ValueError(f"LLM judge: base_url {base_url!r} uses plain http to a remote host, which would send "
+                         "the API key unencrypted; use https://, or pass allow_insecure_http=True (judge "
+                         "settings) if the network is trusted")
+    netloc = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{netloc}:{port or {'http': 80, 'https': 443}[scheme]}{parts.path.rstrip('/')}"
+
+
 class LLMJudge(Judge):
     """The Qi et al. 2024 template sent to ``{base_url}/chat/completions`` of any OpenAI-compatible API.
 
     Replies are cached in sqlite (one commit per reply, so a crashed run loses nothing) keyed by the
-    model name, template version, instruction and response: a rerun makes no requests. The API key
-    is read from ``api_key_env`` only when a request is actually needed, so fully cached reruns work
-    without it. 429, 5xx and connection errors are retried with exponential backoff (honouring
+    endpoint (normalized base_url), model name, template version, instruction and response: a rerun
+    makes no requests, and two endpoints serving the same model name never share verdicts. The API
+    key is read from ``api_key_env`` only when a request is actually needed, so fully cached reruns
+    work without it. 429, 5xx and connection errors are retried with exponential backoff (honouring
     Retry-After); other HTTP errors fail at once.
+
+    The key never leaves ``base_url``'s origin and never travels in clear text to another machine:
+    ``base_url`` must be https, or http to localhost / 127.0.0.0/8 / ::1 unless ``allow_insecure_http``
+    (checked here, before any request; other schemes are refused); redirects are never followed but
+    fail with a :class:`JudgeError` naming where they point, and nothing is cached for them.
     """
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
                  cache_path: str | Path | None = None, max_retries: int = 5, requests_per_second: float = 2.0,
-                 timeout: float = 60, temperature: float = 0.0, max_tokens: int = 512, backoff: float = 1.0):
+                 timeout: float = 60, temperature: float = 0.0, max_tokens: int = 512, backoff: float = 1.0,
+                 allow_insecure_http: bool = False):
         if not base_url or not model:
             raise ValueError("LLMJudge needs base_url and model")
+        self.endpoint = _endpoint(base_url, allow_insecure_http)
         self.url = base_url.rstrip("/") + "/chat/completions"
+        self._opener = urllib.request.build_opener(_NoRedirects)
         self.model, self.api_key_env = model, api_key_env
         self.max_retries, self.timeout, self.backoff = max_retries, timeout, backoff
         self.min_interval = 1.0 / requests_per_second if requests_per_second > 0 else 0.0
@@ -284,7 +332,7 @@ class LLMJudge(Judge):
         self._last_request = 0.0
 
     def _key(self, instruction: str, response: str) -> str:
-        payload = json.dumps([self.model, TEMPLATE_VERSION, instruction, response])
+        payload = json.dumps([self.endpoint, self.model, TEMPLATE_VERSION, instruction, response])
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def _api_key(self) -> str:
@@ -315,9 +363,15 @@ class LLMJudge(Judge):
             retry_after = None
             try:
                 req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with self._opener.open(req, timeout=self.timeout) as resp:
                     return _reply_text(resp.read(), self.url)
             except urllib.error.HTTPError as err:
+                if 300 <= err.code < 400:
+                    location = err.headers.get("Location")
+                    location = urllib.parse.urljoin(self.url, location) if location else "(no Location header)"
+                    raise JudgeError(f"LLM judge: POST {self.url} was redirected (HTTP {err.code}) to {location}; "
+                                     "redirects are not followed, so the API key stays with the URL it was "
+                                     "given: put the final URL (without /chat/completions) in --judge-url") from None
                 detail = err.read()[:300].decode(errors="replace")
                 if err.code not in _RETRYABLE and err.code < 500:
                     hint = {401: " (bad API key?)", 403: " (key lacks access?)", 404: " (wrong base URL or model?)"}
@@ -409,7 +463,8 @@ class LocalJudge(Judge):
 # --- Factory and metrics ----------------------------------------------------------------------
 
 def make_judge(kind: str, **kwargs) -> Judge:
-    """``refusal`` (offline proxy), ``llm`` (OpenAI-compatible API: base_url, model, ...) or
+    """``refusal`` (offline proxy), ``llm`` (OpenAI-compatible API: base_url, model, ...,
+    allow_insecure_http; see :class:`LLMJudge`) or
     ``local`` (path of a causal LM, or model and tokenizer)."""
     if kind == "refusal":
         return RefusalJudge(**kwargs)
