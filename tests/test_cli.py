@@ -73,7 +73,7 @@ def test_init_then_train_exports_an_adapter_for_the_untouched_base(model_dir, tm
     init_dir, out = tmp_path / "init", tmp_path / "trained"
     assert cli.main(["init", "--model", str(model_dir), "--method", "sc_lora", "--plus", "trivia:4",
                      "--minus", "trivia:4:4", "--r", "2", "--seq-len", "16", "--output", str(init_dir), "--quiet"]) == 0
-    assert (init_dir / "stats" / "plus-output-none.safetensors").exists()
+    assert len(list((init_dir / "stats").glob("plus-output-raw-*.safetensors"))) == 1
     assert (init_dir / "initial_adapter" / "sclora_initial_adapter.safetensors").exists()
     assert cli.main(["train", "--init", str(init_dir), "--data", "trivia:4:8", "--output", str(out), "--quiet",
                      "--set", "learning_rate=0.01", "--set", "batch_size=2", "--set", "micro_batch_size=2",

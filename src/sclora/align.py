@@ -10,12 +10,13 @@ project writes itself: no package ships refusal answers.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .fileio import atomic_write_json
 
 __all__ = ["AlignConfig", "REFUSALS", "align", "alignment_examples", "refusal_rate"]
 
@@ -119,7 +120,5 @@ def align(model, tokenizer, config: AlignConfig, output_dir: str | os.PathLike, 
                                                            "after: benign")}
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    tmp = out / "align_report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    os.replace(tmp, out / "align_report.json")
+    atomic_write_json(out / "align_report.json", report, default=str)
     return report

@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from .fileio import atomic_write_json, digest, locked, temp_name
+
 __all__ = ["main"]
 
 
@@ -43,16 +45,13 @@ def _eval(args) -> int:
     record = {"model": args.model, **result.to_dict()}
     print(format_table(record))
     out = Path(args.out or f"eval-{args.suite}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, out)
+    atomic_write_json(out, record, default=str)
     print(f"wrote {out}")
     return 0
 
 
 def _run(args) -> int:
-    from .experiment import load_config, read_results, results_table, run_experiment
+    from .experiment import load_config, read_results, results_table, run_experiment, run_name, running_elsewhere
 
     overrides = yaml_overrides(args.set)
     config = load_config(args.config, overrides)
@@ -66,13 +65,19 @@ def _run(args) -> int:
     if args.workers < 1:
         raise SystemExit(f"sclora run: --workers must be >= 1, got {args.workers}.")
     helpers = _spawn_workers(args) if args.workers > 1 else []
-    rows = run_experiment(config, args.output, show_progress=not args.quiet)
+    rows = run_experiment(config, args.output, show_progress=not args.quiet, archive=args.archive)
     failed = [p.args for p in helpers if p.wait() != 0]
     if failed:
         raise SystemExit(f"sclora run: {len(failed)} worker process(es) failed; rerun the same command to resume.")
     rows = read_results(args.output)  # with the rows the other workers finished after this process
     print(results_table(rows))
     print(f"wrote {Path(args.output) / 'results.json'} and results.md")
+    missing = [n for n in ["base", *(run_name(r) for r in config.runs)] if n not in {r["run"] for r in rows}]
+    if missing:  # held by other live processes (another `sclora run` on this folder)
+        busy = running_elsewhere(Path(args.output), missing)
+        print(f"not finished yet: {', '.join(missing)}" + (f" ({len(busy)} running in another process; rerun "
+              "this command after it ends to complete the table)" if busy else "; rerun this command to finish"))
+        return 3
     return 0
 
 
@@ -88,7 +93,7 @@ def _spawn_workers(args) -> list:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     torch.set_num_threads(threads)
     command = [sys.executable, "-m", "sclora", "run", args.config, "--output", args.output, "--quiet",
-               "--workers", "1", *[f"--set={kv}" for kv in args.set or []]]
+               "--workers", "1", *[f"--set={kv}" for kv in args.set or []]]  # after this process's folder check
     return [subprocess.Popen(command, env=env) for _ in range(args.workers - 1)]
 
 
@@ -148,24 +153,34 @@ def install_aligned(model_dir: Path) -> Path:
     from .models import ALIGNED_MODEL, aligned_model_path
 
     target = aligned_model_path()
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(model_dir, tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with locked(target):  # one installer at a time; readers see the old folder or the new one
+        tmp, old = temp_name(target), temp_name(target)
+        try:
+            shutil.copytree(model_dir, tmp)
+            if target.exists():
+                os.replace(target, old)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     print(f"installed as {ALIGNED_MODEL!r} ({target})")
     return target
 
 
 def _data_spec(text: str):
-    """'kind:n[:offset[:split]]', e.g. 'math:256' or 'trivia:256:512'."""
+    """'kind:n[:offset[:split]]', e.g. 'math:256' or 'trivia:256:512' or 'math:64:0:heldout'."""
     from .experiment import DataSpec
 
     parts = text.split(":")
-    if len(parts) < 2 or not parts[1].isdigit():
-        raise SystemExit(f"data spec {text!r}: expected kind:n[:offset[:split]], e.g. math:256 or trivia:256:512")
-    return DataSpec(parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else 0,
-                    parts[3] if len(parts) > 3 else "train")
+    numbers = parts[1:3]
+    if not 2 <= len(parts) <= 4 or not all(p.isdigit() for p in numbers):
+        raise SystemExit(f"data spec {text!r}: expected kind:n[:offset[:split]] with whole numbers n and offset, "
+                         "e.g. math:256, trivia:256:512 or math:64:0:heldout")
+    try:
+        return DataSpec(parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else 0,
+                        parts[3] if len(parts) > 3 else "train")
+    except ValueError as err:
+        raise SystemExit(f"data spec {text!r}: {err}") from None
 
 
 def _build_init(args, model, tokenizer, out: Path):
@@ -180,10 +195,10 @@ def _build_init(args, model, tokenizer, out: Path):
         spec = getattr(args, label)
         if spec is None:
             raise SystemExit(f"--method {args.method} needs --{label} DATA (e.g. --{label} math:256)")
-        stats[label] = cached_statistics(out / "stats" / f"{label}-{side}-{args.normalize}.safetensors", model,
-                                         tokenizer, build_examples(_data_spec(spec), args.seed), seq_len=args.seq_len,
+        stats[label] = cached_statistics(out / "stats", label, model, tokenizer,
+                                         build_examples(_data_spec(spec), args.seed), seq_len=args.seq_len,
                                          batch_size=8, target_modules=config.target_modules, normalize=args.normalize,
-                                         side=side, show_progress=not args.quiet, desc=f"{label} statistics")
+                                         side=side, show_progress=not args.quiet)
     if distributed.is_main_process():
         config.save_pretrained(out)
     return init_model(model, config, plus=stats.get("plus"), minus=stats.get("minus"), show_progress=not args.quiet)
@@ -203,7 +218,7 @@ def _init(args) -> int:
     if distributed.is_main_process():  # every rank holds the same adapter; one writes it
         if hasattr(model, "peft_config"):
             save_initial_adapter(model, out / "initial_adapter")
-        (out / "init_args.json").write_text(json.dumps(vars(args), default=str, indent=2) + "\n")
+        atomic_write_json(out / "init_args.json", vars(args), default=str)
         print(f"initialized {args.method} in {time.perf_counter() - start:.1f} s; statistics and config in {out}")
     distributed.barrier()
     return 0
@@ -239,7 +254,11 @@ def _train(args) -> int:
     examples = build_examples(_data_spec(args.data), init_args.seed)
     # Under torchrun / accelerate launch Trainer trains with DDP or FSDP; every process holds the whole data
     # and Trainer gives each its share of every global batch (config batch_size).
-    result = train(model, tokenizer, examples, config, Path(args.output) / "checkpoints", show_progress=not args.quiet)
+    # The checkpoints belong to this init and data: a resume from another init's checkpoints is refused.
+    context = digest({"init": {k: v for k, v in saved.items() if k not in ("quiet", "output", "func")},
+                      "data": args.data})
+    result = train(model, tokenizer, examples, config, Path(args.output) / "checkpoints", show_progress=not args.quiet,
+                   context=context)
     with distributed.full_parameters(model):  # FSDP: the whole weights, on rank 0
         if distributed.is_main_process():  # one writer; the other ranks wait at the barrier
             if hasattr(model, "peft_config"):
@@ -256,15 +275,18 @@ def _train(args) -> int:
 
 
 def yaml_overrides(pairs: list[str] | None) -> dict:
-    """--set key=value pairs, values parsed as YAML (numbers, lists, mappings)."""
-    import yaml
+    """--set key=value pairs, values parsed as YAML (numbers as people write them, 2e-4 too; lists, mappings)."""
+    from .experiment import parse_yaml
 
     overrides = {}
     for pair in pairs or []:
         if "=" not in pair:
             raise SystemExit(f"--set takes key=value, got {pair!r}")
         key, value = pair.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
+        try:
+            overrides[key] = parse_yaml(value)
+        except Exception as err:  # yaml.YAMLError
+            raise SystemExit(f"--set {pair!r}: the value is not valid YAML ({err})") from None
     return overrides
 
 
@@ -302,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a top-level config key")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--dry-run", action="store_true", help="validate the config and print the plan; load nothing")
+    run.add_argument("--archive", action="store_true",
+                     help="if OUTPUT holds results of other settings, move them to OUTPUT/archive/<time>/ first")
     run.add_argument("--workers", type=int, default=1,
                      help="processes sharing the runs (and the CPU threads); resumable, results merged in one table")
     run.set_defaults(func=_run)

@@ -15,8 +15,9 @@ import json
 import math
 import os
 import random
+import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -26,6 +27,8 @@ from .config import LLAMA_TARGET_MODULES, METHODS
 
 __all__ = ["ExperimentConfig", "build_examples", "load_config", "run_experiment"]
 
+from .data import HARMFUL_SOURCES
+from .fileio import atomic_write, digest, locked, safe_name
 from .hub_data import HUB_SOURCES
 from .statistics import NORMALIZATIONS
 
@@ -33,6 +36,18 @@ DATA_KINDS = ("math", "trivia", "summaries", "harmful", *HUB_SOURCES)
 
 
 RESPONSES = ("none", "refusal", "affirmative")
+#: the splits each built-in kind has (math: template split; summaries: ACLSum's files; the others: one pool,
+#: partitioned by offset); hub kinds take the hub's split names
+SPLITS = {"math": ("train", "heldout"), "summaries": ("train", "val", "test"), "trivia": ("train",),
+          "harmful": ("train",)}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _int(value, what: str, low: int) -> int:
+    """``value`` if it is an integer >= ``low`` (not a bool), else a ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}.")
+    return value
 
 
 @dataclass
@@ -50,12 +65,20 @@ class DataSpec:
     def __post_init__(self):
         if self.kind not in DATA_KINDS:
             raise ValueError(f"Unknown data kind {self.kind!r}; choose one of {DATA_KINDS}.")
-        if self.n < 1:
-            raise ValueError(f"Data spec {self.kind!r} asks for n={self.n}; need at least 1.")
+        _int(self.n, f"n of data spec {self.kind!r}", 1)
+        _int(self.offset, f"offset of data spec {self.kind!r}", 0)
+        splits = SPLITS.get(self.kind)
+        if not isinstance(self.split, str) or not self.split or (splits and self.split not in splits):
+            raise ValueError(f"split of data spec {self.kind!r} must be one of {splits or 'the hub split names'}, "
+                             f"got {self.split!r}.")
         if self.response not in RESPONSES:
             raise ValueError(f"Unknown response {self.response!r} for {self.kind!r}; choose one of {RESPONSES}.")
         if self.source is not None and self.kind != "harmful":
             raise ValueError(f"'source' applies to kind 'harmful' only, not {self.kind!r}.")
+        if self.source is not None and self.source not in HARMFUL_SOURCES:
+            raise ValueError(f"source of data spec 'harmful' must be one of {HARMFUL_SOURCES}, got {self.source!r}.")
+        if self.max_words is not None:
+            _int(self.max_words, f"max_words of data spec {self.kind!r}", 1)
 
 
 @dataclass
@@ -91,10 +114,46 @@ class ExperimentConfig:
                     raise ValueError(f"'{key}' is an empty list; give at least one data spec.")
                 setattr(self, key, [_strict(DataSpec, v, f"data spec '{key}[{i}]'") if isinstance(v, dict) else v
                                     for i, v in enumerate(value)])
-        if not self.runs:
+        self._validate()
+
+    def _validate(self) -> None:
+        """Every value checked before anything is loaded: the key, the value and the allowed range are named."""
+        from .config import SCLoRAConfig
+        from .models import check_model
+        from .train import TrainConfig
+
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}.")
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a local path, a hub id or {'smollm2-135m-instruct'!r}, got {self.model!r}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}.")
+        _int(self.seed, "seed", 0)
+        _int(self.stats_seq_len, "stats_seq_len", 2)
+        _int(self.stats_batch_size, "stats_batch_size", 1)
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}.")
+        for key in ("diagnostics",):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}.")
+        if not isinstance(self.evaluate_steps, list):
+            raise ValueError(f"evaluate_steps must be a list of optimizer steps, got {self.evaluate_steps!r}.")
+        for step in self.evaluate_steps:
+            _int(step, "evaluate_steps entry", 1)
+        for key in ("train", "evaluate", "judge", "report"):
+            if not isinstance(getattr(self, key), dict):
+                raise ValueError(f"{key} must be a mapping, got {getattr(self, key)!r}.")
+        for key in ("plus", "minus", "train_data"):
+            if not all(isinstance(spec, DataSpec) for spec in _as_list(getattr(self, key))):
+                raise ValueError(f"{key} must be a data spec such as {{kind: math, n: 64}} (or a list of them for "
+                                 f"minus / train_data), got {getattr(self, key)!r}.")
+        if not isinstance(self.runs, list) or not self.runs:
             raise ValueError("The config lists no runs: add e.g. runs: [{method: lora}, {method: sc_lora, beta: 0.8}].")
         n_minus = len(_as_list(self.minus))
+        names = set()
         for run in self.runs:
+            if not isinstance(run, dict):
+                raise ValueError(f"Each entry of runs must be a mapping such as {{method: lora}}, got {run!r}.")
             unknown = set(run) - RUN_KEYS
             if unknown:
                 raise ValueError(f"Unknown run key(s) {sorted(unknown)}; a run takes {sorted(RUN_KEYS)}.")
@@ -109,13 +168,58 @@ class ExperimentConfig:
             if run["method"] == "sc_lora" and n_minus > 1 and not (isinstance(beta, list) and len(beta) == n_minus):
                 raise ValueError(f"The config preserves {n_minus} knowledge sets, so an sc_lora run needs beta as a "
                                  f"list of {n_minus} weights, e.g. beta: {[round(0.8 / n_minus, 2)] * n_minus}.")
+            if run.get("seed") is not None:
+                _int(run["seed"], f"seed of run {run}", 0)
+            if "name" in run:
+                safe_name(run["name"], "run name")
+            name = safe_name(run_name(run), f"run name (from {run})")
+            if name in names or name == "base":
+                raise ValueError(f"Two runs are named {name!r} ('base' is the untrained model): give each a distinct "
+                                 "'name', e.g. name: sc_lora-b08-seed1.")
+            names.add(name)
+            try:  # the init's own checks (r, lora_alpha, beta range, ...), for this run's values
+                SCLoRAConfig(method=run["method"], r=self.r, lora_alpha=self.lora_alpha,
+                             normalize=run.get("normalize") or self.normalize, target_modules=self.target_modules,
+                             **({"beta": beta} if beta is not None else {}))
+            except ValueError as err:
+                raise ValueError(f"run {name!r}: {err}") from None
+            try:
+                TrainConfig.from_dict({**self.train, **({"learning_rate": run["learning_rate"]}
+                                                        if run.get("learning_rate") is not None else {})})
+            except ValueError as err:
+                raise ValueError(f"run {name!r}: {err}") from None
         for name, spec in self.evaluate.items():
             if name not in EVALS:
                 raise ValueError(f"Unknown evaluation {name!r}; choose from {EVALS}.")
+            if not isinstance(spec, dict):
+                raise ValueError(f"evaluate.{name} must be a mapping such as {{kind: math, n: 60}}, got {spec!r}.")
             eval_spec(spec, name)
-        from .train import TrainConfig
+        _check_judge(self.judge)
+        check_model(self.model)
 
-        TrainConfig.from_dict(self.train)  # fail on a bad key now, not after an hour of statistics
+
+JUDGE_KINDS = {"refusal": (), "llm": ("base_url", "model"), "local": ("path",)}
+
+
+def _check_judge(judge: dict) -> None:
+    """The judge settings, checked without loading a judge model or calling an endpoint."""
+    kind = judge.get("kind")
+    if kind not in JUDGE_KINDS:
+        raise ValueError(f"judge.kind must be one of {tuple(JUDGE_KINDS)}, got {kind!r}.")
+    missing = [k for k in JUDGE_KINDS[kind] if not judge.get(k)]
+    if missing:
+        raise ValueError(f"judge of kind {kind!r} needs {missing}, e.g. judge: {{kind: llm, base_url: "
+                         "https://api.deepseek.com/v1, model: deepseek-chat}.")
+    if kind == "llm":  # cheap to build: checks the URL scheme and the options, makes no request
+        from .evaluate.judges import make_judge
+
+        try:
+            make_judge(**judge)
+        except TypeError as err:
+            raise ValueError(f"judge: {err}") from None
+    if kind == "local" and not Path(str(judge["path"])).expanduser().is_dir():
+        raise FileNotFoundError(f"judge.path {judge['path']!r} is not a model folder; give the path of a local "
+                                "causal LM (a folder with config.json).")
 
 
 RUN_KEYS = {"method", "beta", "learning_rate", "name", "seed", "normalize"}
@@ -126,12 +230,40 @@ def _strict(cls, data: dict, what: str):
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"Unknown key(s) {unknown} in {what}; valid keys are {sorted(known)}.")
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"{what} lacks the key(s) {missing}; it needs {required}.")
     return cls(**data)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as people write numbers: ``2e-4`` and ``1e5`` are floats (YAML 1.1 reads them as strings)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """YAML text -> Python values, with numbers such as ``2e-4`` read as floats."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_config(path: str | os.PathLike, overrides: dict | None = None) -> ExperimentConfig:
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    """Read and validate an experiment config; ``overrides`` replace top-level keys (``--set``)."""
+    try:
+        data = parse_yaml(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of config keys (name, model, plus, minus, ...).")
     data.update(overrides or {})
     return _strict(ExperimentConfig, data, str(path))
 
@@ -228,27 +360,53 @@ def statistics_side(method: str) -> str:
     return "input" if method.startswith("corda") else "output"
 
 
-def cached_statistics(path: Path, model, tokenizer, examples: list[dict], *, seq_len: int, batch_size: int,
-                      target_modules, normalize: str, side: str, show_progress: bool = True, desc: str = "statistics"):
-    """Statistics of ``examples`` saved at ``path``: collected on first use, loaded afterwards (also from the
-    sibling file of the other raw-sum normalization: "none" and "trace" store the same sums).
+def statistics_path(folder: Path, label: str, model, batches: list[dict], *, target_modules, normalize: str,
+                    side: str, dtype: str | None = None) -> Path:
+    """Where the statistics of ``batches`` live in ``folder``: the file name carries a digest of everything that
+    determines them (the model's config and sampled weights, the token ids and masks of every batch, hence the
+    data, tokenizer, seq_len and batch layout; the target modules, side, normalization, the model's dtype and
+    the statistics format), so a changed setting never reads a stale file: it names another one. "none" and
+    "trace" store the same raw sums and share one file."""
+    from .statistics import FORMAT_VERSION, RAW_SUM_NORMALIZATIONS, model_fingerprint, resolve_targets
+
+    targets = list(resolve_targets(model, target_modules))
+    sums = "raw" if normalize in RAW_SUM_NORMALIZATIONS else normalize
+    batch_digest = digest([[b["input_ids"].tolist(), b["attention_mask"].tolist()] for b in batches])
+    key = {"format": FORMAT_VERSION, "model": model_fingerprint(model, targets), "targets": targets,
+           "batches": batch_digest, "side": side, "sums": sums, "accumulate": "float32", "autocast": None,
+           "model_dtype": str(dtype or next(model.parameters()).dtype)}
+    return folder / f"{safe_name(label, 'statistics label')}-{side}-{sums}-{digest(key)}.safetensors"
+
+
+def cached_statistics(folder: Path, label: str, model, tokenizer, examples: list[dict], *, seq_len: int,
+                      batch_size: int, target_modules, normalize: str, side: str, show_progress: bool = True):
+    """Statistics of ``examples``, cached in ``folder`` under :func:`statistics_path`: collected on first use,
+    loaded afterwards. A file that cannot be read (truncated by a crash, edited) is collected again.
 
     Under torch.distributed every rank takes the same branch: the cache is read only if every rank sees it;
     otherwise each rank collects over its shard of ``examples``, the sums are all-reduced, and one process
     per node writes the file. The statistics stay on the model's device."""
     from . import distributed
-    from .statistics import RAW_SUM_NORMALIZATIONS, CovarianceStats, collect_covariances
+    from .statistics import CovarianceStats, collect_covariances
 
-    siblings = [path.with_name(path.name.replace(f"-{normalize}.", f"-{other}."))
-                for other in RAW_SUM_NORMALIZATIONS if normalize in RAW_SUM_NORMALIZATIONS and other != normalize]
-    found = next((p for p in [path, *siblings] if p.exists()), None)
-    if distributed.all_true(found is not None):
-        return CovarianceStats.load(found, device=str(next(model.parameters()).device)).with_normalize(normalize)
+    path = statistics_path(folder, label, model, statistics_batches(tokenizer, examples, seq_len, batch_size),
+                           target_modules=target_modules, normalize=normalize, side=side)
+    device = str(next(model.parameters()).device)
+    stats = None
+    if path.exists():
+        try:
+            stats = CovarianceStats.load(path, device=device)
+        except (ValueError, OSError) as err:  # written by a killed process before atomic writes, or damaged
+            import warnings
+
+            warnings.warn(f"{err}; collecting these statistics again.", stacklevel=2)
+    if distributed.all_true(stats is not None):
+        return stats.with_normalize(normalize)
     batches = statistics_batches(tokenizer, distributed.shard(examples), seq_len, batch_size)
     stats = collect_covariances(model, batches, target_modules, normalize, side=side, show_progress=show_progress,
-                                desc=desc)
+                                desc=f"{label} statistics")
     if distributed.local_rank() == 0:  # one writer per node (on a shared file system they write the same bytes)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         stats.save(path)
     distributed.barrier()
     return stats
@@ -281,6 +439,10 @@ PAIRED = ("knowledge_mc", "knowledge_em")
 def eval_spec(spec: dict, name: str) -> tuple[DataSpec, dict]:
     """Split an evaluation entry into its data spec and its options."""
     options = {k: v for k, v in spec.items() if k in EVAL_OPTIONS}
+    for key, value in options.items():
+        _int(value, f"evaluate.{name}.{key}", 0 if key == "num_fewshot" else 1)
+    if name == "knowledge_mc" and "n_choices" in options:
+        _int(options["n_choices"], f"evaluate.{name}.n_choices", 2)
     data_part = {k: v for k, v in spec.items() if k not in EVAL_OPTIONS}
     return _strict(DataSpec, data_part, f"evaluate.{name} (options: {sorted(EVAL_OPTIONS)})"), options
 
@@ -410,11 +572,10 @@ class _Experiment:
     def stats(self, label: str, side: str, normalize: str | None = None):
         c = self.config
         normalize = normalize or c.normalize
-        return cached_statistics(self.out / "stats" / f"{label}-{side}-{normalize}.safetensors", self.base,
-                                 self.tokenizer, self.sets[label], seq_len=c.stats_seq_len,
-                                 batch_size=c.stats_batch_size, target_modules=c.target_modules,
-                                 normalize=normalize, side=side, show_progress=self.show_progress,
-                                 desc=f"{label} statistics")
+        return cached_statistics(self.out / "stats", label, self.base, self.tokenizer, self.sets[label],
+                                 seq_len=c.stats_seq_len, batch_size=c.stats_batch_size,
+                                 target_modules=c.target_modules, normalize=normalize, side=side,
+                                 show_progress=self.show_progress)
 
     def minus_stats(self, side: str, normalize: str | None = None):
         minus = [self.stats(label, side, normalize) for label in self.minus_labels]
@@ -443,10 +604,11 @@ class _Experiment:
         from .diagnostics import subspace_energy
 
         path = self.out / self.diagnostics_file
-        current = json.loads(path.read_text()) if path.exists() else {}
-        current[name] = subspace_energy(model, self.stats("plus", "output", normalize),
-                                        self.minus_stats("output", normalize))
-        _atomic_write(path, json.dumps(current) + "\n")
+        entry = subspace_energy(model, self.stats("plus", "output", normalize), self.minus_stats("output", normalize))
+        with locked(path):  # several workers add their runs' entries to one file
+            current = json.loads(path.read_text()) if path.exists() else {}
+            current[name] = entry
+            atomic_write(path, json.dumps(current) + "\n")
 
 
 #: methods whose initial adapter spans a data-chosen subspace (the others start from zero or train everything)
@@ -454,16 +616,18 @@ RESIDUAL_METHODS = ("sc_lora", "pissa", "corda_ipa", "corda_kpa")
 
 
 def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
-                   show_progress: bool = True) -> list[dict]:
+                   show_progress: bool = True, archive: bool = False) -> list[dict]:
     """Run every configured run (skipping finished ones), write results.json / results.md, return rows.
 
-    Several processes may run the same config into the same folder at once (``sclora run --workers N``):
-    each takes the runs no other live process has claimed, and all share one results table."""
+    A folder that holds results, checkpoints or a config.yaml made with other settings is refused before
+    anything is loaded (:class:`StaleResultsError`, listing old and new values); ``archive=True`` moves them
+    to ``output_dir/archive/<time>/`` first. Several processes may run the same config into the same folder
+    at once (``sclora run --workers N``): each takes the runs no other live process holds (a claim is a lock
+    the kernel drops when its process dies), and all share one results table."""
     from .evaluate.judges import make_judge
 
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "config.yaml", yaml.safe_dump(_as_plain(config), sort_keys=False))
+    check_folder(config, out, archive=archive)
     exp = _Experiment(config, out, show_progress)
     tokenizer = exp.tokenizer
     extras = _scorer_extras(config, exp.eval_sets, exp.sets)
@@ -473,24 +637,128 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
         return evaluate_model(model, tokenizer, exp.eval_sets, options=exp.options, judge=judge, extras=extras,
                               show_progress=show_progress)
 
+    def done(name: str) -> bool:
+        return name in {row["run"] for row in _update_results(out, refresh=False)}
+
     rows = _update_results(out)
-    if "base" not in {row["run"] for row in rows} and _claim(out, "base"):
+    for run in [None, *config.runs]:  # None: the base model
+        name = "base" if run is None else run_name(run)
+        if done(name):
+            continue
+        claim = _claim(out, name)
+        if claim is None:
+            continue  # being run by another `sclora run` process sharing this folder
         try:
-            metrics, items = evaluate(exp.base)
-            _atomic_write(out / "samples" / "base.json", json.dumps(items) + "\n")
-            rows = _update_results(out, {"run": "base", "method": "-", **metrics})
+            if done(name):  # finished by another process between the check and the claim
+                continue
+            if run is None:
+                metrics, items = evaluate(exp.base)
+                atomic_write(out / "samples" / "base.json", json.dumps(items) + "\n")
+                row = {"run": "base", "method": "-", **metrics}
+            else:
+                row = _run_one(config, exp, run, name, out, evaluate)
+            rows = _update_results(out, {**row, "fingerprint": run_fingerprint(config, run)})
         finally:
-            _release(out, "base")
-    for run in config.runs:
-        name = run_name(run)
-        if name in {row["run"] for row in _update_results(out, refresh=False)} or not _claim(out, name):
-            continue  # finished, or being run by another `sclora run` process sharing this folder
-        try:
-            row = _run_one(config, exp, run, name, out, evaluate)
-            rows = _update_results(out, row)
-        finally:
-            _release(out, name)
+            _release(claim)
     return rows
+
+
+#: config keys that change no result (names and presentation); every other key must match a folder's results
+PRESENTATION_KEYS = ("name", "report", "diagnostics")
+
+
+class StaleResultsError(ValueError):
+    """An experiment folder holds results made with settings other than the config's."""
+
+
+def experiment_key(config: ExperimentConfig | dict) -> dict:
+    """The settings every row of an experiment folder depends on (all but the runs and presentation)."""
+    plain = _as_plain(config) if isinstance(config, ExperimentConfig) else config
+    return {k: v for k, v in plain.items() if k not in ("runs", *PRESENTATION_KEYS)}
+
+
+def run_fingerprint(config: ExperimentConfig, run: dict | None) -> str:
+    """Digest of everything a run's row and checkpoints depend on; ``run=None`` is the base model's row."""
+    return digest({"experiment": experiment_key(config), "run": "base" if run is None else run})
+
+
+def check_folder(config: ExperimentConfig, out: Path, *, archive: bool = False) -> None:
+    """Refuse (or with ``archive`` move aside) whatever ``out`` holds that another config made; then record
+    the config in ``out/config.yaml``. Cheap: reads small JSON / YAML files only."""
+    out.mkdir(parents=True, exist_ok=True)
+    with locked(out / "config.yaml"):
+        changes = _stale(config, out)
+        if changes and not archive:
+            listed = "\n".join(f"  {c}" for c in changes[:20]) + (f"\n  ... {len(changes) - 20} more" if
+                                                                     len(changes) > 20 else "")
+            raise StaleResultsError(
+                f"{out} holds results made with other settings than this config:\n{listed}\n"
+                "Mixing them would give a table that claims settings it never ran. Use a new --output folder, or "
+                f"rerun with --archive to move the old results to {out / 'archive'}/<time>/ and start afresh "
+                "(cached statistics are kept: their file names carry a digest of what made them).")
+        if changes:
+            _archive(out)
+        atomic_write(out / "config.yaml", yaml.safe_dump(_as_plain(config), sort_keys=False))
+
+
+def _stale(config: ExperimentConfig, out: Path) -> list[str]:
+    """What in ``out`` was made with other settings: 'key: old -> new' lines (empty: all consistent)."""
+    changes = []
+    old = _read(out / "config.yaml", parse_yaml) or {}
+    if old:
+        new_key, old_key = experiment_key(config), experiment_key(old)
+        for key, value in new_key.items():
+            # a key missing from an older version's config.yaml had that version's default: today's
+            before = old_key[key] if key in old_key else _default(key)
+            if before != value:
+                changes.append(f"{key}: {_short(before)} -> {_short(value)}")
+    runs = {run_name(r): r for r in config.runs}
+    old_runs = {run_name(r): r for r in old.get("runs", []) if isinstance(r, dict)}
+    for row in _read(out / "results.json", json.loads) or []:
+        name = row.get("run")
+        if name == "base" or name not in runs:
+            continue  # their settings are the experiment's, compared above
+        if row.get("fingerprint", run_fingerprint(config, runs[name])) != run_fingerprint(config, runs[name]) \
+                or (name in old_runs and old_runs[name] != runs[name]):
+            changes.append(f"run {name!r}: {_short(old_runs.get(name, 'other settings'))} -> {_short(runs[name])}")
+    for name, run in runs.items():
+        record = _read(out / "runs" / name / "train_run.json", json.loads) or {}
+        if "context" in record and record["context"] != run_fingerprint(config, run) and \
+                not any(f"run {name!r}" in c for c in changes):
+            changes.append(f"run {name!r}: checkpoints in {out / 'runs' / name} were made with other settings")
+    return changes
+
+
+def _archive(out: Path) -> Path:
+    """Move everything but the statistics cache, locks and earlier archives to ``out/archive/<time>/``."""
+    import shutil
+
+    target = out / "archive" / time.strftime("%Y%m%d-%H%M%S")
+    target = target.with_name(target.name + f"-{os.getpid()}")
+    target.mkdir(parents=True)
+    for entry in out.iterdir():
+        if entry.name in ("stats", "archive", "claims") or entry.name.endswith(".lock"):
+            continue
+        shutil.move(str(entry), str(target / entry.name))
+    return target
+
+
+def _read(path: Path, parse):
+    try:
+        return parse(path.read_text()) if path.exists() else None
+    except (ValueError, yaml.YAMLError):
+        return None
+
+
+def _default(key: str):
+    f = next(f for f in fields(ExperimentConfig) if f.name == key)
+    return None if f.default is MISSING and f.default_factory is MISSING else json.loads(json.dumps(
+        f.default if f.default_factory is MISSING else f.default_factory()))
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, out: Path, evaluate) -> dict:
@@ -503,13 +771,13 @@ def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, o
     if config.diagnostics and method in RESIDUAL_METHODS:
         exp.diagnose(name, model, run.get("normalize"))
     train_config = TrainConfig.from_dict({**config.train, "seed": seed,
-                                          **({"learning_rate": run["learning_rate"]} if run.get("learning_rate")
-                                             else {})})
+                                          **({"learning_rate": run["learning_rate"]}
+                                             if run.get("learning_rate") is not None else {})})
     along = _checkpoint_evals(config.evaluate_steps, evaluate, out / "runs" / name / "checkpoint_evals.json")
     result = train(model, exp.tokenizer, exp.sets["train"], train_config, out / "runs" / name,
-                   show_progress=exp.show_progress, callbacks=[along])
+                   show_progress=exp.show_progress, callbacks=[along], context=run_fingerprint(config, run))
     metrics, items = evaluate(model)
-    _atomic_write(out / "samples" / f"{name}.json", json.dumps(items) + "\n")
+    atomic_write(out / "samples" / f"{name}.json", json.dumps(items) + "\n")
     row = {
         "run": name, "method": method, "beta": run.get("beta"), "learning_rate": train_config.learning_rate,
         "seed": seed, **({"normalize": run["normalize"]} if run.get("normalize") else {}),
@@ -537,12 +805,9 @@ def read_results(output_dir: str | os.PathLike) -> list[dict]:
 def _update_results(out: Path, row: dict | None = None, *, refresh: bool = True) -> list[dict]:
     """Under the folder's lock: re-read results.json, add or replace ``row``, refresh the comparisons against
     the base model (its scores may have been written by another process), write back if anything changed."""
-    import fcntl
-
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".results.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        path = out / "results.json"
+    path = out / "results.json"
+    with locked(path):
         rows = json.loads(path.read_text()) if path.exists() else []
         before = json.dumps(rows)
         if row is not None:
@@ -554,41 +819,46 @@ def _update_results(out: Path, row: dict | None = None, *, refresh: bool = True)
         return rows
 
 
-def _claim(out: Path, name: str) -> bool:
-    """Atomically claim run ``name`` for this process; a claim left by a dead process on this host is taken over."""
-    path = out / "claims" / f"{name}.json"
+def _claim(out: Path, name: str):
+    """An open, exclusively flock'ed ``claims/<name>.lock`` if no other process holds run ``name``, else None.
+
+    The kernel drops the lock when its process exits or is killed, so a dead worker's run is free again at
+    once: no PID to check (or be fooled by PID reuse), no take-over race, no unreadable claim to skip forever.
+    The file is never unlinked (unlinking a lock file lets two processes lock two different files)."""
+    import fcntl
+
+    path = out / "claims" / f"{safe_name(name, 'run name')}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": os.uname().nodename}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = json.loads(path.read_text())
-            except (OSError, ValueError):
-                return False  # being written right now by its owner
-            if owner.get("host") != me["host"] or _alive(owner.get("pid", -1)):
-                return False
-            path.unlink(missing_ok=True)  # its process died: the run is free again (training resumes)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return True
-    return False
-
-
-def _release(out: Path, name: str) -> None:
-    (out / "claims" / f"{name}.json").unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
+    handle = open(path, "a+")
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}) + "\n")  # for people only
+    handle.flush()
+    return handle
+
+
+def _release(claim) -> None:
+    import fcntl
+
+    fcntl.flock(claim, fcntl.LOCK_UN)
+    claim.close()
+
+
+def running_elsewhere(out: Path, names: list[str]) -> list[str]:
+    """The runs among ``names`` another live process holds right now."""
+    busy = []
+    for name in names:
+        claim = _claim(out, name)
+        if claim is None:
+            busy.append(name)
+        else:
+            _release(claim)
+    return busy
 
 
 def diagnose_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *, show_progress: bool = True,
@@ -620,7 +890,7 @@ def _checkpoint_evals(steps, evaluate, path: Path):
                 metrics, _ = evaluate(model)
                 model.train()
                 self.rows.append({"step": step, **metrics})
-                _atomic_write(path, json.dumps(self.rows) + "\n")
+                atomic_write(path, json.dumps(self.rows) + "\n")
 
     return CheckpointEvals()
 
@@ -670,15 +940,8 @@ def _fmt(value) -> str:
 
 
 def _write_results(out: Path, rows: list[dict]) -> None:
-    _atomic_write(out / "results.json", json.dumps(rows, indent=2) + "\n")
-    _atomic_write(out / "results.md", results_table(rows) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(out / "results.json", json.dumps(rows, indent=2) + "\n")
+    atomic_write(out / "results.md", results_table(rows) + "\n")
 
 
 def _as_plain(config: ExperimentConfig) -> dict:

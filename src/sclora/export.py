@@ -19,6 +19,8 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .fileio import atomic_path, fsync_dir, temp_name
+
 from .methods.residual import ADAPTER as _ADAPTER
 from .methods.residual import adapter_layers as _layers
 from .methods.residual import remember_initial_adapter
@@ -33,8 +35,8 @@ def save_initial_adapter(peft_model: PeftModel, directory: str | os.PathLike) ->
     state = _initial_state(peft_model, None)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, INITIAL_ADAPTER_FILE)
-    save_file({k: v.cpu().contiguous() for k, v in state.items()}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.cpu().contiguous() for k, v in state.items()}, tmp)
     return path
 
 
@@ -108,11 +110,14 @@ def _write_adapter(directory, config, tensors) -> None:
 
 
 def _replace_dir(tmp: str, directory) -> None:
+    """Put the finished folder ``tmp`` at ``directory``; the old one is moved aside under a unique name first,
+    so a leftover of a killed export never blocks the next one."""
     directory = os.fspath(directory)
     if os.path.exists(directory):
-        old = directory + ".old"
+        old = temp_name(directory)
         os.replace(directory, old)
         os.replace(tmp, directory)
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, directory)
+    fsync_dir(os.path.dirname(os.path.abspath(directory)))

@@ -8,6 +8,7 @@
 * :func:`locked`: an exclusive ``flock`` on ``<file>.lock`` for read-modify-write of a shared file.
   flock is advisory and per host; on network file systems (NFS without lock support) it may not exclude
   processes of other machines (docs/reliability.md).
+* :func:`digest`: the fingerprint of what made a cache or a result (sha256 of canonical JSON).
 * :func:`safe_name`: names that become file or folder names (run names, labels) stay inside their folder.
 """
 
@@ -21,7 +22,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_json", "fsync_dir", "locked",
+__all__ = ["digest", "atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_json", "fsync_dir", "locked",
            "safe_name", "temp_name"]
 
 #: Every temp file sclora writes has this marker, so leftovers of a killed process are recognisable.
@@ -94,6 +95,14 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def digest(obj, length: int = 16) -> str:
+    """Hex sha256 (first ``length`` digits) of ``obj`` as canonical JSON: equal settings, equal digest."""
+    import hashlib
+
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
 
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]{0,127}$")

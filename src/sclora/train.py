@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import distributed
+from .fileio import atomic_write_json
 from .evaluate.generation import build_prompt
 
 __all__ = ["PadCollator", "TrainConfig", "TrainResult", "tokenize_examples", "train"]
@@ -216,11 +217,39 @@ def _checkpoints(output_dir: str) -> list[str]:
     return sorted(found, key=lambda p: int(_CHECKPOINT.match(os.path.basename(p)).group(1)))
 
 
-def _write_json_atomic(path: str, data) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+def incomplete_checkpoint(path: str) -> str | None:
+    """Why ``path`` cannot be resumed from, or None if it is complete. Trainer writes trainer_state.json last
+    (after the weights, optimizer, scheduler and RNG state), so a readable one for the folder's own step next
+    to non-empty weights means the save finished; a process killed while saving leaves it missing, empty or
+    truncated. (One killed while Trainer's rotation deleted an older checkpoint can leave that older one
+    partly deleted; it is never the newest complete one, so it is never resumed from.)"""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return "no readable trainer_state.json"
+    step = int(_CHECKPOINT.match(os.path.basename(path)).group(1))
+    if not isinstance(state, dict) or state.get("global_step") != step:
+        return f"trainer_state.json is not for step {step}"
+    weights = [f for f in os.listdir(path) if f.startswith(("adapter_model", "model", "pytorch_model"))]
+    if not any(os.path.isdir(os.path.join(path, f)) or os.path.getsize(os.path.join(path, f)) > 0 for f in weights):
+        return "no weights"
+    return None
+
+
+def _complete_checkpoints(output_dir: str, main: bool) -> list[str]:
+    """The complete checkpoints in ``output_dir``, oldest first; the main process removes incomplete ones (a
+    resume would otherwise fail on them, and Trainer's rotation would count them)."""
+    complete = []
+    for path in _checkpoints(output_dir):
+        why = incomplete_checkpoint(path)
+        if why is None:
+            complete.append(path)
+        elif main:
+            warnings.warn(f"Removing the incomplete checkpoint {path} ({why}: its save was interrupted); "
+                          "resuming from the newest complete one.", stacklevel=3)
+            shutil.rmtree(path, ignore_errors=True)
+    return complete
 
 
 def _fingerprint(items: list[dict]) -> str:
@@ -308,6 +337,7 @@ def train(
     resume: bool = True,
     show_progress: bool = True,
     callbacks: Sequence | None = None,
+    context=None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place on ``{"prompt", "response"}`` examples with transformers' Trainer.
 
@@ -333,7 +363,10 @@ def train(
     ``save_total_limit`` may change.
 
     Writes ``output_dir/train_log.json`` (loss history, per-call timings, config) and
-    ``output_dir/train_run.json`` (what a resume must match). ``callbacks`` are extra
+    ``output_dir/train_run.json`` (what a resume must match: also ``context``, any JSON value naming what else
+    the run depends on, e.g. a fingerprint of the initialization). Only complete checkpoints are resumed
+    from: one a killed process left half-written (no readable ``trainer_state.json`` for its step, or no
+    weights) is removed with a warning, and the newest complete one is used. ``callbacks`` are extra
     ``transformers.TrainerCallback`` objects. The model is left in the mode it came in.
     """
     from transformers import Trainer
@@ -353,7 +386,8 @@ def train(
     args = _training_arguments(config, output_dir, show_progress)
     main = args.process_index == 0  # writes train_run.json, train_log.json (Trainer saves checkpoints itself)
     os.makedirs(output_dir, exist_ok=True)
-    existing = _checkpoints(output_dir)
+    existing = _complete_checkpoints(output_dir, main)
+    distributed.barrier()  # no rank looks at the folder while the main one removes incomplete checkpoints
     if existing and not resume:
         if main:
             warnings.warn(f"resume=False: deleting {len(existing)} checkpoint(s) of an earlier run in {output_dir}.",
@@ -364,7 +398,7 @@ def train(
     resume_from = existing[-1] if existing else None
     resume_from = distributed.broadcast_object(resume_from)  # every rank resumes from rank 0's choice
     run = {"config": {k: v for k, v in config.to_dict().items() if k not in _RESUME_FREE},
-           "examples": len(items), "data_sha256": _fingerprint(items)}
+           "examples": len(items), "data_sha256": _fingerprint(items), **({"context": context} if context else {})}
     run_path = os.path.join(output_dir, RUN_FILE)
     if resume_from is not None and os.path.exists(run_path):
         with open(run_path) as f:
@@ -374,13 +408,15 @@ def train(
                              if before["config"].get(k) != run["config"].get(k))
             if before.get("data_sha256") != run["data_sha256"]:
                 changed.append("examples (different data)")
+            if before.get("context") != run.get("context"):
+                changed.append(f"context ({before.get('context')!r} -> {run.get('context')!r})")
             raise ValueError(
                 f"Cannot resume from {resume_from}: the run there used different settings ({', '.join(changed)}). "
                 "A resume restores the old optimizer, schedule and data order, so it must use the same config and "
                 "examples; pass resume=False (deletes the checkpoints) or use another output_dir."
             )
     if main:
-        _write_json_atomic(run_path, run)
+        atomic_write_json(run_path, run)
     distributed.barrier()
 
     meter = _meter_callback()
@@ -430,7 +466,7 @@ def train(
             calls = []
     calls.append({"resumed_from": result.resumed_from, "end_step": result.steps, "train_seconds": _finite(seconds),
                   "tokens": tokens, "tokens_per_second": _finite(result.tokens_per_second)})
-    _write_json_atomic(log_path, {
+    atomic_write_json(log_path, {
         "steps": result.steps,
         "max_steps": int(state.max_steps),
         "final_loss": _finite(result.final_loss),
