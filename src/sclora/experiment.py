@@ -28,7 +28,7 @@ from .config import LLAMA_TARGET_MODULES, METHODS
 __all__ = ["ExperimentConfig", "build_examples", "load_config", "run_experiment"]
 
 from .data import HARMFUL_SOURCES
-from .fileio import atomic_write, digest, locked, safe_name
+from .fileio import atomic_write, digest, locked, safe_name, update_json
 from .hub_data import HUB_SOURCES
 from .statistics import NORMALIZATIONS
 
@@ -168,6 +168,9 @@ class ExperimentConfig:
             if run["method"] == "sc_lora" and n_minus > 1 and not (isinstance(beta, list) and len(beta) == n_minus):
                 raise ValueError(f"The config preserves {n_minus} knowledge sets, so an sc_lora run needs beta as a "
                                  f"list of {n_minus} weights, e.g. beta: {[round(0.8 / n_minus, 2)] * n_minus}.")
+            if isinstance(beta, list) and len(beta) != n_minus:
+                raise ValueError(f"run {run}: beta lists {len(beta)} weight(s) but the config has {n_minus} knowledge "
+                                 "set(s) under 'minus': give one beta per set (a number for one set).")
             if run.get("seed") is not None:
                 _int(run["seed"], f"seed of run {run}", 0)
             if "name" in run:
@@ -557,7 +560,6 @@ class _Experiment:
         self.config, self.out, self.show_progress = config, out, show_progress
         self.diagnostics_file = diagnostics_file
         self.dtype = getattr(torch, config.dtype)
-        self.base, self.tokenizer = load_model(config.model, dtype=self.dtype)
         specs = _as_list(config.minus)
         self.minus_labels = [_minus_label(i, len(specs)) for i in range(len(specs))]
         self.sets = {"plus": build_examples(config.plus, config.seed),
@@ -567,7 +569,8 @@ class _Experiment:
         for name, spec in config.evaluate.items():
             data_spec, self.options[name] = eval_spec(spec, name)
             self.eval_sets[name] = build_examples(data_spec, config.seed)
-        check_disjoint({**self.sets, **self.eval_sets})
+        check_disjoint({**self.sets, **self.eval_sets})  # data problems (too few rows, overlaps) before the model
+        self.base, self.tokenizer = load_model(config.model, dtype=self.dtype)
 
     def stats(self, label: str, side: str, normalize: str | None = None):
         c = self.config
@@ -605,10 +608,7 @@ class _Experiment:
 
         path = self.out / self.diagnostics_file
         entry = subspace_energy(model, self.stats("plus", "output", normalize), self.minus_stats("output", normalize))
-        with locked(path):  # several workers add their runs' entries to one file
-            current = json.loads(path.read_text()) if path.exists() else {}
-            current[name] = entry
-            atomic_write(path, json.dumps(current) + "\n")
+        update_json(path, name, entry)  # several workers add their runs' entries to one file
 
 
 #: methods whose initial adapter spans a data-chosen subspace (the others start from zero or train everything)

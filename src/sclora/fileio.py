@@ -8,6 +8,7 @@
 * :func:`locked`: an exclusive ``flock`` on ``<file>.lock`` for read-modify-write of a shared file.
   flock is advisory and per host; on network file systems (NFS without lock support) it may not exclude
   processes of other machines (docs/reliability.md).
+* :func:`update_json`: one entry of a shared JSON object set under that lock.
 * :func:`digest`: the fingerprint of what made a cache or a result (sha256 of canonical JSON).
 * :func:`safe_name`: names that become file or folder names (run names, labels) stay inside their folder.
 """
@@ -22,7 +23,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["digest", "atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_json", "fsync_dir", "locked",
+__all__ = ["digest", "update_json", "atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_json", "fsync_dir", "locked",
            "safe_name", "temp_name"]
 
 #: Every temp file sclora writes has this marker, so leftovers of a killed process are recognisable.
@@ -103,6 +104,16 @@ def digest(obj, length: int = 16) -> str:
 
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def update_json(path: str | os.PathLike, key: str, value) -> dict:
+    """Set ``key`` in the JSON object at ``path`` under the file's lock: concurrent writers lose no entry."""
+    path = Path(path)
+    with locked(path):
+        current = json.loads(path.read_text()) if path.exists() else {}
+        current[key] = value
+        atomic_write(path, json.dumps(current) + "\n")
+    return current
 
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]{0,127}$")

@@ -76,8 +76,8 @@ class TrainConfig:
 
         def number(name, low, *, low_open=False, high=None):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-                raise ValueError(f"{name} must be a number, got {value!r}.")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
             if value < low or (low_open and value == low) or (high is not None and value >= high):
                 bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
                 raise ValueError(f"{name} must be {bound}, got {value!r}.")

@@ -1,0 +1,150 @@
+"""Fault injection on the tiny model: `sclora run` killed with SIGKILL at chosen points, then rerun.
+
+Each fault runs the experiment in a child process that kills itself (kill -9: no cleanup, no finally) at a
+chosen point: while collecting statistics, while Trainer saves a checkpoint (mid-file), while evaluating, and
+between writing results.json's temp file and renaming it. The rerun, in this process, must finish and give
+exactly the rows, per-item scores and statistics files of an uninterrupted run (timings aside).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from sclora import cli, data
+from conftest import tiny_llama, tiny_tokenizer
+
+WORDS = "paris rome berlin one two three four five six seven eight nine ten".split()
+TRIVIA = [{"question": f"what is {a} {b}", "answers": [b], "topic": "t"} for a in WORDS for b in WORDS[:3]]
+#: per-call timings and throughputs differ between any two runs; everything else must be equal
+TIMINGS = ("init_seconds", "train_seconds", "train_tokens_per_second")
+
+#: the fault points: code run in the child before `sclora run`; each kills the child at some moment
+FAULTS = {
+    # the 5th Gram update: the D+ statistics are half collected
+    "statistics": """
+        import sclora.statistics as st
+        real, calls = st.add_gram_upper, [0]
+        def gram(*a, **k):
+            calls[0] += 1
+            if calls[0] == 5:
+                die()
+            return real(*a, **k)
+        st.add_gram_upper = gram
+    """,
+    # the 2nd checkpoint of the first trained run: weights, optimizer and scheduler written, trainer_state.json
+    # half written (Trainer writes it last, directly, not atomically)
+    "checkpoint": """
+        from transformers.trainer_callback import TrainerState
+        calls = [0]
+        def save_to_json(self, path):
+            calls[0] += 1
+            if calls[0] == 2:
+                text = json.dumps(self.__dict__, default=str)
+                with open(path, "w") as f:
+                    f.write(text[: len(text) // 2])
+                die()
+            return real(self, path)
+        real = TrainerState.save_to_json
+        TrainerState.save_to_json = save_to_json
+    """,
+    # the 3rd evaluation (base, first run, then the second run's): mid-way through the experiment
+    "evaluation": """
+        from sclora.evaluate.scores import SCORERS
+        real, calls = SCORERS["knowledge_logprob"], [0]
+        def scorer(*a, **k):
+            calls[0] += 1
+            if calls[0] == 3:
+                die()
+            return real(*a, **k)
+        SCORERS["knowledge_logprob"] = scorer
+    """,
+    # the 2nd write of results.json: its temp file is complete and fsync'd, the rename has not happened
+    "results_write": """
+        real, calls = os.replace, [0]
+        def replace(src, dst, *a, **k):
+            if str(dst).endswith("results.json"):
+                calls[0] += 1
+                if calls[0] == 2:
+                    die()
+            return real(src, dst, *a, **k)
+        os.replace = replace
+    """,
+}
+
+
+def child_script(config_path, out, fault: str) -> str:
+    return textwrap.dedent(f"""
+        import json, os, signal
+        from sclora import cli, data
+        rows = json.loads({json.dumps(json.dumps(TRIVIA))})
+        data.trivia = lambda *a, **k: rows
+        def die():
+            os.kill(os.getpid(), signal.SIGKILL)
+    """) + textwrap.dedent(FAULTS[fault]) + textwrap.dedent(f"""
+        raise SystemExit(cli.main(["run", {str(config_path)!r}, "--output", {str(out)!r}, "--quiet"]))
+    """)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """A small config and its uninterrupted result (computed once for every fault)."""
+    root = tmp_path_factory.mktemp("faults")
+    tiny_llama(seed=2).save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    config = {
+        "name": "faults", "model": str(root / "model"), "r": 2, "stats_seq_len": 16, "stats_batch_size": 4,
+        "plus": {"kind": "trivia", "n": 8}, "minus": {"kind": "trivia", "n": 8, "offset": 8},
+        "train_data": {"kind": "trivia", "n": 8, "offset": 16},
+        "train": {"learning_rate": 1e-2, "batch_size": 4, "micro_batch_size": 2, "max_length": 32, "save_steps": 1},
+        "evaluate": {"knowledge_logprob": {"kind": "trivia", "n": 6, "offset": 24}},
+        "runs": [{"method": "sc_lora", "beta": 0.5}, {"method": "lora"}],
+    }
+    path = root / "faults.yaml"
+    path.write_text(yaml.safe_dump(config))
+    reference = root / "reference"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "trivia", lambda *a, **k: TRIVIA)
+        assert cli.main(["run", str(path), "--output", str(reference), "--quiet"]) == 0
+    return path, reference
+
+
+def snapshot(out):
+    """Everything a run produces that must not depend on being interrupted."""
+    rows = json.loads((out / "results.json").read_text())
+    rows = sorted(({k: v for k, v in r.items() if k not in TIMINGS and not k.endswith("_seconds")} for r in rows),
+                  key=lambda r: r["run"])
+    samples = {p.name: p.read_bytes() for p in sorted((out / "samples").iterdir())}
+    stats = {p.name: p.read_bytes() for p in sorted((out / "stats").glob("*.safetensors"))}
+    return rows, samples, stats
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_run_killed_at_any_point_reruns_to_the_uninterrupted_result(experiment, fault, tmp_path, monkeypatch):
+    config_path, reference = experiment
+    out = tmp_path / "out"
+    child = subprocess.run([sys.executable, "-c", child_script(config_path, out, fault)],
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]  # it really died at the fault point
+    if fault == "checkpoint":  # the half-written checkpoint is there, as a killed Trainer leaves it
+        assert any(not (p / "trainer_state.json").exists() or len((p / "trainer_state.json").read_text()) < 2000
+                   for p in (out / "runs").glob("*/checkpoint-2"))
+    monkeypatch.setattr(data, "trivia", lambda *a, **k: TRIVIA)
+    with pytest.warns(UserWarning, match="incomplete checkpoint") if fault == "checkpoint" else _no_check():
+        assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0
+    assert snapshot(out) == snapshot(reference)
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name and fault != "results_write"]
+
+
+class _no_check:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
