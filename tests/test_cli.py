@@ -76,7 +76,7 @@ def test_init_then_train_exports_an_adapter_for_the_untouched_base(model_dir, tm
     assert len(list((init_dir / "stats").glob("plus-output-raw-*.safetensors"))) == 1
     assert (init_dir / "initial_adapter" / "sclora_initial_adapter.safetensors").exists()
     assert cli.main(["train", "--init", str(init_dir), "--data", "trivia:4:8", "--output", str(out), "--quiet",
-                     "--set", "learning_rate=0.01", "--set", "batch_size=2", "--set", "micro_batch_size=2",
+                     "--set", "learning_rate=1e-2", "--set", "batch_size=2", "--set", "micro_batch_size=2",
                      "--set", "max_length=32"]) == 0
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     ids = torch.tensor([[3, 4, 5, 6]])

@@ -192,6 +192,21 @@ def test_cli_values_are_parsed_as_people_write_them(model_dir, tmp_path, capsys)
             cli._data_spec(spec)
 
 
+@pytest.mark.parametrize("flags,said", [(["--r", "0"], "r must be a positive integer"), (["--beta", "1.5"], "beta"),
+                                        (["--plus", "trivia:4:x"], "whole numbers"), (["--seq-len", "1"], "--seq-len"),
+                                        (["--model", "/nowhere/m"], "/nowhere/m"), (["--plus", "trivia:500"], "only")])
+def test_init_rejects_bad_arguments_before_loading_the_model(model_dir, tmp_path, monkeypatch, flags, said):
+    from sclora import models
+
+    monkeypatch.setattr(data, "trivia", lambda *a, **k: TRIVIA)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    args = {"--model": str(model_dir), "--plus": "trivia:4", "--minus": "trivia:4:8", "--r": "2", "--seq-len": "16",
+            **dict(zip(flags[::2], flags[1::2]))}
+    with pytest.raises((SystemExit, ValueError, FileNotFoundError), match=said):
+        cli.main(["init", *[x for kv in args.items() for x in kv], "--output", str(tmp_path / "i"), "--quiet"])
+    assert not (tmp_path / "i").exists()  # nothing written either
+
+
 NUMBERS = st.one_of(st.integers(-3, 10**6), st.floats(allow_nan=True, allow_infinity=True), st.booleans())
 JUNK = st.one_of(NUMBERS, st.none(), st.text(max_size=6).filter(lambda t: parse_yaml(yaml.safe_dump(t)) == t),
                  st.lists(st.integers(0, 3), max_size=2), st.sampled_from(["float32", "trace", "none", "train"]))

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .fileio import atomic_write_json
+from .fileio import atomic_dir, atomic_write_json
 
 __all__ = ["AlignConfig", "REFUSALS", "align", "alignment_examples", "refusal_rate"]
 
@@ -118,7 +118,8 @@ def align(model, tokenizer, config: AlignConfig, output_dir: str | os.PathLike, 
     report["after"] = {"heldout_refusal_rate": refusal_rate(model, tokenizer, heldout, show_progress, "after: harmful"),
                        "benign_refusal_rate": refusal_rate(model, tokenizer, benign_eval, show_progress,
                                                            "after: benign")}
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
+    with atomic_dir(out / "model") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     atomic_write_json(out / "align_report.json", report, default=str)
     return report

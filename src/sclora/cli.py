@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .fileio import atomic_write_json, digest, locked, temp_name
+from .fileio import atomic_dir, atomic_write_json, digest, locked
 
 __all__ = ["main"]
 
@@ -23,8 +23,10 @@ def _eval(args) -> int:
     from .evaluate.suites import run_suite
     from .models import load_model
 
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
     kwargs = {"show_progress": not args.quiet}
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--num-fewshot", args.num_fewshot)):
+        if value is not None and value < (0 if flag == "--num-fewshot" else 1):
+            raise SystemExit(f"sclora eval: {flag} must be >= {0 if flag == '--num-fewshot' else 1}, got {value}")
     if args.limit is not None:
         kwargs["limit"] = args.limit
     if args.num_fewshot is not None:
@@ -36,11 +38,16 @@ def _eval(args) -> int:
     if args.suite == "safety":
         from .evaluate.judges import make_judge
 
-        judge_kwargs = {"llm": {"base_url": args.judge_url, "model": args.judge_model, "api_key_env": args.judge_key_env},
+        judge_kwargs = {"llm": {"base_url": args.judge_url, "model": args.judge_model, "api_key_env": args.judge_key_env,
+                                "allow_insecure_http": args.judge_allow_http},
                         "local": {"path": args.judge_model}, "refusal": {}}[args.judge]
         if args.judge != "refusal" and not args.judge_model:
             raise SystemExit(f"--judge {args.judge} needs --judge-model" + (" and --judge-url" if args.judge == "llm" else ""))
-        kwargs["judge"] = make_judge(args.judge, **judge_kwargs)
+        try:
+            kwargs["judge"] = make_judge(args.judge, **judge_kwargs)
+        except ValueError as err:
+            raise SystemExit(f"sclora eval: {err}") from None
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
     result = run_suite(args.suite, model, tokenizer, **kwargs)
     record = {"model": args.model, **result.to_dict()}
     print(format_table(record))
@@ -51,7 +58,8 @@ def _eval(args) -> int:
 
 
 def _run(args) -> int:
-    from .experiment import load_config, read_results, results_table, run_experiment, run_name, running_elsewhere
+    from .experiment import (check_folder, load_config, read_results, results_table, run_experiment, run_name,
+                             running_elsewhere)
 
     overrides = yaml_overrides(args.set)
     config = load_config(args.config, overrides)
@@ -64,6 +72,7 @@ def _run(args) -> int:
         raise SystemExit("sclora run: --output DIR is required (or use --dry-run to only check the config).")
     if args.workers < 1:
         raise SystemExit(f"sclora run: --workers must be >= 1, got {args.workers}.")
+    check_folder(config, Path(args.output), archive=args.archive)  # before any worker looks at the folder
     helpers = _spawn_workers(args) if args.workers > 1 else []
     rows = run_experiment(config, args.output, show_progress=not args.quiet, archive=args.archive)
     failed = [p.args for p in helpers if p.wait() != 0]
@@ -153,16 +162,8 @@ def install_aligned(model_dir: Path) -> Path:
     from .models import ALIGNED_MODEL, aligned_model_path
 
     target = aligned_model_path()
-    with locked(target):  # one installer at a time; readers see the old folder or the new one
-        tmp, old = temp_name(target), temp_name(target)
-        try:
-            shutil.copytree(model_dir, tmp)
-            if target.exists():
-                os.replace(target, old)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
+    with locked(target), atomic_dir(target) as tmp:  # one installer at a time; readers see old or new
+        shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
     print(f"installed as {ALIGNED_MODEL!r} ({target})")
     return target
 
@@ -183,22 +184,38 @@ def _data_spec(text: str):
         raise SystemExit(f"data spec {text!r}: {err}") from None
 
 
-def _build_init(args, model, tokenizer, out: Path):
-    """Statistics (cached in out/stats) and the initialized model, deterministically from args."""
-    from . import SCLoRAConfig, distributed, init_model
-    from .experiment import NEEDS_DATA, build_examples, cached_statistics, statistics_side
+def _init_inputs(args):
+    """The init's config and data from ``args``, all checked before any model is loaded."""
+    from . import SCLoRAConfig
+    from .experiment import NEEDS_DATA, _int, build_examples
+    from .models import check_model
 
-    config = SCLoRAConfig(method=args.method, r=args.r, beta=args.beta, normalize=args.normalize)
-    side = statistics_side(args.method)
-    stats = {}
+    try:
+        config = SCLoRAConfig(method=args.method, r=args.r, beta=args.beta, normalize=args.normalize)
+        _int(args.seq_len, "--seq-len", 2)
+        _int(args.seed, "--seed", 0)
+    except ValueError as err:
+        raise SystemExit(f"sclora init: {err}") from None
+    examples = {}
     for label in NEEDS_DATA.get(args.method, ()):
         spec = getattr(args, label)
         if spec is None:
             raise SystemExit(f"--method {args.method} needs --{label} DATA (e.g. --{label} math:256)")
-        stats[label] = cached_statistics(out / "stats", label, model, tokenizer,
-                                         build_examples(_data_spec(spec), args.seed), seq_len=args.seq_len,
-                                         batch_size=8, target_modules=config.target_modules, normalize=args.normalize,
-                                         side=side, show_progress=not args.quiet)
+        examples[label] = build_examples(_data_spec(spec), args.seed)
+    check_model(args.model)
+    return config, examples
+
+
+def _build_init(args, inputs, model, tokenizer, out: Path):
+    """Statistics (cached in out/stats) and the initialized model, deterministically from args."""
+    from . import distributed, init_model
+    from .experiment import cached_statistics, statistics_side
+
+    config, examples = inputs
+    stats = {label: cached_statistics(out / "stats", label, model, tokenizer, rows, seq_len=args.seq_len,
+                                      batch_size=8, target_modules=config.target_modules, normalize=args.normalize,
+                                      side=statistics_side(args.method), show_progress=not args.quiet)
+             for label, rows in examples.items()}
     if distributed.is_main_process():
         config.save_pretrained(out)
     return init_model(model, config, plus=stats.get("plus"), minus=stats.get("minus"), show_progress=not args.quiet)
@@ -211,10 +228,11 @@ def _init(args) -> int:
     from .export import save_initial_adapter
 
     out = Path(args.output)
+    inputs = _init_inputs(args)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = _load_model(args.model)
     start = time.perf_counter()
-    model = _build_init(args, model, tokenizer, out)
+    model = _build_init(args, inputs, model, tokenizer, out)
     if distributed.is_main_process():  # every rank holds the same adapter; one writes it
         if hasattr(model, "peft_config"):
             save_initial_adapter(model, out / "initial_adapter")
@@ -246,12 +264,20 @@ def _train(args) -> int:
     from .train import TrainConfig, train
 
     init_dir = Path(args.init)
-    saved = json.loads((init_dir / "init_args.json").read_text())
+    try:
+        saved = json.loads((init_dir / "init_args.json").read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"sclora train: {init_dir / 'init_args.json'} cannot be read ({err}); run `sclora init "
+                         f"--output {init_dir} ...` first.") from None
     init_args = argparse.Namespace(**{**saved, "quiet": args.quiet})
-    model, tokenizer = _load_model(init_args.model)
-    model = _build_init(init_args, model, tokenizer, init_dir)  # same stats, same init: resumable
-    config = TrainConfig.from_dict(yaml_overrides(args.set))
+    try:
+        config = TrainConfig.from_dict(yaml_overrides(args.set))
+    except ValueError as err:
+        raise SystemExit(f"sclora train: --set: {err}") from None
     examples = build_examples(_data_spec(args.data), init_args.seed)
+    inputs = _init_inputs(init_args)
+    model, tokenizer = _load_model(init_args.model)
+    model = _build_init(init_args, inputs, model, tokenizer, init_dir)  # same stats, same init: resumable
     # Under torchrun / accelerate launch Trainer trains with DDP or FSDP; every process holds the whole data
     # and Trainer gives each its share of every global batch (config batch_size).
     # The checkpoints belong to this init and data: a resume from another init's checkpoints is refused.
@@ -265,8 +291,9 @@ def _train(args) -> int:
                 export_lora(model, Path(args.output) / "adapter")
                 where = "plain LoRA adapter for the untouched base in " + str(Path(args.output) / "adapter")
             else:  # full fine-tuning: the model itself
-                model.save_pretrained(Path(args.output) / "model")
-                tokenizer.save_pretrained(Path(args.output) / "model")
+                with atomic_dir(Path(args.output) / "model") as tmp:
+                    model.save_pretrained(tmp)
+                    tokenizer.save_pretrained(tmp)
                 where = "model in " + str(Path(args.output) / "model")
             print(f"{result.steps} steps, {result.train_seconds:.1f} s, {result.tokens_per_second:.1f} tokens/s, "
                   f"final loss {result.final_loss:.4f}; {where}")
@@ -315,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--judge-model", help="llm: model name at the endpoint; local: path of a causal LM")
     ev.add_argument("--judge-url", help="llm: base URL of an OpenAI-compatible API, e.g. https://api.deepseek.com/v1")
     ev.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="llm: environment variable holding the key")
+    ev.add_argument("--judge-allow-http", action="store_true",
+                    help="llm: allow a plain http:// URL to a remote host (the API key then travels unencrypted)")
     ev.add_argument("--out", help="JSON path (default eval-SUITE.json)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=_eval)

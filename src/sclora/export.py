@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .fileio import atomic_path, fsync_dir, temp_name
+from .fileio import atomic_dir, atomic_path
 
 from .methods.residual import ADAPTER as _ADAPTER
 from .methods.residual import adapter_layers as _layers
@@ -78,11 +76,10 @@ def export_lora(
 def merge_and_save(peft_model: PeftModel, directory: str | os.PathLike, tokenizer=None) -> nn.Module:
     """Merge the adapter into the weights (W_res + s B A) and save a plain transformers model."""
     merged = peft_model.merge_and_unload()
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(directory)) or ".")
-    merged.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    _replace_dir(tmp, directory)
+    with atomic_dir(directory) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return merged
 
 
@@ -101,23 +98,6 @@ def _initial_state(peft_model, initial) -> dict[str, torch.Tensor]:
 
 
 def _write_adapter(directory, config, tensors) -> None:
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent)
-    config.save_pretrained(tmp)
-    save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"))
-    _replace_dir(tmp, directory)
-
-
-def _replace_dir(tmp: str, directory) -> None:
-    """Put the finished folder ``tmp`` at ``directory``; the old one is moved aside under a unique name first,
-    so a leftover of a killed export never blocks the next one."""
-    directory = os.fspath(directory)
-    if os.path.exists(directory):
-        old = temp_name(directory)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
-    fsync_dir(os.path.dirname(os.path.abspath(directory)))
+    with atomic_dir(directory) as tmp:
+        config.save_pretrained(tmp)
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"))

@@ -4,7 +4,8 @@
   file with a name unique to this process and call (``<name>.tmp-<pid>-<random>``), are fsync'd, then
   renamed over the target (``os.replace`` is atomic on POSIX), and the folder entry is fsync'd. A reader
   sees the old file or the new one, never a half-written one, and two writers never share a temp file.
-* :func:`atomic_path`: the same for writers that need a path (safetensors ``save_file``, ``savefig``).
+* :func:`atomic_path`: the same for writers that need a path (safetensors ``save_file``, ``savefig``);
+  :func:`atomic_dir` for whole folders (``save_pretrained``).
 * :func:`locked`: an exclusive ``flock`` on ``<file>.lock`` for read-modify-write of a shared file.
   flock is advisory and per host; on network file systems (NFS without lock support) it may not exclude
   processes of other machines (docs/reliability.md).
@@ -23,7 +24,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["digest", "update_json", "atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_json", "fsync_dir", "locked",
+__all__ = ["digest", "update_json", "atomic_dir", "atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_json", "fsync_dir", "locked",
            "safe_name", "temp_name"]
 
 #: Every temp file sclora writes has this marker, so leftovers of a killed process are recognisable.
@@ -66,6 +67,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp folder to fill (a saved model, an adapter); on success its files are fsync'd and it replaces
+    ``path`` (the old folder is moved aside under a unique name, then deleted), on error it is removed. A reader
+    sees the old folder or the new one; a killed writer leaves only a ``.tmp-`` sibling, never a half folder."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as f:
+                    os.fsync(f.fileno())
+        old = temp_name(path)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -8,14 +8,12 @@ under a second.
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from .cache import cache_dir
-from .fileio import locked, temp_name
+from .fileio import atomic_dir, locked
 
 __all__ = ["ALIGNED_MODEL", "EMBEDDED_MODEL", "aligned_model_path", "cache_dir", "embedded_model_path", "load_model"]
 
@@ -42,14 +40,9 @@ def embedded_model_path() -> Path:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_FILE)
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)  # the weights are dequantized fp32 already
-        tmp = temp_name(target)
-        try:
+        with atomic_dir(target) as tmp:  # a folder without config.json (an old killed conversion) is replaced
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            shutil.rmtree(target, ignore_errors=True)  # a folder without config.json is a killed conversion
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
