@@ -109,3 +109,18 @@ def test_config_round_trip_and_validation(tmp_path):
             SCLoRAConfig(**bad)
     with pytest.raises(ValueError, match="Unknown SCLoRAConfig field"):
         SCLoRAConfig.from_dict({"rank": 8})
+
+
+@pytest.mark.parametrize("method,side", [("sc_lora", "output"), ("corda_ipa", "input")])
+def test_a_nonfinite_weight_is_named_before_any_layer_is_rewritten(method, side):
+    from peft.tuners.lora import LoraLayer
+
+    model = tiny_llama(seed=7)
+    stats = collect_covariances(model, random_batches(1), side=side, show_progress=False)
+    first = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    with torch.no_grad():  # the last target layer; [1, 1] is not one of the fingerprint's sampled weights
+        model.model.layers[1].mlp.down_proj.weight[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="weight of module 'model.layers.1.mlp.down_proj' holds NaN or inf"):
+        init_model(model, method=method, r=2, plus=stats, minus=stats, show_progress=False)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, first)
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())

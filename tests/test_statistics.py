@@ -129,6 +129,118 @@ def test_load_rejects_a_foreign_safetensors_file(tmp_path):
         CovarianceStats.load(tmp_path / "other.safetensors")
 
 
+def test_a_failed_save_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, model, monkeypatch):
+    stats = collect_covariances(model, random_batches(1), ["q_proj"], show_progress=False)
+    path = tmp_path / "plus.safetensors"
+    stats.save(path)
+    good = path.read_bytes()
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(statistics.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        stats.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name] and path.read_bytes() == good
+
+
+# --- damaged statistics files are named, with the fix, before anything uses them ------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A good statistics file with input-side (gate/up, q/k/v) and output-side (o/down) matrices."""
+    model = tiny_llama(seed=5)
+    path = tmp_path_factory.mktemp("stats") / "good.safetensors"
+    collect_covariances(model, random_batches(1), show_progress=False).save(path)
+    return model, path
+
+
+def rewrite(path, out, edit):
+    """Copy the statistics file ``path`` to ``out`` with ``edit(tensors, header)`` applied."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors, header = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["sclora"])  # noqa: SIM118
+    edit(tensors, header)
+    save_file(tensors, str(out), metadata={"sclora": json.dumps(header)})
+    return out
+
+
+UP = "model.layers.0.mlp.up_proj"
+DOWN = "model.layers.0.mlp.down_proj"
+
+
+def _set(tensors, key, index, value):
+    tensors[key][index] = value
+
+
+DAMAGE = {
+    "nan": (lambda t, h: _set(t, h["modules"][DOWN]["key"], (1, 2), float("nan")), "NaN / inf"),
+    "inf": (lambda t, h: _set(t, h["modules"][UP]["key"], (0, 0), float("inf")), "NaN / inf"),
+    "zero samples": (lambda t, h: h.update(n_samples=0), "n_samples is 0, not a positive integer"),
+    "negative tokens": (lambda t, h: h.update(n_tokens=-4), "n_tokens is -4"),
+    "fractional samples": (lambda t, h: h.update(n_samples=2.5), "n_samples is 2.5"),
+    "boolean samples": (lambda t, h: h.update(n_samples=True), "n_samples is True"),
+    "missing tensor": (lambda t, h: t.pop(h["modules"][DOWN]["key"]), f"tensor .* of module '{DOWN}' is missing"),
+    "wrong input shape": (lambda t, h: t.update({h["modules"][UP]["key"]: torch.eye(80)}),  # gate/up share one
+                          r"input-side tensor .* of module '.*gate_proj' has shape \(80, 80\), expected \(32, 32\)"),
+    "wrong output shape": (lambda t, h: t.update({h["modules"][DOWN]["key"]: torch.eye(80)}),
+                           rf"output-side tensor .* of module '{DOWN}' has shape \(80, 80\), expected \(32, 32\)"),
+    "missing field": (lambda t, h: h.pop("n_tokens"), r"lacks the field\(s\) \['n_tokens'\]"),
+    "bad side": (lambda t, h: h.update(side="both"), "side is 'both'"),
+    "bad normalize": (lambda t, h: h.update(normalize="l2"), "normalize is 'l2'"),
+    "output module in input stats": (lambda t, h: h.update(side="input"),
+                                     "module '.*o_proj' has side 'output' in statistics collected with side='input'"),
+    "bad module entry": (lambda t, h: h["modules"][UP].pop("d_in"), f"module '{UP}' has the entry"),
+    "no fingerprint": (lambda t, h: h.update(fingerprint=None), "no model fingerprint"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_load_names_the_file_and_the_problem_of_damaged_statistics(tmp_path, saved, damage):
+    edit, problem = DAMAGE[damage]
+    path = rewrite(saved[1], tmp_path / "damaged.safetensors", edit)
+    with pytest.raises(ValueError, match=f"damaged.safetensors: .*{problem}.*delete it and collect"):
+        CovarianceStats.load(path, model=saved[0])
+
+
+@pytest.mark.parametrize("keep", [0, 7, 0.5, -1])  # bytes kept: none, part of the header length, half, all but one
+def test_load_names_a_truncated_file(tmp_path, saved, keep):
+    data = saved[1].read_bytes()
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(data[:int(len(data) * keep) if isinstance(keep, float) else keep])
+    with pytest.raises(ValueError, match="cut.safetensors cannot be read.*truncated or corrupt.*Delete it"):
+        CovarianceStats.load(path)
+
+
+def test_load_names_a_file_with_a_corrupt_header(tmp_path, saved):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2, 2)}, tmp_path / "bad.safetensors", metadata={"sclora": '{"format": 1, "n_'})
+    with pytest.raises(ValueError, match="bad.safetensors has a corrupt statistics header.*Delete it"):
+        CovarianceStats.load(tmp_path / "bad.safetensors")
+
+
+def test_a_nonfinite_weight_is_named_instead_of_giving_a_nan_covariance():
+    model = tiny_llama(seed=6)
+    stats = collect_covariances(model, random_batches(1), ["up_proj", "down_proj"], show_progress=False)
+    assert stats.modules[UP].side == "input"  # Cov_out = W Cov_in W^T needs the weight
+    weight = model.get_submodule(UP).weight
+    bad = weight.detach().clone()
+    bad[1, 1] = float("nan")  # not one of the fingerprint's sampled weights
+    with pytest.raises(ValueError, match=f"weight of module '{UP}' holds NaN or inf"):
+        stats.factor(UP, weight=bad)
+    with torch.no_grad():
+        weight[1, 1] = float("inf")
+    with pytest.raises(ValueError, match=f"weight of module '{UP}' holds NaN or inf"):
+        stats[UP]
+    assert torch.isfinite(stats[DOWN]).all()  # output-side statistics need no weight
+
+
 # --- bad input gets a clear error ----------------------------------------------------------------
 
 
@@ -154,13 +266,14 @@ def test_batches_must_be_dicts(model):
         collect_covariances(model, [torch.zeros(2, 3, dtype=torch.long)], show_progress=False)
 
 
+@pytest.mark.parametrize("side", ["output", "input"])
 @pytest.mark.parametrize("check_every", [1, 1000])  # 1000: only the final check sees it
-def test_nonfinite_activations_are_reported_with_the_module(model, monkeypatch, check_every):
+def test_nonfinite_activations_are_reported_with_the_module(model, monkeypatch, check_every, side):
     monkeypatch.setattr(statistics, "FINITE_CHECK_EVERY", check_every)
-    with torch.no_grad():
+    with torch.no_grad():  # input side: the inf reaches layer 1's MLP input (as NaN after its norm)
         model.model.layers[1].self_attn.o_proj.weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match="NaN or inf activations.*layers.1"):
-        collect_covariances(model, random_batches(3), show_progress=False)
+        collect_covariances(model, random_batches(3), side=side, show_progress=False)
 
 
 def test_stats_from_another_model_are_rejected(tmp_path):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from peft import LoraConfig
 
+from .fileio import atomic_write_json
 from .subspace import SOLVERS, _check_betas
 
 __all__ = ["LLAMA_TARGET_MODULES", "METHODS", "SCLoRAConfig"]
@@ -49,31 +52,45 @@ class SCLoRAConfig:
     eigen_solver: str = "eigh"
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
-        if not isinstance(self.r, int) or self.r < 1:
+        """Reject every invalid value with a ValueError naming the field, the value and what is allowed."""
+        from .statistics import NORMALIZATIONS
+
+        _choice("method", self.method, METHODS)
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"r must be a positive integer, got {self.r!r}.")
         if isinstance(self.beta, tuple):
             self.beta = list(self.beta)
         _check_betas(self.beta)
         if self.lora_alpha is None:
             self.lora_alpha = self.r
-        if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}.")
-        from .statistics import NORMALIZATIONS
-
-        if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}.")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}.")
-        if self.eigen_solver not in EIGEN_SOLVERS:
-            raise ValueError(
-                f"eigen_solver must be one of {EIGEN_SOLVERS} (eigh: full eigendecomposition, the reference; lobpcg: "
-                f"block LOBPCG on the top r; mixed: float32 eigh refined in float64; auto: the fastest measured for "
-                f"each module's size), got {self.eigen_solver!r}."
-            )
+        if not _real(self.lora_alpha) or self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be a finite number > 0 (or None for lora_alpha = r), "
+                             f"got {self.lora_alpha!r}.")
+        if not _real(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}.")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"use_rslora must be True or False, got {self.use_rslora!r}.")  # noqa: TRY004
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        self._check_target_modules()
+        _choice("normalize", self.normalize, NORMALIZATIONS)
+        _choice("dtype", self.dtype, tuple(DTYPES))
+        _choice("eigen_solver", self.eigen_solver, EIGEN_SOLVERS,
+                " (eigh: full eigendecomposition, the reference; lobpcg: block LOBPCG on the top r; mixed: float32 "
+                "eigh refined in float64; auto: the fastest measured for each module's size)")
+
+    def _check_target_modules(self) -> None:
+        targets = self.target_modules
+        if isinstance(targets, str):
+            try:
+                re.compile(targets)
+            except re.error as err:
+                raise ValueError(f"target_modules {targets!r} is not a valid regex ({err}).") from None
+        elif not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(
+                f"target_modules must be a regex string or a non-empty list of module name suffixes (strings), "
+                f"e.g. {LLAMA_TARGET_MODULES}; got {targets!r}."
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -108,13 +125,19 @@ class SCLoRAConfig:
         return cls(**data)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, CONFIG_NAME)
-        with open(path + ".tmp", "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(path + ".tmp", path)
+        atomic_write_json(os.path.join(directory, CONFIG_NAME), self.to_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> SCLoRAConfig:
         with open(os.path.join(directory, CONFIG_NAME)) as f:
             return cls.from_dict(json.load(f))
+
+
+def _real(x) -> bool:
+    """A finite int or float, not a bool (True is an int in Python)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and -math.inf < x < math.inf
+
+
+def _choice(field_name: str, value, allowed: tuple, explain: str = "") -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{field_name} must be one of {allowed}{explain}, got {value!r}.")

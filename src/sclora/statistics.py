@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .fileio import atomic_path
 
 __all__ = ["CovarianceStats", "ModuleStat", "collect_covariances", "find_linear_modules", "model_fingerprint"]
 
@@ -120,6 +121,7 @@ class CovarianceStats(Mapping):
             weight = None
         else:
             weight = (self._bound_weight(name) if weight is None else weight.detach()).to(cov.device, cov.dtype)
+            require_finite_weight(name, weight)
         if self.normalize == "trace":
             trace = cov.trace() if weight is None else ((weight @ cov) * weight).sum()
             cov = cov / trace.clamp_min(torch.finfo(cov.dtype).tiny)
@@ -239,23 +241,40 @@ class CovarianceStats(Mapping):
             "fingerprint": self.fingerprint,
             "modules": {n: asdict(m) for n, m in self.modules.items()},
         }
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.sums.items()}
-        save_file(tensors, tmp, metadata={"sclora": json.dumps(header)})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata={"sclora": json.dumps(header)})
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None, device: str = "cpu") -> CovarianceStats:
-        """Read statistics written by :meth:`save`; with ``model`` they are also bound to it."""
-        with safe_open(os.fspath(path), framework="pt", device=device) as f:
-            meta = f.metadata() or {}
-            if "sclora" not in meta:
-                raise ValueError(f"{path} is a safetensors file but not sclora statistics (no 'sclora' header).")
+        """Read statistics written by :meth:`save`; with ``model`` they are also bound to it.
+
+        A file that is truncated, corrupt, inconsistent (missing tensors, wrong shapes, a broken header)
+        or holds NaN / inf raises a ValueError naming it, before anything uses the statistics."""
+        path = os.fspath(path)
+        try:
+            with safe_open(path, framework="pt", device=device) as f:
+                meta = f.metadata() or {}
+                sums = {k: f.get_tensor(k) for k in f.keys()} if "sclora" in meta else {}
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # safetensors' errors do not name the file
+            raise ValueError(
+                f"{path} cannot be read as statistics ({type(err).__name__}: {err}); it is truncated or corrupt "
+                "(e.g. an interrupted copy). Delete it and collect the statistics again."
+            ) from err
+        if "sclora" not in meta:
+            raise ValueError(f"{path} is a safetensors file but not sclora statistics (no 'sclora' header).")
+        try:
             header = json.loads(meta["sclora"])
-            if header.get("format") != FORMAT_VERSION:
-                raise ValueError(f"{path} has statistics format {header.get('format')}, expected {FORMAT_VERSION}.")
-            sums = {k: f.get_tensor(k) for k in f.keys()}
+        except ValueError as err:
+            raise ValueError(f"{path} has a corrupt statistics header ({err}). Delete it and collect the "
+                             "statistics again.") from err
+        if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
+            found = header.get("format") if isinstance(header, dict) else None
+            raise ValueError(f"{path} has statistics format {found}, expected {FORMAT_VERSION}: another sclora "
+                             "version wrote it. Collect the statistics again.")
+        cls._validate(path, header, sums)
         stats = cls(
             sums,
             {n: ModuleStat(**m) for n, m in header["modules"].items()},
@@ -266,6 +285,63 @@ class CovarianceStats(Mapping):
             fingerprint=header["fingerprint"],
         )
         return stats.bind(model) if model is not None else stats
+
+    @staticmethod
+    def _validate(path: str, header: dict, sums: dict[str, torch.Tensor]) -> None:
+        """Check a loaded header against its tensors: counts, choices, every module's matrix present with
+        the shape of its side, every value finite. Raises a ValueError naming ``path`` and the problem."""
+
+        def bad(problem: str) -> ValueError:
+            return ValueError(f"{path}: {problem}. The statistics file is corrupt or inconsistent; delete it "
+                              "and collect the statistics again.")
+
+        missing = [k for k in ("n_samples", "n_tokens", "normalize", "side", "fingerprint", "modules")
+                   if k not in header]
+        if missing:
+            raise bad(f"the header lacks the field(s) {missing}")
+        for key in ("n_samples", "n_tokens"):
+            count = header[key]
+            if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+                raise bad(f"{key} is {count!r}, not a positive integer")
+        for key, allowed in (("normalize", NORMALIZATIONS), ("side", SIDES)):
+            if header[key] not in allowed:
+                raise bad(f"{key} is {header[key]!r}, not one of {allowed}")
+        modules, fingerprint = header["modules"], header["fingerprint"]
+        if not isinstance(modules, dict) or not modules:
+            raise bad("the header lists no modules")
+        if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("probes"), dict):
+            raise bad("the header has no model fingerprint")
+        fields = {"key", "side", "d_in", "d_out"}
+        for name, m in modules.items():
+            if not isinstance(m, dict) or set(m) != fields:
+                raise bad(f"module {name!r} has the entry {m!r}, expected the fields {sorted(fields)}")
+            if m["side"] not in SIDES or (header["side"] == "input" and m["side"] != "input"):
+                raise bad(f"module {name!r} has side {m['side']!r} in statistics collected with "
+                          f"side={header['side']!r}")
+            dims = (m["d_in"], m["d_out"])
+            if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+                raise bad(f"module {name!r} has dimensions d_in, d_out = {dims}")
+            if m["key"] not in sums:
+                raise bad(f"the tensor {m['key']!r} of module {name!r} is missing")
+            d = m["d_in"] if m["side"] == "input" else m["d_out"]
+            shape = tuple(sums[m["key"]].shape)
+            if shape != (d, d):
+                raise bad(f"the {m['side']}-side tensor {m['key']!r} of module {name!r} has shape {shape}, "
+                          f"expected {(d, d)}")
+            if name not in fingerprint["probes"]:
+                raise bad(f"the model fingerprint lacks module {name!r}")
+        for key, tensor in sums.items():
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                raise bad(f"the tensor {key!r} holds NaN / inf values or is not floating point")
+
+
+def require_finite_weight(name: str, weight: torch.Tensor) -> None:
+    """Raise if the weight of module ``name`` holds NaN or inf: its adapter would silently be NaN."""
+    if not torch.isfinite(weight).all():
+        raise ValueError(
+            f"The weight of module {name!r} holds NaN or inf values, so its adapter would be NaN. The checkpoint "
+            "is damaged (or was overflowed, e.g. by a float16 cast): load an intact one."
+        )
 
 
 # --- collection ----------------------------------------------------------------------------------
@@ -373,7 +449,7 @@ def collect_covariances(
         distributed.fail_together(error, "collecting the statistics")
         n_samples, n_tokens = distributed.all_reduce_sums(sums, n_samples, n_tokens)
         _check_finite(sums, groups)
-    if n_tokens == 0:
+    if n_samples <= 0 or n_tokens <= 0:
         raise ValueError("Every token of the data was padding (attention_mask all zero); there is nothing to count.")
 
     stats = CovarianceStats(

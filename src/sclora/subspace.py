@@ -238,17 +238,23 @@ def _knowledge_sets(cov_minus: Covariances, beta: Betas) -> tuple[list[torch.Ten
 
 
 def _check_betas(beta: Betas) -> list[float]:
-    """[beta] for one number in [0, 1], or the list of several D- weights, each >= 0 and summing to at most 1."""
+    """[beta] for one number in [0, 1], or the list of several D- weights, each >= 0 and summing to at most 1.
+    Bools, NaN and inf are rejected (True would silently mean beta = 1)."""
+
+    def real(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and -math.inf < x < math.inf
+
     if not isinstance(beta, (list, tuple)):
-        if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
+        if not real(beta) or not 0 <= beta <= 1:
             raise ValueError(f"beta must be a number in [0, 1] (paper, Definition 1), got {beta!r}.")
         return [float(beta)]
     if not beta:
         raise ValueError("beta is an empty list: give one weight per knowledge set D-_i, e.g. beta=[0.4, 0.4].")
     for i, b in enumerate(beta):
-        if not isinstance(b, (int, float)) or not float(b) >= 0.0:
-            raise ValueError(f"beta[{i}] must be a number >= 0 (the weight of knowledge set D-_{i}), got {b!r}.")
-    if not sum(beta) <= 1.0 + 1e-12:  # also catches inf
+        if not real(b) or not 0 <= b <= 1:
+            raise ValueError(f"beta[{i}] must be a number >= 0 and <= 1 (the weight of knowledge set D-_{i}), "
+                             f"got {b!r}.")
+    if not sum(beta) <= 1.0 + 1e-12:
         raise ValueError(
             f"The betas {list(beta)} sum to {sum(beta):g} > 1, which would give Cov+ a negative weight "
             f"1 - sum(beta); scale them down so that they sum to at most 1, e.g. "

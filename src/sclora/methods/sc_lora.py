@@ -10,7 +10,7 @@ from peft import PeftModel
 from torch import nn
 
 from ..config import SCLoRAConfig
-from ..statistics import CovarianceStats, resolve_targets
+from ..statistics import CovarianceStats, require_finite_weight, resolve_targets
 from ..subspace import NonUniqueSubspaceWarning, _check_betas, sc_lora_factors, sc_subspace
 from .residual import build_residual_adapter, require_coverage
 
@@ -51,6 +51,8 @@ def get_sclora_model(
     require_coverage(model, config, plus, "D+")
     for stats, label in zip(minus, labels):
         require_coverage(model, config, stats, label)
+    for name, linear in resolve_targets(model, config.target_modules).items():  # before any layer is rewritten
+        require_finite_weight(name, linear.weight)
 
     def factors(name, weight, scaling):
         parts = [plus.factor(name)] + [m.factor(name) for m in minus]
