@@ -63,3 +63,32 @@ def tiny_tokenizer():
     tok.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}assistant :{% endif %}")
     return tok
+
+
+# --- a whole tiny experiment (tests of `sclora run`) ------------------------------------------------------------
+
+_TRIVIA_WORDS = "paris rome berlin one two three four five six seven eight nine ten".split()
+#: trivia items in the tiny tokenizer's vocabulary (monkeypatched over sclora.data.trivia)
+TRIVIA = [{"question": f"what is {a} {b}", "answers": [b], "topic": "t"} for a in _TRIVIA_WORDS
+          for b in _TRIVIA_WORDS[:3]]
+
+
+def save_tiny_model(path):
+    """A tiny random Llama and the tiny tokenizer saved as a model folder at ``path``; returns it."""
+    tiny_llama(seed=2).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def tiny_experiment(model_dir, **changes) -> dict:
+    """An experiment config on the tiny model and TRIVIA (seconds per run); ``changes`` replace top-level keys."""
+    config = {
+        "name": "tiny", "model": str(model_dir), "r": 2, "stats_seq_len": 16, "stats_batch_size": 4,
+        "plus": {"kind": "trivia", "n": 8}, "minus": {"kind": "trivia", "n": 8, "offset": 8},
+        "train_data": {"kind": "trivia", "n": 8, "offset": 16},
+        "train": {"learning_rate": 1e-2, "batch_size": 4, "micro_batch_size": 2, "max_length": 32, "save_steps": 1},
+        "evaluate": {"knowledge_logprob": {"kind": "trivia", "n": 6, "offset": 24}},
+        "runs": [{"method": "lora"}, {"method": "sc_lora", "beta": 0.5}, {"method": "corda_kpa"}],
+    }
+    config.update(changes)
+    return config

@@ -7,25 +7,12 @@ import yaml
 
 from sclora import cli, data
 from sclora.experiment import check_disjoint, load_config
-from conftest import tiny_llama, tiny_tokenizer
-
-WORDS = "paris rome berlin one two three four five six seven eight nine ten".split()
-TRIVIA = [{"question": f"what is {a} {b}", "answers": [b], "topic": "t"} for a in WORDS for b in WORDS[:3]]
-
+from conftest import TRIVIA, save_tiny_model, tiny_experiment
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
-    tiny_llama(seed=2).save_pretrained(tmp_path / "model")
-    tiny_tokenizer().save_pretrained(tmp_path / "model")
     monkeypatch.setattr(data, "trivia", lambda *a, **k: TRIVIA)
-    config = {
-        "name": "tiny", "model": str(tmp_path / "model"), "r": 2, "stats_seq_len": 16, "stats_batch_size": 4,
-        "plus": {"kind": "trivia", "n": 8}, "minus": {"kind": "trivia", "n": 8, "offset": 8},
-        "train_data": {"kind": "trivia", "n": 8, "offset": 16},
-        "train": {"learning_rate": 1e-2, "batch_size": 4, "micro_batch_size": 2, "max_length": 32, "save_steps": 1},
-        "evaluate": {"knowledge_logprob": {"kind": "trivia", "n": 6, "offset": 24}},
-        "runs": [{"method": "lora"}, {"method": "sc_lora", "beta": 0.5}, {"method": "corda_kpa"}],
-    }
+    config = tiny_experiment(save_tiny_model(tmp_path / "model"))
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path, tmp_path / "out"

@@ -17,10 +17,8 @@ import pytest
 import yaml
 
 from sclora import cli, data
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import TRIVIA, save_tiny_model, tiny_experiment
 
-WORDS = "paris rome berlin one two three four five six seven eight nine ten".split()
-TRIVIA = [{"question": f"what is {a} {b}", "answers": [b], "topic": "t"} for a in WORDS for b in WORDS[:3]]
 #: per-call timings and throughputs differ between any two runs; everything else must be equal
 TIMINGS = ("init_seconds", "train_seconds", "train_tokens_per_second")
 
@@ -95,16 +93,8 @@ def child_script(config_path, out, fault: str) -> str:
 def experiment(tmp_path_factory):
     """A small config and its uninterrupted result (computed once for every fault)."""
     root = tmp_path_factory.mktemp("faults")
-    tiny_llama(seed=2).save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
-    config = {
-        "name": "faults", "model": str(root / "model"), "r": 2, "stats_seq_len": 16, "stats_batch_size": 4,
-        "plus": {"kind": "trivia", "n": 8}, "minus": {"kind": "trivia", "n": 8, "offset": 8},
-        "train_data": {"kind": "trivia", "n": 8, "offset": 16},
-        "train": {"learning_rate": 1e-2, "batch_size": 4, "micro_batch_size": 2, "max_length": 32, "save_steps": 1},
-        "evaluate": {"knowledge_logprob": {"kind": "trivia", "n": 6, "offset": 24}},
-        "runs": [{"method": "sc_lora", "beta": 0.5}, {"method": "lora"}],
-    }
+    config = tiny_experiment(save_tiny_model(root / "model"),
+                             runs=[{"method": "sc_lora", "beta": 0.5}, {"method": "lora"}])
     path = root / "faults.yaml"
     path.write_text(yaml.safe_dump(config))
     reference = root / "reference"

@@ -18,31 +18,23 @@ from hypothesis import strategies as st
 
 from sclora import cli, data, fileio
 from sclora.experiment import StaleResultsError, load_config, parse_yaml
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import TRIVIA, save_tiny_model, tiny_experiment, tiny_llama
 
-WORDS = "paris rome berlin one two three four five six seven eight nine ten".split()
-TRIVIA = [{"question": f"what is {a} {b}", "answers": [b], "topic": "t"} for a in WORDS for b in WORDS[:3]]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture
 def model_dir(tmp_path):
-    tiny_llama(seed=2).save_pretrained(tmp_path / "model")
-    tiny_tokenizer().save_pretrained(tmp_path / "model")
-    return tmp_path / "model"
+    return save_tiny_model(tmp_path / "model")
 
 
 def base_config(model_dir, **changes) -> dict:
-    config = {
-        "name": "rel", "model": str(model_dir), "r": 2, "stats_seq_len": 16, "stats_batch_size": 4,
-        "plus": {"kind": "trivia", "n": 8}, "minus": {"kind": "trivia", "n": 8, "offset": 8},
-        "train_data": {"kind": "trivia", "n": 4, "offset": 16},
+    """The tiny experiment with one named SC-LoRA run and a short training (each run takes seconds)."""
+    return tiny_experiment(model_dir, **{
+        "name": "rel", "train_data": {"kind": "trivia", "n": 4, "offset": 16},
         "train": {"learning_rate": 1e-2, "batch_size": 4, "micro_batch_size": 2, "max_length": 32},
         "evaluate": {"knowledge_logprob": {"kind": "trivia", "n": 4, "offset": 24}},
-        "runs": [{"method": "sc_lora", "beta": 0.5, "name": "sc"}],
-    }
-    config.update(changes)
-    return config
+        "runs": [{"method": "sc_lora", "beta": 0.5, "name": "sc"}], **changes})
 
 
 def write(path: Path, config: dict) -> Path:
@@ -323,12 +315,11 @@ def test_concurrent_workers_run_every_run_once_even_when_one_is_killed(model_dir
         log.write_text("")
         script = WORKER.format(log=str(log), config=str(config), out=str(out))
         procs = [_spawn(script) for _ in range(workers)]
-        victim, starts = procs[rng.randrange(workers)], rng.randint(1, 3)
-        deadline = time.monotonic() + 120
-        while log.read_text().count(f'"start", ') < 1 or sum(  # kill -9 inside its k-th run, claim held
-                json.loads(line)[::2] == ["start", victim.pid] for line in log.read_text().splitlines()) < starts:
-            assert time.monotonic() < deadline and victim.poll() is None
-            time.sleep(0.005)
+        nth, deadline = rng.randint(1, 6), time.monotonic() + 120
+        while len(started := [json.loads(line) for line in log.read_text().splitlines() if '"start"' in line]) < nth:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        victim = next(p for p in procs if p.pid == started[nth - 1][2])  # kill -9 inside the n-th run, claim held
         victim.send_signal(signal.SIGKILL)
         for p in procs:
             p.wait(timeout=300)
@@ -354,7 +345,7 @@ def test_concurrent_first_use_of_the_embedded_model_converts_once(tmp_path):
         import time
         import transformers
         from sclora import models
-        from conftest import tiny_llama, tiny_tokenizer
+        from conftest import TRIVIA, save_tiny_model, tiny_experiment, tiny_llama
         models._gguf_source = lambda: {str(tmp_path)!r}
         def slow_model(*a, **k):
             time.sleep(1.0)  # a conversion takes long: make the processes overlap
