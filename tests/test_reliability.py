@@ -345,7 +345,7 @@ def test_concurrent_first_use_of_the_embedded_model_converts_once(tmp_path):
         import time
         import transformers
         from sclora import models
-        from conftest import TRIVIA, save_tiny_model, tiny_experiment, tiny_llama
+        from conftest import tiny_llama, tiny_tokenizer
         models._gguf_source = lambda: {str(tmp_path)!r}
         def slow_model(*a, **k):
             time.sleep(1.0)  # a conversion takes long: make the processes overlap
