@@ -89,6 +89,16 @@ def test_a_changed_config_never_mixes_with_old_rows_and_archive_starts_afresh(mo
     assert sorted(p.name for p in (out / "stats").iterdir()) == stats_before  # same data, model, targets: reused
 
 
+def test_replaced_model_weights_at_the_same_path_are_a_change(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "trivia", lambda *a, **k: TRIVIA)
+    out, config = tmp_path / "out", write(tmp_path / "c.yaml", base_config(model_dir))
+    assert cli.main(["run", str(config), "--output", str(out), "--quiet"]) == 0
+    assert cli.main(["run", str(config), "--output", str(out), "--quiet"]) == 0  # unchanged: nothing to do
+    tiny_llama(seed=5).save_pretrained(model_dir)  # the user retrained the model in place
+    with pytest.raises(StaleResultsError, match="the files of model .* changed"):
+        cli.main(["run", str(config), "--output", str(out), "--quiet"])
+
+
 def test_statistics_cache_is_keyed_by_what_made_it(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "trivia", lambda *a, **k: TRIVIA)
     from sclora.statistics import CovarianceStats
@@ -288,7 +298,7 @@ WORKER = """
         note("start", "base"); time.sleep(random.uniform(0, 0.05)); note("end", "base")
         return {{"m": 1.0}}, {{}}
 
-    def run_one(config, exp, run, name, out, evaluate):
+    def run_one(config, exp, run, name, out, evaluate, fingerprint):
         note("start", name)
         time.sleep(random.uniform(0, 0.08))
         note("end", name)

@@ -261,6 +261,7 @@ def _train(args) -> int:
     from . import distributed
     from .experiment import build_examples
     from .export import export_lora
+    from .models import model_identity
     from .train import TrainConfig, train
 
     init_dir = Path(args.init)
@@ -282,7 +283,7 @@ def _train(args) -> int:
     # and Trainer gives each its share of every global batch (config batch_size).
     # The checkpoints belong to this init and data: a resume from another init's checkpoints is refused.
     context = digest({"init": {k: v for k, v in saved.items() if k not in ("quiet", "output", "func")},
-                      "data": args.data})
+                      "data": args.data, "model_files": model_identity(init_args.model)})
     result = train(model, tokenizer, examples, config, Path(args.output) / "checkpoints", show_progress=not args.quiet,
                    context=context)
     with distributed.full_parameters(model):  # FSDP: the whole weights, on rank 0

