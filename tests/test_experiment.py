@@ -224,7 +224,7 @@ def _hold_claim(out, name, then):
     return proc
 
 
-def test_runs_claimed_by_a_live_process_are_left_to_it_and_dead_claims_are_taken_over(setup):
+def test_runs_claimed_by_a_live_process_are_left_to_it_and_dead_claims_are_taken_over(setup, capsys):
     import signal
 
     from sclora.experiment import _claim, _release
@@ -237,7 +237,8 @@ def test_runs_claimed_by_a_live_process_are_left_to_it_and_dead_claims_are_taken
     (out / "claims" / "sc_lora-beta0.5.lock").write_text("")  # an empty claim file is no claim
     try:
         assert _claim(out, "lora") is None  # alive: another worker is on it
-        assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 3  # not finished: lora
+        assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0
+        assert "still running in another process: lora" in capsys.readouterr().out
         rows = json.loads((out / "results.json").read_text())
         # The live claim was skipped; the dead one's run and the empty claim's run were done.
         assert [r["run"] for r in rows] == ["base", "sc_lora-beta0.5", "corda_kpa"]

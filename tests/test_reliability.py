@@ -307,7 +307,7 @@ WORKER = """
     experiment._Experiment, experiment.evaluate_model, experiment._run_one = Stub, evaluate_model, run_one
     experiment._scorer_extras = lambda *a: {{}}
     code = cli.main(["run", {config!r}, "--output", {out!r}, "--quiet"])
-    sys.exit(0 if code in (0, 3) else code)
+    sys.exit(code)
 """
 
 
@@ -333,7 +333,8 @@ def test_concurrent_workers_run_every_run_once_even_when_one_is_killed(model_dir
         victim.send_signal(signal.SIGKILL)
         for p in procs:
             p.wait(timeout=300)
-            assert p is victim or p.returncode == 0, p.stderr.read()
+            # 3: "not finished" - a survivor that passed a run while the victim held it, before it died
+            assert p is victim or p.returncode in (0, 3), p.stderr.read()
         final = _spawn(script)  # a rerun finishes whatever the killed worker held
         assert final.wait(timeout=300) == 0, final.stderr.read()
 

@@ -82,11 +82,14 @@ def _run(args) -> int:
     print(results_table(rows))
     print(f"wrote {Path(args.output) / 'results.json'} and results.md")
     missing = [n for n in ["base", *(run_name(r) for r in config.runs)] if n not in {r["run"] for r in rows}]
-    if missing:  # held by other live processes (another `sclora run` on this folder)
+    if missing:  # run by other processes on this folder right now, or left by one that died meanwhile
         busy = running_elsewhere(Path(args.output), missing)
-        print(f"not finished yet: {', '.join(missing)}" + (f" ({len(busy)} running in another process; rerun "
-              "this command after it ends to complete the table)" if busy else "; rerun this command to finish"))
-        return 3
+        free = [n for n in missing if n not in busy]
+        if busy:
+            print(f"still running in another process: {', '.join(busy)} (they add their rows when done)")
+        if free:
+            print(f"not finished: {', '.join(free)} (their process stopped); rerun this command to finish them")
+            return 3
     return 0
 
 
