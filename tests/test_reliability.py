@@ -45,7 +45,8 @@ def write(path: Path, config: dict) -> Path:
 # --- 1. stale results and statistics -------------------------------------------------------------------------
 
 
-def test_a_changed_config_never_mixes_with_old_rows_and_archive_starts_afresh(model_dir, tmp_path, monkeypatch):
+def test_a_changed_config_never_mixes_with_old_rows_and_archive_starts_afresh(model_dir, tmp_path, monkeypatch,
+                                                                              capsys):
     monkeypatch.setattr(data, "trivia", lambda *a, **k: TRIVIA)
     out = tmp_path / "out"
     config = write(tmp_path / "c.yaml", base_config(model_dir))
@@ -68,6 +69,10 @@ def test_a_changed_config_never_mixes_with_old_rows_and_archive_starts_afresh(mo
                 cli.main(["run", str(tmp_path / "c2.yaml"), "--output", str(out), "--quiet"])
             assert shown in str(err.value) and "--archive" in str(err.value)
         assert json.loads((out / "results.json").read_text()) == first  # nothing touched
+        # the command prints it as one message, no traceback
+        capsys.readouterr()
+        assert cli.entry(["run", str(tmp_path / "c2.yaml"), "--output", str(out), "--quiet"]) == 2
+        assert capsys.readouterr().err.startswith(f"sclora: refused: {out} holds results made with other settings")
         assert yaml.safe_load((out / "config.yaml").read_text())["r"] == 2
 
     # Adding a run, or renaming the experiment, is not a change of settings: the old rows stay valid.

@@ -422,5 +422,18 @@ def main(argv: list[str] | None = None) -> int:
                 torch.distributed.destroy_process_group()
 
 
+def entry(argv: list[str] | None = None) -> int:
+    """The ``sclora`` command: :func:`main`, with a bad config, bad data or a stale folder reported as one clear
+    line and exit status 2 instead of a traceback (the library raises; people read messages)."""
+    from .experiment import StaleResultsError
+
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError) as err:
+        kind = "refused" if isinstance(err, StaleResultsError) else "error"
+        print(f"sclora: {kind}: {err}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

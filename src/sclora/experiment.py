@@ -628,6 +628,9 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
 
     out = Path(output_dir)
     model_files = check_folder(config, out, archive=archive)
+    rows = _update_results(out)
+    if {"base", *map(run_name, config.runs)} <= {row["run"] for row in rows}:
+        return rows  # everything is done: no model or data to load
     exp = _Experiment(config, out, show_progress)
     tokenizer = exp.tokenizer
     extras = _scorer_extras(config, exp.eval_sets, exp.sets)
@@ -640,7 +643,6 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
     def done(name: str) -> bool:
         return name in {row["run"] for row in _update_results(out, refresh=False)}
 
-    rows = _update_results(out)
     for run in [None, *config.runs]:  # None: the base model
         name = "base" if run is None else run_name(run)
         if done(name):
@@ -737,10 +739,11 @@ def _stale(config: ExperimentConfig, out: Path, model_files: str | None) -> list
         run_changed = name in old_runs and old_runs[name] != runs[name]
         if run_changed or (row.get("fingerprint", now) != now and not changes):  # else: implied by a line above
             changes.append(f"run {name!r}: {_short(old_runs.get(name, 'other settings'))} -> {_short(runs[name])}")
+    settings_changed = bool(changes)  # then every checkpoint is stale too: no need to list them
     for name, run in runs.items():
         record = _read(out / "runs" / name / "train_run.json", json.loads) or {}
         if "context" in record and record["context"] != run_fingerprint(config, run, model_files) and \
-                not any(f"run {name!r}" in c for c in changes):
+                not settings_changed and not any(f"run {name!r}" in c for c in changes):
             changes.append(f"run {name!r}: checkpoints in {out / 'runs' / name} were made with other settings")
     return changes
 

@@ -6,7 +6,7 @@
   sees the old file or the new one, never a half-written one, and two writers never share a temp file.
 * :func:`atomic_path`: the same for writers that need a path (safetensors ``save_file``, ``savefig``);
   :func:`atomic_dir` for whole folders (``save_pretrained``).
-* :func:`locked`: an exclusive ``flock`` on ``<file>.lock`` for read-modify-write of a shared file.
+* :func:`locked`: an exclusive ``flock`` on ``.<file>.lock`` for read-modify-write of a shared file.
   flock is advisory and per host; on network file systems (NFS without lock support) it may not exclude
   processes of other machines (docs/reliability.md).
 * :func:`update_json`: one entry of a shared JSON object set under that lock.
@@ -113,12 +113,12 @@ def atomic_write_json(path: str | os.PathLike, data, *, indent: int | None = 2, 
 
 @contextlib.contextmanager
 def locked(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on ``<path>.lock`` (blocking) for a read-modify-write of ``path``."""
+    """Hold an exclusive lock on ``.<name>.lock`` next to ``path`` (blocking) for a read-modify-write of it."""
     import fcntl
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
+    with open(path.with_name(f".{path.name}.lock"), "a") as handle:  # hidden: it holds nothing
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
