@@ -154,6 +154,12 @@ def test_run_names_that_would_leave_the_folder_are_refused(model_dir, tmp_path, 
     assert not (tmp_path.parent / "escaped").exists()
 
 
+def test_diagnostics_file_name_stays_in_the_folder(model_dir, tmp_path):
+    config = write(tmp_path / "c.yaml", base_config(model_dir))
+    with pytest.raises(ValueError, match="--file '../x.json' cannot be used as a file name"):
+        cli.main(["diagnose", str(config), "--output", str(tmp_path / "out"), "--file", "../x.json", "--quiet"])
+
+
 def test_duplicate_run_names_are_refused(model_dir, tmp_path):
     runs = [{"method": "lora", "seed": 1}, {"method": "pissa", "name": "lora-seed1"}]
     with pytest.raises(ValueError, match="Two runs are named 'lora-seed1'"):

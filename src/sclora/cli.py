@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .fileio import atomic_dir, atomic_write_json, digest, locked
+from .fileio import atomic_dir, atomic_write_json, digest, locked, safe_name
 
 __all__ = ["main"]
 
@@ -113,6 +113,7 @@ def _diagnose(args) -> int:
     from .experiment import diagnose_experiment, load_config
 
     config = load_config(args.config, yaml_overrides(args.set))
+    safe_name(args.file, "--file")  # a file name inside the output folder, not a path out of it
     diagnostics = diagnose_experiment(config, args.output, show_progress=not args.quiet, diagnostics_file=args.file)
     from .diagnostics import summarize_energy
 
