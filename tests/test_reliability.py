@@ -2,6 +2,7 @@
 (also under property-based fuzzing), concurrent workers that lose and duplicate nothing even when one is killed."""
 
 import json
+import math
 import os
 import random
 import signal
@@ -226,7 +227,7 @@ JUNK = st.one_of(NUMBERS, st.none(), st.text(max_size=6).filter(lambda t: parse_
 
 
 def _number(v, low, *, open_low=False, high=None):
-    return (isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
             and (v > low if open_low else v >= low) and (high is None or v <= high))
 
 

@@ -58,8 +58,8 @@ def _eval(args) -> int:
 
 
 def _run(args) -> int:
-    from .experiment import (check_folder, load_config, read_results, results_table, run_experiment, run_name,
-                             running_elsewhere)
+    from .experiment import check_folder, load_config, read_results, results_table, run_experiment, run_name
+    from .experiment import running_elsewhere
 
     overrides = yaml_overrides(args.set)
     config = load_config(args.config, overrides)
@@ -308,6 +308,8 @@ def _train(args) -> int:
 
 def yaml_overrides(pairs: list[str] | None) -> dict:
     """--set key=value pairs, values parsed as YAML (numbers as people write them, 2e-4 too; lists, mappings)."""
+    import yaml
+
     from .experiment import parse_yaml
 
     overrides = {}
@@ -317,7 +319,7 @@ def yaml_overrides(pairs: list[str] | None) -> dict:
         key, value = pair.split("=", 1)
         try:
             overrides[key] = parse_yaml(value)
-        except Exception as err:  # yaml.YAMLError
+        except yaml.YAMLError as err:
             raise SystemExit(f"--set {pair!r}: the value is not valid YAML ({err})") from None
     return overrides
 

@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .fileio import atomic_dir, atomic_path
-
 from .methods.residual import ADAPTER as _ADAPTER
 from .methods.residual import adapter_layers as _layers
 from .methods.residual import remember_initial_adapter

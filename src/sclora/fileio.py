@@ -24,8 +24,8 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["digest", "update_json", "atomic_dir", "atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_json", "fsync_dir", "locked",
-           "safe_name", "temp_name"]
+__all__ = ["atomic_dir", "atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_json", "digest",
+           "fsync_dir", "locked", "safe_name", "temp_name", "update_json"]
 
 #: Every temp file sclora writes has this marker, so leftovers of a killed process are recognisable.
 TMP_MARKER = ".tmp-"

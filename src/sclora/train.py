@@ -24,8 +24,8 @@ import torch
 from torch.utils.data import Dataset
 
 from . import distributed
-from .fileio import atomic_write_json
 from .evaluate.generation import build_prompt
+from .fileio import atomic_write_json
 
 __all__ = ["PadCollator", "TrainConfig", "TrainResult", "tokenize_examples", "train"]
 
