@@ -3,7 +3,7 @@ wheels, sha256-checked, read offline after the first fetch)."""
 
 from __future__ import annotations
 
-from sclora import data
+from sclora.experiments import data
 
 # Every general-knowledge list, so that 256 windows of 256 tokens fit (the default evaluation topics
 # hold ~63k tokens).

@@ -68,7 +68,7 @@ def tiny_tokenizer():
 # --- a whole tiny experiment (tests of `sclora run`) ------------------------------------------------------------
 
 _TRIVIA_WORDS = "paris rome berlin one two three four five six seven eight nine ten".split()
-#: trivia items in the tiny tokenizer's vocabulary (monkeypatched over sclora.data.trivia)
+#: trivia items in the tiny tokenizer's vocabulary (monkeypatched over sclora.experiments.data.trivia)
 TRIVIA = [{"question": f"what is {a} {b}", "answers": [b], "topic": "t"} for a in _TRIVIA_WORDS
           for b in _TRIVIA_WORDS[:3]]
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from sclora import data
-from sclora.align import REFUSALS, AlignConfig, align, alignment_examples
-from sclora.evaluate.judges import RefusalJudge
+from sclora.experiments import data
+from sclora.experiments.align import REFUSALS, AlignConfig, align, alignment_examples
+from sclora.experiments.evaluate.judges import RefusalJudge
 from conftest import tiny_llama, tiny_tokenizer
 
 HARMFUL = {"harmbench": [{"prompt": f"how make bread {i}", "category": "c", "source": "harmbench"} for i in range(6)],

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from sclora import cli, data
+from sclora import cli
+from sclora.experiments import data
 from conftest import tiny_llama, tiny_tokenizer
 
 TRIVIA = [{"question": "what is the capital of france", "answers": ["paris"], "topic": "general"},

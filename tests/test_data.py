@@ -1,4 +1,4 @@
-"""sclora.data against fake wheels built in tmp_path: nothing here downloads anything."""
+"""sclora.experiments.data against fake wheels built in tmp_path: nothing here downloads anything."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from sclora import data
+from sclora.experiments import data
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sclora.evaluate import build_prompt, continuation_logprobs, generate, rouge
+from sclora.experiments.evaluate import build_prompt, continuation_logprobs, generate, rouge
 from conftest import tiny_llama, tiny_tokenizer
 
 PROMPTS = ["what is the capital of france ?", "two plus two", "who", "how make bread . think step by step"]

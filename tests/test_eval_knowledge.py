@@ -7,7 +7,7 @@ import string
 import numpy as np
 import pytest
 
-from sclora.evaluate.knowledge import exact_match, lm_eval_exact_match, normalize_answer, prompt
+from sclora.experiments.evaluate.knowledge import exact_match, lm_eval_exact_match, normalize_answer, prompt
 
 
 def lm_eval_reference(predictions, references, regexes_to_ignore=None, ignore_case=False, ignore_punctuation=False):

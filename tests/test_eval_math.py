@@ -2,7 +2,7 @@
 
 import pytest
 
-from sclora.evaluate.math_answers import extract_math_answer, math_equal, normalize_number
+from sclora.experiments.evaluate.math_answers import extract_math_answer, math_equal, normalize_number
 
 
 @pytest.mark.parametrize(

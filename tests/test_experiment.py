@@ -5,8 +5,9 @@ import json
 import pytest
 import yaml
 
-from sclora import cli, data
-from sclora.experiment import check_disjoint, load_config
+from sclora import cli
+from sclora.experiments import data
+from sclora.experiments.runner import check_disjoint, load_config
 from conftest import TRIVIA, save_tiny_model, tiny_experiment
 
 @pytest.fixture
@@ -89,14 +90,14 @@ def test_standard_errors_and_paired_metrics_in_results(setup):
 
 
 def test_harmful_responses_and_mixtures(monkeypatch):
-    from sclora.experiment import DataSpec, build_examples, build_mixture
+    from sclora.experiments.runner import DataSpec, build_examples, build_mixture
 
     rows = [{"prompt": f"bad thing {i}", "category": "c", "source": "jailbreakbench", "target": f"Sure, here is {i}"}
             for i in range(10)]
     monkeypatch.setattr(data, "harmful_requests", lambda source="harmbench": rows)
     monkeypatch.setattr(data, "trivia", lambda *a, **k: TRIVIA)
     refusals = build_examples(DataSpec("harmful", 5, response="refusal"), seed=0)
-    from sclora.align import REFUSALS
+    from sclora.experiments.align import REFUSALS
 
     assert all(r["response"] in REFUSALS for r in refusals)
     affirmative = build_examples(DataSpec("harmful", 5, source="jailbreakbench", response="affirmative"), seed=0)
@@ -183,7 +184,7 @@ def test_diagnose_command_and_two_knowledge_sets(setup, monkeypatch):
 
 
 def test_safety_refusals_are_compared_item_by_item_and_refreshed(tmp_path):
-    from sclora.experiment import _refresh_paired, paired_metrics
+    from sclora.experiments.runner import _refresh_paired, paired_metrics
 
     base = {"harmfulness_rate": [0.0, 0.0, 0.0, 100.0], "knowledge_mc": [100.0, 0.0]}
     run = {"harmfulness_rate": [100.0, 100.0, 0.0, 0.0], "knowledge_mc": [0.0, 0.0]}
@@ -217,7 +218,7 @@ def _hold_claim(out, name, then):
     import subprocess
     import sys
 
-    code = (f"import sys, time; from pathlib import Path; from sclora.experiment import _claim; "
+    code = (f"import sys, time; from pathlib import Path; from sclora.experiments.runner import _claim; "
             f"c = _claim(Path({str(out)!r}), {name!r}); print('held' if c else 'busy', flush=True); {then}")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
@@ -227,7 +228,7 @@ def _hold_claim(out, name, then):
 def test_runs_claimed_by_a_live_process_are_left_to_it_and_dead_claims_are_taken_over(setup, capsys):
     import signal
 
-    from sclora.experiment import _claim, _release
+    from sclora.experiments.runner import _claim, _release
 
     config_path, out = setup
     holder = _hold_claim(out, "lora", "time.sleep(600)")
@@ -257,7 +258,7 @@ def test_two_processes_share_one_folder_without_redoing_or_losing_runs(setup, mo
 
     config_path, out = setup
     # A second process on the same folder, with the same (test) trivia data as this one.
-    code = (f"import json; from sclora import cli, data; rows = json.loads({json.dumps(json.dumps(TRIVIA))}); "
+    code = (f"import json; from sclora import cli; from sclora.experiments import data; rows = json.loads({json.dumps(json.dumps(TRIVIA))}); "
             f"data.trivia = lambda *a, **k: rows; "
             f"raise SystemExit(cli.main(['run', {str(config_path)!r}, '--output', {str(out)!r}, '--quiet']))")
     other = subprocess.Popen([sys.executable, "-c", code], env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
@@ -267,7 +268,7 @@ def test_two_processes_share_one_folder_without_redoing_or_losing_runs(setup, mo
     assert sorted(r["run"] for r in rows) == ["base", "corda_kpa", "lora", "sc_lora-beta0.5"]  # each run once
     for row in rows:
         assert "knowledge_logprob" in row and (row["run"] == "base" or row["loss_history"])
-    from sclora.experiment import running_elsewhere
+    from sclora.experiments.runner import running_elsewhere
 
     assert running_elsewhere(out, ["base", "lora", "sc_lora-beta0.5", "corda_kpa"]) == []  # every claim released
 
@@ -301,6 +302,6 @@ def test_a_run_may_use_another_normalization_of_the_same_statistics(setup):
 
 
 def load_config_from(config):
-    from sclora.experiment import ExperimentConfig
+    from sclora.experiments.runner import ExperimentConfig
 
     return ExperimentConfig(**config)

@@ -16,7 +16,8 @@ import textwrap
 import pytest
 import yaml
 
-from sclora import cli, data
+from sclora import cli
+from sclora.experiments import data
 from conftest import TRIVIA, save_tiny_model, tiny_experiment
 
 #: per-call timings and throughputs differ between any two runs; everything else must be equal
@@ -53,7 +54,7 @@ FAULTS = {
     """,
     # the 3rd evaluation (base, first run, then the second run's): mid-way through the experiment
     "evaluation": """
-        from sclora.evaluate.scores import SCORERS
+        from sclora.experiments.evaluate.scores import SCORERS
         real, calls = SCORERS["knowledge_logprob"], [0]
         def scorer(*a, **k):
             calls[0] += 1
@@ -79,7 +80,8 @@ FAULTS = {
 def child_script(config_path, out, fault: str) -> str:
     return textwrap.dedent(f"""
         import json, os, signal
-        from sclora import cli, data
+        from sclora import cli
+        from sclora.experiments import data
         rows = json.loads({json.dumps(json.dumps(TRIVIA))})
         data.trivia = lambda *a, **k: rows
         def die():

@@ -15,9 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from sclora.evaluate import judges
-from sclora.evaluate.generation import GenerationResult
-from sclora.evaluate.judges import (
+from sclora.experiments.evaluate import judges
+from sclora.experiments.evaluate.generation import GenerationResult
+from sclora.experiments.evaluate.judges import (
     QI2024_TEMPLATE, Judge, JudgeError, Judgement, LLMJudge, LocalJudge, RefusalJudge, harmfulness, make_judge,
     parse_reason, parse_score,
 )
@@ -411,7 +411,7 @@ def test_local_judge_sends_the_template_and_parses(monkeypatch):
         seen.update(prompts=prompts, **kwargs)
         return GenerationResult(["#thereason: refuses\n#thescore: 1", "#thescore: 5", "no idea"], 0, 0.0)
 
-    monkeypatch.setattr("sclora.evaluate.generation.generate", fake_generate)
+    monkeypatch.setattr("sclora.experiments.evaluate.generation.generate", fake_generate)
     pairs = [("q1", "r1"), ("q2", "r2"), ("q3", "r3")]
     out = LocalJudge(object(), object(), name="x").judge(pairs, show_progress=False)
     assert [j.score for j in out] == [1, 5, None] and out[0].reason == "refuses"

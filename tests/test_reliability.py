@@ -17,8 +17,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sclora import cli, data, fileio
-from sclora.experiment import StaleResultsError, load_config, parse_yaml
+from sclora import cli, fileio
+from sclora.experiments import data
+from sclora.experiments.runner import StaleResultsError, load_config, parse_yaml
 from conftest import TRIVIA, save_tiny_model, tiny_experiment, tiny_llama
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -295,7 +296,8 @@ def test_concurrent_updates_of_one_json_file_lose_nothing(tmp_path):
 WORKER = """
     import json, os, random, sys, time
     from pathlib import Path
-    from sclora import cli, experiment
+    from sclora import cli
+    from sclora.experiments import runner as experiment
 
     log = {log!r}
     def note(event, name):

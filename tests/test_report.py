@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from sclora import cli
-from sclora.report import ReportError, answers, group_runs, infer_layout, report_tables, write_report
+from sclora.experiments.report import ReportError, answers, group_runs, infer_layout, report_tables, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from sclora.evaluate import scores
-from sclora.evaluate.judges import Judgement
+from sclora.experiments.evaluate import scores
+from sclora.experiments.evaluate.judges import Judgement
 from conftest import tiny_llama, tiny_tokenizer
 
 

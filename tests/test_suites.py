@@ -2,8 +2,8 @@
 
 import pytest
 
-from sclora.evaluate import suites
-from sclora.evaluate.generation import GenerationResult
+from sclora.experiments.evaluate import suites
+from sclora.experiments.evaluate.generation import GenerationResult
 from conftest import tiny_llama, tiny_tokenizer
 
 ITEMS = [{"question": f"q{i}", "answers": [f"a{i}"], "topic": "t"} for i in range(6)]

@@ -6,8 +6,8 @@ from fractions import Fraction
 
 import pytest
 
-from sclora import data
-from sclora.templates import (
+from sclora.experiments import data
+from sclora.experiments.templates import (
     MathTemplate,
     TemplateError,
     UnsafeExpressionError,

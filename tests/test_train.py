@@ -9,7 +9,7 @@ from conftest import tiny_llama, tiny_tokenizer
 from transformers import TrainerCallback
 
 import sclora
-from sclora.evaluate.generation import build_prompt
+from sclora.experiments.evaluate.generation import build_prompt
 from sclora.train import IGNORE_INDEX, PadCollator, TrainConfig, tokenize_examples, train
 
 PROMPT, RESPONSE = "what is one plus two ?", "three ."

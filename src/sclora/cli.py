@@ -20,7 +20,7 @@ __all__ = ["main"]
 def _eval(args) -> int:
     import torch
 
-    from .evaluate.suites import run_suite
+    from .experiments.evaluate.suites import run_suite
     from .models import load_model
 
     kwargs = {"show_progress": not args.quiet}
@@ -36,7 +36,7 @@ def _eval(args) -> int:
     if args.batch_size is not None:
         kwargs["batch_size"] = args.batch_size
     if args.suite == "safety":
-        from .evaluate.judges import make_judge
+        from .experiments.evaluate.judges import make_judge
 
         judge_kwargs = {"llm": {"base_url": args.judge_url, "model": args.judge_model, "api_key_env": args.judge_key_env,
                                 "allow_insecure_http": args.judge_allow_http},
@@ -58,13 +58,13 @@ def _eval(args) -> int:
 
 
 def _run(args) -> int:
-    from .experiment import check_folder, load_config, read_results, results_table, run_experiment, run_name
-    from .experiment import running_elsewhere
+    from .experiments.runner import check_folder, load_config, read_results, results_table, run_experiment, run_name
+    from .experiments.runner import running_elsewhere
 
     overrides = yaml_overrides(args.set)
     config = load_config(args.config, overrides)
     if args.dry_run:
-        from .experiment import plan
+        from .experiments.runner import plan
 
         print(plan(config))
         return 0
@@ -110,7 +110,7 @@ def _spawn_workers(args) -> list:
 
 
 def _diagnose(args) -> int:
-    from .experiment import diagnose_experiment, load_config
+    from .experiments.runner import diagnose_experiment, load_config
 
     config = load_config(args.config, yaml_overrides(args.set))
     safe_name(args.file, "--file")  # a file name inside the output folder, not a path out of it
@@ -126,7 +126,7 @@ def _diagnose(args) -> int:
 
 
 def _report(args) -> int:
-    from .report import ReportError, load_experiment, report_tables, write_report
+    from .experiments.report import ReportError, load_experiment, report_tables, write_report
 
     status = 0
     for directory in args.dirs:
@@ -145,7 +145,7 @@ def _report(args) -> int:
 def _align(args) -> int:
     import torch
 
-    from .align import AlignConfig, align
+    from .experiments.align import AlignConfig, align
     from .models import load_model
 
     model, tokenizer = load_model(args.model, dtype=torch.float32)
@@ -174,7 +174,7 @@ def install_aligned(model_dir: Path) -> Path:
 
 def _data_spec(text: str):
     """'kind:n[:offset[:split]]', e.g. 'math:256' or 'trivia:256:512' or 'math:64:0:heldout'."""
-    from .experiment import DataSpec
+    from .experiments.runner import DataSpec
 
     parts = text.split(":")
     numbers = parts[1:3]
@@ -191,13 +191,14 @@ def _data_spec(text: str):
 def _init_inputs(args):
     """The init's config and data from ``args``, all checked before any model is loaded."""
     from . import SCLoRAConfig
-    from .experiment import NEEDS_DATA, _int, build_examples
+    from .experiments.runner import build_examples, check_int
+    from .statistics_cache import NEEDS_DATA
     from .models import check_model
 
     try:
         config = SCLoRAConfig(method=args.method, r=args.r, beta=args.beta, normalize=args.normalize)
-        _int(args.seq_len, "--seq-len", 2)
-        _int(args.seed, "--seed", 0)
+        check_int(args.seq_len, "--seq-len", 2)
+        check_int(args.seed, "--seed", 0)
     except ValueError as err:
         raise SystemExit(f"sclora init: {err}") from None
     examples = {}
@@ -213,7 +214,7 @@ def _init_inputs(args):
 def _build_init(args, inputs, model, tokenizer, out: Path):
     """Statistics (cached in out/stats) and the initialized model, deterministically from args."""
     from . import distributed, init_model
-    from .experiment import cached_statistics, statistics_side
+    from .statistics_cache import cached_statistics, statistics_side
 
     config, examples = inputs
     stats = {label: cached_statistics(out / "stats", label, model, tokenizer, rows, seq_len=args.seq_len,
@@ -263,7 +264,7 @@ def _load_model(name: str):
 
 def _train(args) -> int:
     from . import distributed
-    from .experiment import build_examples
+    from .experiments.runner import build_examples
     from .export import export_lora
     from .models import model_identity
     from .train import TrainConfig, train
@@ -310,7 +311,7 @@ def yaml_overrides(pairs: list[str] | None) -> dict:
     """--set key=value pairs, values parsed as YAML (numbers as people write them, 2e-4 too; lists, mappings)."""
     import yaml
 
-    from .experiment import parse_yaml
+    from .experiments.runner import parse_yaml
 
     overrides = {}
     for pair in pairs or []:
@@ -428,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
 def entry(argv: list[str] | None = None) -> int:
     """The ``sclora`` command: :func:`main`, with a bad config, bad data or a stale folder reported as one clear
     line and exit status 2 instead of a traceback (the library raises; people read messages)."""
-    from .experiment import StaleResultsError
+    from .experiments.runner import StaleResultsError
 
     try:
         return main(argv)

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import distributed
-from .evaluate.generation import build_prompt
+from .chat import build_prompt
 from .fileio import atomic_write_json
 
 __all__ = ["PadCollator", "TrainConfig", "TrainResult", "tokenize_examples", "train"]

@@ -323,7 +323,7 @@ class LLMJudge(Judge):
         self.min_interval = 1.0 / requests_per_second if requests_per_second > 0 else 0.0
         self.temperature, self.max_tokens = temperature, max_tokens
         if cache_path is None:
-            from ..cache import cache_dir
+            from ...cache import cache_dir
 
             cache_path = cache_dir() / "judge_cache.sqlite"
         self.cache_path = Path(cache_path)

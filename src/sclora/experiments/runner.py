@@ -23,14 +23,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import LLAMA_TARGET_MODULES, METHODS
+from ..config import LLAMA_TARGET_MODULES, METHODS
 
 __all__ = ["ExperimentConfig", "build_examples", "load_config", "run_experiment"]
 
 from .data import HARMFUL_SOURCES
-from .fileio import atomic_write, digest, locked, safe_name, update_json
+from ..fileio import atomic_write, digest, locked, safe_name, update_json
 from .hub_data import HUB_SOURCES
-from .statistics import NORMALIZATIONS
+from ..statistics import NORMALIZATIONS
+from ..statistics_cache import NEEDS_DATA, cached_statistics, statistics_side
 
 DATA_KINDS = ("math", "trivia", "summaries", "harmful", *HUB_SOURCES)
 
@@ -43,7 +44,7 @@ SPLITS = {"math": ("train", "heldout"), "summaries": ("train", "val", "test"), "
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _int(value, what: str, low: int) -> int:
+def check_int(value, what: str, low: int) -> int:
     """``value`` if it is an integer >= ``low`` (not a bool), else a ValueError naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{what} must be an integer >= {low}, got {value!r}.")
@@ -65,8 +66,8 @@ class DataSpec:
     def __post_init__(self):
         if self.kind not in DATA_KINDS:
             raise ValueError(f"Unknown data kind {self.kind!r}; choose one of {DATA_KINDS}.")
-        _int(self.n, f"n of data spec {self.kind!r}", 1)
-        _int(self.offset, f"offset of data spec {self.kind!r}", 0)
+        check_int(self.n, f"n of data spec {self.kind!r}", 1)
+        check_int(self.offset, f"offset of data spec {self.kind!r}", 0)
         splits = SPLITS.get(self.kind)
         if not isinstance(self.split, str) or not self.split or (splits and self.split not in splits):
             raise ValueError(f"split of data spec {self.kind!r} must be one of {splits or 'the hub split names'}, "
@@ -78,7 +79,7 @@ class DataSpec:
         if self.source is not None and self.source not in HARMFUL_SOURCES:
             raise ValueError(f"source of data spec 'harmful' must be one of {HARMFUL_SOURCES}, got {self.source!r}.")
         if self.max_words is not None:
-            _int(self.max_words, f"max_words of data spec {self.kind!r}", 1)
+            check_int(self.max_words, f"max_words of data spec {self.kind!r}", 1)
 
 
 @dataclass
@@ -118,9 +119,9 @@ class ExperimentConfig:
 
     def _validate(self) -> None:
         """Every value checked before anything is loaded: the key, the value and the allowed range are named."""
-        from .config import SCLoRAConfig
-        from .models import check_model
-        from .train import TrainConfig
+        from ..config import SCLoRAConfig
+        from ..models import check_model
+        from ..train import TrainConfig
 
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}.")
@@ -128,9 +129,9 @@ class ExperimentConfig:
             raise ValueError(f"model must be a local path, a hub id or {'smollm2-135m-instruct'!r}, got {self.model!r}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}.")
-        _int(self.seed, "seed", 0)
-        _int(self.stats_seq_len, "stats_seq_len", 2)
-        _int(self.stats_batch_size, "stats_batch_size", 1)
+        check_int(self.seed, "seed", 0)
+        check_int(self.stats_seq_len, "stats_seq_len", 2)
+        check_int(self.stats_batch_size, "stats_batch_size", 1)
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}.")
         for key in ("diagnostics",):
@@ -139,7 +140,7 @@ class ExperimentConfig:
         if not isinstance(self.evaluate_steps, list):
             raise ValueError(f"evaluate_steps must be a list of optimizer steps, got {self.evaluate_steps!r}.")
         for step in self.evaluate_steps:
-            _int(step, "evaluate_steps entry", 1)
+            check_int(step, "evaluate_steps entry", 1)
         for key in ("train", "evaluate", "judge", "report"):
             if not isinstance(getattr(self, key), dict):
                 raise ValueError(f"{key} must be a mapping, got {getattr(self, key)!r}.")
@@ -172,7 +173,7 @@ class ExperimentConfig:
                 raise ValueError(f"run {run}: beta lists {len(beta)} weight(s) but the config has {n_minus} knowledge "
                                  "set(s) under 'minus': give one beta per set (a number for one set).")
             if run.get("seed") is not None:
-                _int(run["seed"], f"seed of run {run}", 0)
+                check_int(run["seed"], f"seed of run {run}", 0)
             if "name" in run:
                 safe_name(run["name"], "run name")
             name = safe_name(run_name(run), f"run name (from {run})")
@@ -340,81 +341,6 @@ def build_mixture(specs: DataSpec | list[DataSpec], seed: int) -> list[dict]:
     return rows
 
 
-def statistics_batches(tokenizer, examples: list[dict], seq_len: int, batch_size: int) -> list[dict]:
-    """Prompt + response through the chat template, right-padded/truncated to ``seq_len`` tokens."""
-    from .evaluate.generation import build_prompt
-
-    texts = [build_prompt(tokenizer, ex["prompt"]) + ex["response"] for ex in examples]
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    batches = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], max_length=seq_len, truncation=True, padding=True,
-                        add_special_tokens=False, return_tensors="pt")
-        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-    return batches
-
-
-#: Which statistics each init method needs, and on which side of the layers.
-NEEDS_DATA = {"sc_lora": ("plus", "minus"), "corda_ipa": ("plus",), "corda_kpa": ("minus",)}
-
-
-def statistics_side(method: str) -> str:
-    return "input" if method.startswith("corda") else "output"
-
-
-def statistics_path(folder: Path, label: str, model, batches: list[dict], *, target_modules, normalize: str,
-                    side: str, dtype: str | None = None) -> Path:
-    """Where the statistics of ``batches`` live in ``folder``: the file name carries a digest of everything that
-    determines them (the model's config and sampled weights, the token ids and masks of every batch, hence the
-    data, tokenizer, seq_len and batch layout; the target modules, side, normalization, the model's dtype and
-    the statistics format), so a changed setting never reads a stale file: it names another one. "none" and
-    "trace" store the same raw sums and share one file."""
-    from .statistics import FORMAT_VERSION, RAW_SUM_NORMALIZATIONS, model_fingerprint, resolve_targets
-
-    targets = list(resolve_targets(model, target_modules))
-    sums = "raw" if normalize in RAW_SUM_NORMALIZATIONS else normalize
-    batch_digest = digest([[b["input_ids"].tolist(), b["attention_mask"].tolist()] for b in batches])
-    key = {"format": FORMAT_VERSION, "model": model_fingerprint(model, targets), "targets": targets,
-           "batches": batch_digest, "side": side, "sums": sums, "accumulate": "float32", "autocast": None,
-           "model_dtype": str(dtype or next(model.parameters()).dtype)}
-    return folder / f"{safe_name(label, 'statistics label')}-{side}-{sums}-{digest(key)}.safetensors"
-
-
-def cached_statistics(folder: Path, label: str, model, tokenizer, examples: list[dict], *, seq_len: int,
-                      batch_size: int, target_modules, normalize: str, side: str, show_progress: bool = True):
-    """Statistics of ``examples``, cached in ``folder`` under :func:`statistics_path`: collected on first use,
-    loaded afterwards. A file that cannot be read (truncated by a crash, edited) is collected again.
-
-    Under torch.distributed every rank takes the same branch: the cache is read only if every rank sees it;
-    otherwise each rank collects over its shard of ``examples``, the sums are all-reduced, and one process
-    per node writes the file. The statistics stay on the model's device."""
-    from . import distributed
-    from .statistics import CovarianceStats, collect_covariances
-
-    path = statistics_path(folder, label, model, statistics_batches(tokenizer, examples, seq_len, batch_size),
-                           target_modules=target_modules, normalize=normalize, side=side)
-    device = str(next(model.parameters()).device)
-    stats = None
-    if path.exists():
-        try:
-            stats = CovarianceStats.load(path, device=device)
-        except (ValueError, OSError) as err:  # written by a killed process before atomic writes, or damaged
-            import warnings
-
-            warnings.warn(f"{err}; collecting these statistics again.", stacklevel=2)
-    if distributed.all_true(stats is not None):
-        return stats.with_normalize(normalize)
-    batches = statistics_batches(tokenizer, distributed.shard(examples), seq_len, batch_size)
-    stats = collect_covariances(model, batches, target_modules, normalize, side=side, show_progress=show_progress,
-                                desc=f"{label} statistics")
-    if distributed.local_rank() == 0:  # one writer per node (on a shared file system they write the same bytes)
-        folder.mkdir(parents=True, exist_ok=True)
-        stats.save(path)
-    distributed.barrier()
-    return stats
-
-
 def check_disjoint(named: dict[str, list[dict]]) -> None:
     """Raise if any two example sets share a prompt (initialization, training and evaluation must not)."""
     names = list(named)
@@ -443,9 +369,9 @@ def eval_spec(spec: dict, name: str) -> tuple[DataSpec, dict]:
     """Split an evaluation entry into its data spec and its options."""
     options = {k: v for k, v in spec.items() if k in EVAL_OPTIONS}
     for key, value in options.items():
-        _int(value, f"evaluate.{name}.{key}", 0 if key == "num_fewshot" else 1)
+        check_int(value, f"evaluate.{name}.{key}", 0 if key == "num_fewshot" else 1)
     if name == "knowledge_mc" and "n_choices" in options:
-        _int(options["n_choices"], f"evaluate.{name}.n_choices", 2)
+        check_int(options["n_choices"], f"evaluate.{name}.n_choices", 2)
     data_part = {k: v for k, v in spec.items() if k not in EVAL_OPTIONS}
     return _strict(DataSpec, data_part, f"evaluate.{name} (options: {sorted(EVAL_OPTIONS)})"), options
 
@@ -528,7 +454,7 @@ def run_name(run: dict) -> str:
 
 def plan(config: ExperimentConfig) -> str:
     """What `sclora run` would do, without loading a model or any data (``--dry-run``)."""
-    from .train import TrainConfig
+    from ..train import TrainConfig
 
     def describe(specs) -> str:
         return " + ".join(f"{s.kind}{'/' + s.source if s.source else ''}[{s.split}] n={s.n} from {s.offset}"
@@ -555,7 +481,7 @@ class _Experiment:
 
     def __init__(self, config: ExperimentConfig, out: Path, show_progress: bool,
                  diagnostics_file: str = "diagnostics.json"):
-        from .models import load_model
+        from ..models import load_model
 
         self.config, self.out, self.show_progress = config, out, show_progress
         self.diagnostics_file = diagnostics_file
@@ -586,8 +512,8 @@ class _Experiment:
 
     def initialize(self, run: dict):
         """A fresh copy of the model, initialized for ``run``."""
-        from . import init_model
-        from .models import load_model
+        from .. import init_model
+        from ..models import load_model
 
         c, method = self.config, run["method"]
         model, _ = load_model(c.model, dtype=self.dtype)
@@ -604,7 +530,7 @@ class _Experiment:
     def diagnose(self, name: str, model, normalize: str | None = None) -> None:
         """Save the share of D+ and D- output energy the initial adapter captures, per module (residual inits
         only: a zero-initialized LoRA adapter has no subspace yet)."""
-        from .diagnostics import subspace_energy
+        from ..diagnostics import subspace_energy
 
         path = self.out / self.diagnostics_file
         entry = subspace_energy(model, self.stats("plus", "output", normalize), self.minus_stats("output", normalize))
@@ -690,7 +616,7 @@ def check_folder(config: ExperimentConfig, out: Path, *, archive: bool = False) 
     """Refuse (or with ``archive`` move aside) whatever ``out`` holds that another config or other model files
     made; then record the config in ``out/config.yaml`` and the model files' identity in ``out/model.json``.
     Cheap: reads small JSON / YAML files and 2 MiB per model file. Returns that identity."""
-    from .models import model_identity
+    from ..models import model_identity
 
     model_files = model_identity(config.model)
     out.mkdir(parents=True, exist_ok=True)
@@ -782,7 +708,7 @@ def _short(value) -> str:
 
 def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, out: Path, evaluate,
              fingerprint: str) -> dict:
-    from .train import TrainConfig, train
+    from ..train import TrainConfig, train
 
     method, seed = run["method"], run.get("seed", config.seed)
     start = time.perf_counter()

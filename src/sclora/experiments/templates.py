@@ -771,7 +771,7 @@ _DEDUP_TRIES = 20
 
 
 def math_problems(
-    n: int, template_ids: Sequence[str], seed: int, templates: Iterable[MathTemplate] | None = None,
+    n: int, template_ids: Sequence[str], seed: int, templates: Iterable[MathTemplate],
     max_tries: int = 20_000,
 ) -> list[dict[str, str]]:
     """``n`` problems cycling over ``template_ids`` in the given order (sets are sorted).
@@ -779,7 +779,7 @@ def math_problems(
     Each template draws from its own rng seeded by ``(seed, template id)``, so a template's
     problems do not depend on which other templates are in the list. A problem whose question was
     already produced is redrawn (up to 20 times; a template with few valid samples may repeat).
-    ``templates`` defaults to :func:`sclora.data.math_templates` (downloads the wheel once).
+    ``templates`` are the parsed templates, e.g. :func:`sclora.experiments.data.math_templates`.
     ``max_tries`` is per problem: rare valid samples (template 0007 accepts about 1 draw in 300)
     need more than :func:`instantiate`'s default.
     """
@@ -790,10 +790,6 @@ def math_problems(
         return []
     if not ids:
         raise ValueError("no template ids given")
-    if templates is None:
-        from .data import math_templates
-
-        templates = math_templates()
     by_id = {t.id: t for t in templates}
     missing = [i for i in ids if i not in by_id]
     if missing:

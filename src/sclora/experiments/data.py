@@ -41,7 +41,7 @@ from pathlib import Path
 
 import yaml
 
-from .cache import cache_dir
+from ..cache import cache_dir
 
 
 @dataclass(frozen=True)

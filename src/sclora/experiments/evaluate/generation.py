@@ -9,6 +9,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ...chat import build_prompt
+
 __all__ = ["GenerationResult", "build_prompt", "generate"]
 
 
@@ -21,15 +23,6 @@ class GenerationResult:
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
-
-
-def build_prompt(tokenizer, user: str, *, chat: bool = True, system: str | None = None) -> str:
-    """The text the model sees: the tokenizer's chat template around ``user`` (when it has one and
-    ``chat`` is set), else ``user`` unchanged."""
-    if not chat or getattr(tokenizer, "chat_template", None) is None:
-        return user
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .fileio import atomic_dir, atomic_write_json
+from ..fileio import atomic_dir, atomic_write_json
 
 __all__ = ["AlignConfig", "REFUSALS", "align", "alignment_examples", "refusal_rate"]
 
@@ -92,7 +92,7 @@ def refusal_rate(model, tokenizer, prompts: list[str], show_progress: bool = Tru
 def align(model, tokenizer, config: AlignConfig, output_dir: str | os.PathLike, *, show_progress: bool = True) -> dict:
     """Measure refusals, fine-tune (full), measure again, save the aligned model to output_dir/model."""
     from . import data
-    from .train import TrainConfig, train
+    from ..train import TrainConfig, train
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from .fileio import atomic_path, atomic_write
+from ..fileio import atomic_path, atomic_write
 
 __all__ = [
     "Answer",

@@ -1,0 +1,93 @@
+"""Statistics of prompt/response examples, cached on disk under a name that says what made them.
+
+``statistics_batches`` renders examples the way training does (chat template, then the response) and pads
+them into batches; ``cached_statistics`` collects :class:`~sclora.statistics.CovarianceStats` over them once
+and reloads them afterwards. The cache file's name carries a digest of everything that determines the
+statistics (``statistics_path``), so a changed model, data, tokenizer, seq_len, target, side or dtype names
+another file and a stale one is never read (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from . import distributed
+from .chat import build_prompt
+from .fileio import digest, safe_name
+from .statistics import (
+    FORMAT_VERSION,
+    RAW_SUM_NORMALIZATIONS,
+    CovarianceStats,
+    collect_covariances,
+    model_fingerprint,
+    resolve_targets,
+)
+
+__all__ = ["NEEDS_DATA", "cached_statistics", "statistics_batches", "statistics_path", "statistics_side"]
+
+
+def statistics_batches(tokenizer, examples: list[dict], seq_len: int, batch_size: int) -> list[dict]:
+    """Prompt + response through the chat template, right-padded/truncated to ``seq_len`` tokens."""
+    texts = [build_prompt(tokenizer, ex["prompt"]) + ex["response"] for ex in examples]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batches = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i:i + batch_size], max_length=seq_len, truncation=True, padding=True,
+                        add_special_tokens=False, return_tensors="pt")
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return batches
+
+
+#: Which statistics each init method needs, and on which side of the layers.
+NEEDS_DATA = {"sc_lora": ("plus", "minus"), "corda_ipa": ("plus",), "corda_kpa": ("minus",)}
+
+
+def statistics_side(method: str) -> str:
+    return "input" if method.startswith("corda") else "output"
+
+
+def statistics_path(folder: Path, label: str, model, batches: list[dict], *, target_modules, normalize: str,
+                    side: str, dtype: str | None = None) -> Path:
+    """Where the statistics of ``batches`` live in ``folder``: the file name carries a digest of everything that
+    determines them (the model's config and sampled weights, the token ids and masks of every batch, hence the
+    data, tokenizer, seq_len and batch layout; the target modules, side, normalization, the model's dtype and
+    the statistics format), so a changed setting never reads a stale file: it names another one. "none" and
+    "trace" store the same raw sums and share one file."""
+    targets = list(resolve_targets(model, target_modules))
+    sums = "raw" if normalize in RAW_SUM_NORMALIZATIONS else normalize
+    batch_digest = digest([[b["input_ids"].tolist(), b["attention_mask"].tolist()] for b in batches])
+    key = {"format": FORMAT_VERSION, "model": model_fingerprint(model, targets), "targets": targets,
+           "batches": batch_digest, "side": side, "sums": sums, "accumulate": "float32", "autocast": None,
+           "model_dtype": str(dtype or next(model.parameters()).dtype)}
+    return folder / f"{safe_name(label, 'statistics label')}-{side}-{sums}-{digest(key)}.safetensors"
+
+
+def cached_statistics(folder: Path, label: str, model, tokenizer, examples: list[dict], *, seq_len: int,
+                      batch_size: int, target_modules, normalize: str, side: str, show_progress: bool = True):
+    """Statistics of ``examples``, cached in ``folder`` under :func:`statistics_path`: collected on first use,
+    loaded afterwards. A file that cannot be read (truncated by a crash, edited) is collected again.
+
+    Under torch.distributed every rank takes the same branch: the cache is read only if every rank sees it;
+    otherwise each rank collects over its shard of ``examples``, the sums are all-reduced, and one process
+    per node writes the file. The statistics stay on the model's device."""
+    path = statistics_path(folder, label, model, statistics_batches(tokenizer, examples, seq_len, batch_size),
+                           target_modules=target_modules, normalize=normalize, side=side)
+    device = str(next(model.parameters()).device)
+    stats = None
+    if path.exists():
+        try:
+            stats = CovarianceStats.load(path, device=device)
+        except (ValueError, OSError) as err:  # written by a killed process before atomic writes, or damaged
+            warnings.warn(f"{err}; collecting these statistics again.", stacklevel=2)
+    if distributed.all_true(stats is not None):
+        return stats.with_normalize(normalize)
+    batches = statistics_batches(tokenizer, distributed.shard(examples), seq_len, batch_size)
+    stats = collect_covariances(model, batches, target_modules, normalize, side=side, show_progress=show_progress,
+                                desc=f"{label} statistics")
+    if distributed.local_rank() == 0:  # one writer per node (on a shared file system they write the same bytes)
+        folder.mkdir(parents=True, exist_ok=True)
+        stats.save(path)
+    distributed.barrier()
+    return stats
