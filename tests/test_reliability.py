@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sclora import cli, fileio
+from sclora.experiments import commands
 from sclora.experiments import data
 from sclora.experiments.runner import StaleResultsError, load_config, parse_yaml
 from conftest import TRIVIA, save_tiny_model, tiny_experiment, tiny_llama
@@ -74,7 +75,7 @@ def test_a_changed_config_never_mixes_with_old_rows_and_archive_starts_afresh(mo
         # the command prints it as one message, no traceback
         capsys.readouterr()
         assert cli.entry(["run", str(tmp_path / "c2.yaml"), "--output", str(out), "--quiet"]) == 2
-        assert capsys.readouterr().err.startswith(f"sclora: refused: {out} holds results made with other settings")
+        assert capsys.readouterr().err.startswith(f"sclora: {out} holds results made with other settings")
         assert yaml.safe_load((out / "config.yaml").read_text())["r"] == 2
 
     # Adding a run, or renaming the experiment, is not a change of settings: the old rows stay valid.
@@ -204,7 +205,7 @@ def test_cli_values_are_parsed_as_people_write_them(model_dir, tmp_path, capsys)
     for spec, said in [("math:4:x", "whole numbers"), ("math", "kind:n"), ("math:4:0:hedlout", "split"),
                        ("math:4:0:train:extra", "kind:n"), ("poems:4", "Unknown data kind")]:
         with pytest.raises(SystemExit, match=said):
-            cli._data_spec(spec)
+            commands._data_spec(spec)
 
 
 @pytest.mark.parametrize("flags,said", [(["--r", "0"], "r must be a positive integer"), (["--beta", "1.5"], "beta"),

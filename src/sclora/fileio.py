@@ -11,6 +11,7 @@
   processes of other machines (docs/reliability.md).
 * :func:`update_json`: one entry of a shared JSON object set under that lock.
 * :func:`digest`: the fingerprint of what made a cache or a result (sha256 of canonical JSON).
+* :func:`parse_yaml`: YAML read the way people write numbers (``2e-4`` is a float).
 * :func:`safe_name`: names that become file or folder names (run names, labels) stay inside their folder.
 """
 
@@ -24,8 +25,10 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+import yaml
+
 __all__ = ["atomic_dir", "atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_json", "digest",
-           "fsync_dir", "locked", "safe_name", "temp_name", "update_json"]
+           "fsync_dir", "locked", "parse_yaml", "safe_name", "temp_name", "update_json"]
 
 #: Every temp file sclora writes has this marker, so leftovers of a killed process are recognisable.
 TMP_MARKER = ".tmp-"
@@ -142,6 +145,25 @@ def update_json(path: str | os.PathLike, key: str, value) -> dict:
         current[key] = value
         atomic_write(path, json.dumps(current) + "\n")
     return current
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as people write numbers: ``2e-4`` and ``1e5`` are floats (YAML 1.1 reads them as strings)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.VERBOSE),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """YAML text -> Python values, with numbers such as ``2e-4`` read as floats."""
+    return yaml.load(text, Loader=_Loader)
 
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]{0,127}$")

@@ -28,7 +28,7 @@ from ..config import LLAMA_TARGET_MODULES, METHODS
 __all__ = ["ExperimentConfig", "build_examples", "load_config", "run_experiment"]
 
 from .data import HARMFUL_SOURCES
-from ..fileio import atomic_write, digest, locked, safe_name, update_json
+from ..fileio import atomic_write, digest, locked, parse_yaml, safe_name, update_json
 from .hub_data import HUB_SOURCES
 from ..statistics import NORMALIZATIONS
 from ..statistics_cache import NEEDS_DATA, cached_statistics, statistics_side
@@ -239,25 +239,6 @@ def _strict(cls, data: dict, what: str):
     if missing:
         raise ValueError(f"{what} lacks the key(s) {missing}; it needs {required}.")
     return cls(**data)
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML as people write numbers: ``2e-4`` and ``1e5`` are floats (YAML 1.1 reads them as strings)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                |[-+]?\.(?:inf|Inf|INF)
-                |\.(?:nan|NaN|NAN))$""", re.VERBOSE),
-    list("-+0123456789."))
-
-
-def parse_yaml(text: str):
-    """YAML text -> Python values, with numbers such as ``2e-4`` read as floats."""
-    return yaml.load(text, Loader=_Loader)
 
 
 def load_config(path: str | os.PathLike, overrides: dict | None = None) -> ExperimentConfig:
