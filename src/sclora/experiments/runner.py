@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import re
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
