@@ -1,5 +1,6 @@
 """sclora: Subspace-Constrained LoRA initialization (SC-LoRA) for Hugging Face models and PEFT."""
 
+from . import models
 from .config import LLAMA_TARGET_MODULES, METHODS, SCLoRAConfig
 from .diagnostics import subspace_energy, summarize_energy
 from .export import export_lora, merge_and_save, remember_initial_adapter, save_initial_adapter
@@ -31,6 +32,7 @@ __all__ = [
     "get_sclora_model",
     "init_model",
     "merge_and_save",
+    "models",
     "remember_initial_adapter",
     "reward",
     "save_initial_adapter",
