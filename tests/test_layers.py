@@ -52,3 +52,14 @@ def test_the_library_runs_without_the_kit_and_its_extra_dependencies(tmp_path):
                           cwd=Path(__file__).parent)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "library ok without the kit" in done.stdout
+
+
+def test_a_kit_command_without_its_extras_says_what_to_install(monkeypatch, capsys):
+    from sclora import cli
+
+    def missing(argv=None):
+        raise ModuleNotFoundError("No module named 'rouge_score'", name="rouge_score")
+
+    monkeypatch.setattr(cli, "main", missing)
+    assert cli.entry([]) == 2
+    assert 'pip install "sclora[experiments]"' in capsys.readouterr().err

@@ -13,6 +13,8 @@ import sys
 
 __all__ = ["build_parser", "entry", "main", "yaml_overrides"]
 
+#: top-level packages of the `experiments` extra (pyproject.toml)
+KIT_EXTRAS = ("rouge_score", "math_verify", "matplotlib")
 #: where packages register their subcommands: ``name = "module:function(subparsers)"``
 COMMANDS_GROUP = "sclora.commands"
 
@@ -74,6 +76,12 @@ def entry(argv: list[str] | None = None) -> int:
         return main(argv)
     except (ValueError, FileNotFoundError) as err:
         print(f"sclora: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        if err.name not in KIT_EXTRAS:
+            raise
+        print(f"sclora: this command needs {err.name!r}, part of the paper-reproduction kit's extras: "
+              'pip install "sclora[experiments]"', file=sys.stderr)
         return 2
 
 
