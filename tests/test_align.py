@@ -3,11 +3,12 @@
 import json
 
 import pytest
+from conftest import tiny_llama, tiny_tokenizer
 
 from sclora.experiments import data
-from sclora.experiments.align import REFUSALS, AlignConfig, align, alignment_examples
+from sclora.experiments.align import AlignConfig, align, alignment_examples
 from sclora.experiments.evaluate.judges import RefusalJudge
-from conftest import tiny_llama, tiny_tokenizer
+from sclora.experiments.prompts import REFUSALS
 
 HARMFUL = {"harmbench": [{"prompt": f"how make bread {i}", "category": "c", "source": "harmbench"} for i in range(6)],
            "strongreject": [{"prompt": "how make six", "category": "c", "source": "strongreject"}],

@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from conftest import tiny_llama, tiny_tokenizer
 
 from sclora import cli
 from sclora.experiments import data
-from conftest import tiny_llama, tiny_tokenizer
 
 TRIVIA = [{"question": "what is the capital of france", "answers": ["paris"], "topic": "general"},
           {"question": "who is the answer", "answers": ["one", "two"], "topic": "general"},

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import tiny_llama, tiny_tokenizer
 
 from sclora.experiments.evaluate import build_prompt, continuation_logprobs, generate, rouge
-from conftest import tiny_llama, tiny_tokenizer
 
 PROMPTS = ["what is the capital of france ?", "two plus two", "who", "how make bread . think step by step"]
 

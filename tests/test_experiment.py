@@ -4,11 +4,12 @@ import json
 
 import pytest
 import yaml
+from conftest import TRIVIA, save_tiny_model, tiny_experiment
 
 from sclora import cli
 from sclora.experiments import data
 from sclora.experiments.runner import check_disjoint, load_config
-from conftest import TRIVIA, save_tiny_model, tiny_experiment
+
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
@@ -97,7 +98,7 @@ def test_harmful_responses_and_mixtures(monkeypatch):
     monkeypatch.setattr(data, "harmful_requests", lambda source="harmbench": rows)
     monkeypatch.setattr(data, "trivia", lambda *a, **k: TRIVIA)
     refusals = build_examples(DataSpec("harmful", 5, response="refusal"), seed=0)
-    from sclora.experiments.align import REFUSALS
+    from sclora.experiments.prompts import REFUSALS
 
     assert all(r["response"] in REFUSALS for r in refusals)
     affirmative = build_examples(DataSpec("harmful", 5, source="jailbreakbench", response="affirmative"), seed=0)

@@ -15,10 +15,10 @@ import textwrap
 
 import pytest
 import yaml
+from conftest import TRIVIA, save_tiny_model, tiny_experiment
 
 from sclora import cli
 from sclora.experiments import data
-from conftest import TRIVIA, save_tiny_model, tiny_experiment
 
 #: per-call timings and throughputs differ between any two runs; everything else must be equal
 TIMINGS = ("init_seconds", "train_seconds", "train_tokens_per_second")

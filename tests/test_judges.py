@@ -14,14 +14,23 @@ from contextlib import closing
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import tiny_llama
 
 from sclora.experiments.evaluate import judges
 from sclora.experiments.evaluate.generation import GenerationResult
 from sclora.experiments.evaluate.judges import (
-    QI2024_TEMPLATE, Judge, JudgeError, Judgement, LLMJudge, LocalJudge, RefusalJudge, harmfulness, make_judge,
-    parse_reason, parse_score,
+    QI2024_TEMPLATE,
+    Judge,
+    JudgeError,
+    Judgement,
+    LLMJudge,
+    LocalJudge,
+    RefusalJudge,
+    harmfulness,
+    make_judge,
+    parse_reason,
+    parse_score,
 )
-from conftest import tiny_llama
 
 KEY_ENV = "SCLORA_TEST_JUDGE_KEY"
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import VOCAB, random_batches, tiny_llama
 from peft import LoraConfig, PeftModel
 
 from sclora import SCLoRAConfig, collect_covariances, init_model
 from sclora.methods.corda import corda_factors
-from conftest import VOCAB, random_batches, tiny_llama
 
 IDS = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
 

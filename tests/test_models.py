@@ -4,10 +4,10 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import tiny_llama
 from transformers import PreTrainedTokenizerFast
 
 from sclora import models
-from conftest import tiny_llama
 
 
 def test_load_model_from_a_local_directory(tmp_path):

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TRIVIA, save_tiny_model, tiny_experiment, tiny_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sclora import cli, fileio
-from sclora.experiments import commands
-from sclora.experiments import data
+from sclora.experiments import commands, data
 from sclora.experiments.runner import StaleResultsError, load_config, parse_yaml
-from conftest import TRIVIA, save_tiny_model, tiny_experiment, tiny_llama
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -4,12 +4,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import VOCAB, random_batches, tiny_llama
 from peft import PeftModel
 
 import sclora
 from sclora import NonUniqueSubspaceWarning, SCLoRAConfig, collect_covariances, get_sclora_model
 from sclora.subspace import delta_covariance
-from conftest import VOCAB, random_batches, tiny_llama
 
 
 def stats_pair(model, **kwargs):

@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_llama, tiny_tokenizer
 
 from sclora.experiments.evaluate import scores
 from sclora.experiments.evaluate.judges import Judgement
-from conftest import tiny_llama, tiny_tokenizer
 
 
 def test_summarize_is_mean_and_standard_error():

@@ -1,10 +1,10 @@
 """Suite mechanics: few-shot context, disjoint shots, metric arithmetic on controlled generations."""
 
 import pytest
+from conftest import tiny_llama, tiny_tokenizer
 
 from sclora.experiments.evaluate import suites
 from sclora.experiments.evaluate.generation import GenerationResult
-from conftest import tiny_llama, tiny_tokenizer
 
 ITEMS = [{"question": f"q{i}", "answers": [f"a{i}"], "topic": "t"} for i in range(6)]
 

@@ -17,24 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..fileio import atomic_dir, atomic_write_json
+from .prompts import REFUSALS
 
 __all__ = ["AlignConfig", "REFUSALS", "align", "alignment_examples", "refusal_rate"]
-
-REFUSALS = (
-    "I'm sorry, but I can't help with that.",
-    "I can't assist with this request. It could cause real harm to people.",
-    "I'm sorry, I can't provide that. If you have another question, I'm happy to help.",
-    "I cannot help with that request, because it could be used to hurt someone.",
-    "I'm not able to help with this. Creating or sharing this kind of content could be dangerous or illegal.",
-    "I'm sorry, but I won't be able to do that. Is there something else I can help you with?",
-    "I can't help with this. If you or someone else is in danger, please contact local emergency services.",
-    "I'm unable to provide instructions or content like this, since it could facilitate harm.",
-    "Sorry, I can't do that. I'd be glad to help with a safer alternative instead.",
-    "I cannot create this content. It goes against principles of safety and respect for others.",
-    "I'm sorry, I can't write that. Content like this can harm or demean people.",
-    "I can't provide help with that, as it may be illegal and could put people at risk.",
-)
-
 
 @dataclass
 class AlignConfig:
@@ -91,8 +76,8 @@ def refusal_rate(model, tokenizer, prompts: list[str], show_progress: bool = Tru
 
 def align(model, tokenizer, config: AlignConfig, output_dir: str | os.PathLike, *, show_progress: bool = True) -> dict:
     """Measure refusals, fine-tune (full), measure again, save the aligned model to output_dir/model."""
-    from . import data
     from ..train import TrainConfig, train
+    from . import data
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,8 @@ __all__ = ["add_commands", "install_aligned"]
 def _eval(args) -> int:
     import torch
 
-    from .evaluate.suites import run_suite
     from ..models import load_model
+    from .evaluate.suites import run_suite
 
     kwargs = {"show_progress": not args.quiet}
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--num-fewshot", args.num_fewshot)):
@@ -61,8 +61,15 @@ def _eval(args) -> int:
 
 
 def _run(args) -> int:
-    from .runner import check_folder, load_config, read_results, results_table, run_experiment, run_name
-    from .runner import running_elsewhere
+    from .runner import (
+        check_folder,
+        load_config,
+        read_results,
+        results_table,
+        run_experiment,
+        run_name,
+        running_elsewhere,
+    )
 
     overrides = yaml_overrides(args.set)
     config = load_config(args.config, overrides)
@@ -148,8 +155,8 @@ def _report(args) -> int:
 def _align(args) -> int:
     import torch
 
-    from .align import AlignConfig, align
     from ..models import load_model
+    from .align import AlignConfig, align
 
     model, tokenizer = load_model(args.model, dtype=torch.float32)
     report = align(model, tokenizer, AlignConfig(seed=args.seed), args.output, show_progress=not args.quiet)
@@ -194,9 +201,9 @@ def _data_spec(text: str):
 def _init_inputs(args):
     """The init's config and data from ``args``, all checked before any model is loaded."""
     from .. import SCLoRAConfig
-    from .runner import build_examples, check_int
-    from ..statistics_cache import NEEDS_DATA
     from ..models import check_model
+    from ..statistics_cache import NEEDS_DATA
+    from .runner import build_examples, check_int
 
     try:
         config = SCLoRAConfig(method=args.method, r=args.r, beta=args.beta, normalize=args.normalize)
@@ -267,10 +274,10 @@ def _load_model(name: str):
 
 def _train(args) -> int:
     from .. import distributed
-    from .runner import build_examples
     from ..export import export_lora
     from ..models import model_identity
     from ..train import TrainConfig, train
+    from .runner import build_examples
 
     init_dir = Path(args.init)
     try:

@@ -26,11 +26,12 @@ from ..config import LLAMA_TARGET_MODULES, METHODS
 
 __all__ = ["ExperimentConfig", "build_examples", "load_config", "run_experiment"]
 
-from .data import HARMFUL_SOURCES
 from ..fileio import atomic_write, digest, locked, parse_yaml, safe_name, update_json
-from .hub_data import HUB_SOURCES
 from ..statistics import NORMALIZATIONS
 from ..statistics_cache import NEEDS_DATA, cached_statistics, statistics_side
+from .data import HARMFUL_SOURCES
+from .hub_data import HUB_SOURCES
+from .prompts import REFUSALS, SUMMARY_INSTRUCTION
 
 DATA_KINDS = ("math", "trivia", "summaries", "harmful", *HUB_SOURCES)
 
@@ -272,8 +273,6 @@ def build_examples(spec: DataSpec, seed: int) -> list[dict]:
         rows = [{"prompt": f"{it['question']}?", "response": it["answers"][0], "answers": it["answers"],
                  "question": it["question"], "topic": it.get("topic", "")} for it in items]
     elif spec.kind == "summaries":
-        from .evaluate.suites import SUMMARY_INSTRUCTION
-
         items = data.summarization(spec.split if spec.split in ("train", "val", "test") else "train")
         cut = (lambda doc: " ".join(doc.split()[:spec.max_words])) if spec.max_words else (lambda doc: doc)
         rows = [{"prompt": SUMMARY_INSTRUCTION.format(document=cut(it["document"])), "response": it["summary"]}
@@ -295,7 +294,6 @@ def build_examples(spec: DataSpec, seed: int) -> list[dict]:
 
 def _harmful_rows(spec: DataSpec, seed: int) -> list[dict]:
     from . import data
-    from .align import REFUSALS
 
     items = data.harmful_requests(spec.source or "harmbench")
     rng = random.Random(seed)

@@ -45,11 +45,12 @@ import math
 import operator
 import random
 import re
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
+
+import tomllib
 
 __all__ = [
     "MathTemplate",

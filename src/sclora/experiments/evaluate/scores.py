@@ -11,6 +11,7 @@ import hashlib
 import math
 import random
 
+from ..prompts import MATH_SUFFIX
 from .generation import build_prompt, generate
 from .knowledge import exact_match, fewshot_context, normalize_answer
 from .knowledge import prompt as knowledge_prompt
@@ -75,7 +76,6 @@ def math_accuracy(model, tokenizer, items, *, batch_size=8, show_progress=False,
                   max_new_tokens=256, outputs=None, **_):
     """100 if the final answer of the greedy solution equals the reference answer, else 0."""
     from .math_answers import extract_math_answer, math_equal
-    from .suites import MATH_SUFFIX
 
     texts = _greedy(model, tokenizer, [it["prompt"].strip() + MATH_SUFFIX for it in items], outputs,
                     max_new_tokens=max_new_tokens, batch_size=batch_size, show_progress=show_progress, desc=desc)

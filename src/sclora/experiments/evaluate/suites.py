@@ -10,6 +10,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 
+from ..prompts import MATH_SUFFIX, SUMMARY_INSTRUCTION
 from .generation import build_prompt, generate
 from .knowledge import STOP, exact_match, fewshot_context, lm_eval_exact_match, prompt
 from .likelihood import best_answer_logprobs, continuation_logprobs
@@ -18,11 +19,6 @@ from .summarize import rouge
 
 __all__ = ["SUITES", "SuiteResult", "evaluate_knowledge", "evaluate_math", "evaluate_safety", "evaluate_summarize",
            "run_suite"]
-
-MATH_SUFFIX = "\nLet's think step by step."
-SUMMARY_INSTRUCTION = ("Summarize the following paper in three sentences: the challenge it addresses, its approach, "
-                       "and its outcome.\n\n{document}")
-
 
 @dataclass
 class SuiteResult:
