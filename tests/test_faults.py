@@ -54,14 +54,14 @@ FAULTS = {
     """,
     # the 3rd evaluation (base, first run, then the second run's): mid-way through the experiment
     "evaluation": """
-        from sclora.experiments.evaluate.scores import SCORERS
-        real, calls = SCORERS["knowledge_logprob"], [0]
+        from sclora.experiments.evaluate import scores
+        real, calls = scores.knowledge_logprob, [0]
         def scorer(*a, **k):
             calls[0] += 1
             if calls[0] == 3:
                 die()
             return real(*a, **k)
-        SCORERS["knowledge_logprob"] = scorer
+        scores.knowledge_logprob = scorer
     """,
     # the 2nd write of results.json: its temp file is complete and fsync'd, the rename has not happened
     "results_write": """

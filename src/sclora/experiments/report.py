@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from ..fileio import atomic_path, atomic_write
+from .evaluate.metrics import METRICS, Metric, metric
 
 __all__ = [
     "Answer",
@@ -49,54 +50,9 @@ class ReportError(Exception):
 # --- metrics ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Metric:
-    key: str
-    label: str
-    higher_is_better: bool
-    digits: int = 3
-
-    @property
-    def header(self) -> str:
-        return f"{self.label} {'↑' if self.higher_is_better else '↓'}"
-
-    def goodness(self, value: float) -> float:
-        """The value signed so that larger is always better."""
-        return value if self.higher_is_better else -value
-
-    def gain(self, a: Group, b: Group) -> float:
-        """How much better group ``a`` is than ``b`` on this metric (negative: worse)."""
-        return self.goodness(a.value(self.key)) - self.goodness(b.value(self.key))
-
-    def fmt(self, value: float) -> str:
-        return f"{value:.{self.digits}f}"
-
-
-METRICS = {m.key: m for m in (
-    Metric("knowledge_em", "Knowledge EM (%)", True, 2),
-    Metric("knowledge_mc", "Knowledge MC (%)", True, 2),
-    Metric("knowledge_kept", "Knowledge kept (%)", True, 1),
-    Metric("knowledge_logprob", "Knowledge log-prob", True, 3),
-    Metric("harmfulness_score", "HS", False, 3),
-    Metric("harmfulness_rate", "HR (%)", False, 2),
-    Metric("math_accuracy", "Math accuracy (%)", True, 2),
-    Metric("math_nll", "Math NLL", False, 3),
-    Metric("rouge1", "ROUGE-1", True, 2),
-    Metric("benign_refusal_rate", "Benign refusal (%)", False, 1),
-    Metric("final_loss", "Final train loss", False, 4),
-)}
-
 KNOWLEDGE = ("knowledge_em", "knowledge_mc", "knowledge_kept", "knowledge_logprob")
 HARM = ("harmfulness_score", "harmfulness_rate")
 MATH = ("math_accuracy", "math_nll")
-
-
-def metric(key: str) -> Metric:
-    """The catalogued metric, or a guess for a name a config introduces (losses and harm are lower-better)."""
-    if key in METRICS:
-        return METRICS[key]
-    lower = any(word in key for word in ("nll", "loss", "harm", "refusal", "lost", "error"))
-    return Metric(key, key, not lower, 3)
 
 
 @dataclass(frozen=True)

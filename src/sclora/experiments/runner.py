@@ -30,6 +30,7 @@ from ..fileio import atomic_write, digest, locked, parse_yaml, safe_name, update
 from ..statistics import NORMALIZATIONS
 from ..statistics_cache import NEEDS_DATA, cached_statistics, statistics_side
 from .data import HARMFUL_SOURCES
+from .evaluate.metrics import EVALUATIONS
 from .hub_data import HUB_SOURCES
 from .prompts import REFUSALS, SUMMARY_INSTRUCTION
 
@@ -193,8 +194,8 @@ class ExperimentConfig:
             except ValueError as err:
                 raise ValueError(f"run {name!r}: {err}") from None
         for name, spec in self.evaluate.items():
-            if name not in EVALS:
-                raise ValueError(f"Unknown evaluation {name!r}; choose from {EVALS}.")
+            if name not in EVALUATIONS:
+                raise ValueError(f"Unknown evaluation {name!r}; choose from {sorted(EVALUATIONS)}.")
             if not isinstance(spec, dict):
                 raise ValueError(f"evaluate.{name} must be a mapping such as {{kind: math, n: 60}}, got {spec!r}.")
             eval_spec(spec, name)
@@ -333,10 +334,6 @@ def check_disjoint(named: dict[str, list[dict]]) -> None:
 
 # --- evaluation inside an experiment ------------------------------------------------------------------
 
-#: evaluation name -> the metric names it reports (each with a standard error, "<metric>_se")
-EVALS = {"math_nll": ("math_nll",), "math_accuracy": ("math_accuracy",), "knowledge_logprob": ("knowledge_logprob",),
-         "knowledge_em": ("knowledge_em",), "knowledge_mc": ("knowledge_mc",),
-         "safety": ("harmfulness_score", "harmfulness_rate"), "summary_rouge": ("rouge1",)}
 #: evaluation options a config may give next to the data spec
 EVAL_OPTIONS = {"max_new_tokens", "num_fewshot", "n_choices", "batch_size"}
 #: 0/100 per-item scores compared item by item with the base model (kept / lost / gained, sign test)
@@ -358,7 +355,7 @@ def evaluate_model(model, tokenizer, eval_sets: dict[str, list[dict]], *, option
                    judge=None, extras: dict | None = None, show_progress: bool = False) -> tuple[dict, dict]:
     """(metrics, per-item scores). Each metric comes with its standard error; NLL / log-prob / multiple
     choice are forward passes only (cheap, smooth), accuracy / exact match / safety / ROUGE generate."""
-    from .evaluate.scores import SCORERS, summarize
+    from .evaluate.scores import summarize
 
     options, extras = options or {}, extras or {}
     model.eval()
@@ -367,14 +364,14 @@ def evaluate_model(model, tokenizer, eval_sets: dict[str, list[dict]], *, option
     for name, examples in eval_sets.items():
         start = time.perf_counter()
         texts: list[str] = []
-        scores = SCORERS[name](model, tokenizer, examples, judge=judge, show_progress=show_progress, outputs=texts,
+        scores = EVALUATIONS[name].scorer(model, tokenizer, examples, judge=judge, show_progress=show_progress, outputs=texts,
                                **extras.get(name, {}), **options.get(name, {}))
         if texts:  # generated answers, kept for inspection next to their scores
             items[f"{name}_outputs"] = texts
         if name == "safety":  # the paper's two numbers: mean judge score, and % scored 5 (most harmful)
             per_metric = {"harmfulness_score": scores, "harmfulness_rate": [100.0 * (s == 5) for s in scores]}
         else:
-            per_metric = {EVALS[name][0]: scores}
+            per_metric = {EVALUATIONS[name].metrics[0]: scores}
         for metric, values in per_metric.items():
             metrics[metric], metrics[f"{metric}_se"] = summarize(values)
             items[metric] = values
@@ -840,7 +837,7 @@ def _scorer_extras(config: ExperimentConfig, eval_sets: dict, sets: dict) -> dic
 
 
 def results_table(rows: list[dict]) -> str:
-    metric_keys = [m for metrics in EVALS.values() for m in metrics if any(m in r for r in rows)]
+    metric_keys = [m for e in EVALUATIONS.values() for m in e.metrics if any(m in r for r in rows)]
     header = ["run", "method", "beta", "lr", "trainable", "init s", "train s", "final loss", *metric_keys]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:

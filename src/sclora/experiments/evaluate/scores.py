@@ -17,7 +17,8 @@ from .knowledge import exact_match, fewshot_context, normalize_answer
 from .knowledge import prompt as knowledge_prompt
 from .likelihood import best_answer_logprobs, continuation_logprobs
 
-__all__ = ["SCORERS", "multiple_choice", "paired", "sign_test_p", "summarize"]
+__all__ = ["knowledge_em", "knowledge_logprob", "knowledge_mc", "math_accuracy", "math_nll", "multiple_choice",
+           "paired", "safety", "sign_test_p", "summarize", "summary_rouge"]
 
 
 def summarize(values: list[float]) -> tuple[float, float]:
@@ -161,15 +162,3 @@ def summary_rouge(model, tokenizer, items, *, batch_size=8, show_progress=False,
                     batch_size=batch_size, show_progress=show_progress, desc=desc)
     scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
     return [100 * scorer.score(it["response"], text)["rouge1"].fmeasure for it, text in zip(items, texts)]
-
-
-#: evaluation name in a config -> scorer
-SCORERS = {
-    "math_nll": math_nll,
-    "math_accuracy": math_accuracy,
-    "knowledge_logprob": knowledge_logprob,
-    "knowledge_em": knowledge_em,
-    "knowledge_mc": knowledge_mc,
-    "safety": safety,
-    "summary_rouge": summary_rouge,
-}

@@ -1,0 +1,87 @@
+"""The one metric registry: every evaluation an experiment can run (its scorer and the metrics it reports), and
+every metric's label, direction and format. The runner computes what is listed here and the report reads its
+labels and directions from here; nothing guesses a direction from a metric's name.
+
+To add a metric: a scorer in ``scores.py`` (model, tokenizer, items -> one score per item), an ``Evaluation``
+below naming it and its metric(s), and a ``Metric`` for each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["EVALUATIONS", "METRICS", "Evaluation", "Metric", "metric"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    higher_is_better: bool
+    digits: int = 3
+
+    @property
+    def header(self) -> str:
+        return f"{self.label} {'↑' if self.higher_is_better else '↓'}"
+
+    def goodness(self, value: float) -> float:
+        """The value signed so that larger is always better."""
+        return value if self.higher_is_better else -value
+
+    def gain(self, a, b) -> float:
+        """How much better ``a`` is than ``b`` on this metric (negative: worse); both have ``.value(key)``."""
+        return self.goodness(a.value(self.key)) - self.goodness(b.value(self.key))
+
+    def fmt(self, value: float) -> str:
+        return f"{value:.{self.digits}f}"
+
+
+METRICS = {m.key: m for m in (
+    Metric("knowledge_em", "Knowledge EM (%)", True, 2),
+    Metric("knowledge_mc", "Knowledge MC (%)", True, 2),
+    Metric("knowledge_kept", "Knowledge kept (%)", True, 1),
+    Metric("knowledge_logprob", "Knowledge log-prob", True, 3),
+    Metric("harmfulness_score", "HS", False, 3),
+    Metric("harmfulness_rate", "HR (%)", False, 2),
+    Metric("math_accuracy", "Math accuracy (%)", True, 2),
+    Metric("math_nll", "Math NLL", False, 3),
+    Metric("rouge1", "ROUGE-1", True, 2),
+    Metric("benign_refusal_rate", "Benign refusal (%)", False, 1),
+    Metric("final_loss", "Final train loss", False, 4),
+)}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """An evaluation a config can list under ``evaluate:``: per-item scores from the function of the same name in
+    ``scores.py``, reported as ``metrics`` (safety's per-item judge scores give two metrics: the mean score and
+    the % scored 5). The scorer is looked up when used, so reading the registry (the report) loads no model code."""
+
+    name: str
+    metrics: tuple[str, ...]
+
+    @property
+    def scorer(self) -> Callable:
+        from . import scores
+
+        return getattr(scores, self.name)
+
+
+EVALUATIONS = {e.name: e for e in (
+    Evaluation("math_nll", ("math_nll",)),
+    Evaluation("math_accuracy", ("math_accuracy",)),
+    Evaluation("knowledge_logprob", ("knowledge_logprob",)),
+    Evaluation("knowledge_em", ("knowledge_em",)),
+    Evaluation("knowledge_mc", ("knowledge_mc",)),
+    Evaluation("safety", ("harmfulness_score", "harmfulness_rate")),
+    Evaluation("summary_rouge", ("rouge1",)),
+)}
+
+
+def metric(key: str) -> Metric:
+    """The registered metric ``key``; a ValueError naming the registered ones otherwise."""
+    if key not in METRICS:
+        raise ValueError(f"Unknown metric {key!r}: the registered ones are {sorted(METRICS)} "
+                         "(sclora/experiments/evaluate/metrics.py). Check report: preservation / utility in the config.")
+    return METRICS[key]
