@@ -8,7 +8,8 @@ from conftest import TRIVIA, save_tiny_model, tiny_experiment
 
 from sclora import cli
 from sclora.experiments import data
-from sclora.experiments.runner import check_disjoint, load_config
+from sclora.experiments.examples import check_disjoint
+from sclora.experiments.spec import load_config
 
 
 @pytest.fixture
@@ -91,7 +92,8 @@ def test_standard_errors_and_paired_metrics_in_results(setup):
 
 
 def test_harmful_responses_and_mixtures(monkeypatch):
-    from sclora.experiments.runner import DataSpec, build_examples, build_mixture
+    from sclora.experiments.examples import build_examples, build_mixture
+    from sclora.experiments.spec import DataSpec
 
     rows = [{"prompt": f"bad thing {i}", "category": "c", "source": "jailbreakbench", "target": f"Sure, here is {i}"}
             for i in range(10)]
@@ -185,7 +187,7 @@ def test_diagnose_command_and_two_knowledge_sets(setup, monkeypatch):
 
 
 def test_safety_refusals_are_compared_item_by_item_and_refreshed(tmp_path):
-    from sclora.experiments.runner import _refresh_paired, paired_metrics
+    from sclora.experiments.folder import _refresh_paired, paired_metrics
 
     base = {"harmfulness_rate": [0.0, 0.0, 0.0, 100.0], "knowledge_mc": [100.0, 0.0]}
     run = {"harmfulness_rate": [100.0, 100.0, 0.0, 0.0], "knowledge_mc": [0.0, 0.0]}
@@ -219,8 +221,8 @@ def _hold_claim(out, name, then):
     import subprocess
     import sys
 
-    code = (f"import sys, time; from pathlib import Path; from sclora.experiments.runner import _claim; "
-            f"c = _claim(Path({str(out)!r}), {name!r}); print('held' if c else 'busy', flush=True); {then}")
+    code = (f"import sys, time; from pathlib import Path; from sclora.experiments.folder import claim_run; "
+            f"c = claim_run(Path({str(out)!r}), {name!r}); print('held' if c else 'busy', flush=True); {then}")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -229,7 +231,7 @@ def _hold_claim(out, name, then):
 def test_runs_claimed_by_a_live_process_are_left_to_it_and_dead_claims_are_taken_over(setup, capsys):
     import signal
 
-    from sclora.experiments.runner import _claim, _release
+    from sclora.experiments.folder import claim_run, release_run
 
     config_path, out = setup
     holder = _hold_claim(out, "lora", "time.sleep(600)")
@@ -238,7 +240,7 @@ def test_runs_claimed_by_a_live_process_are_left_to_it_and_dead_claims_are_taken
     dead.wait()
     (out / "claims" / "sc_lora-beta0.5.lock").write_text("")  # an empty claim file is no claim
     try:
-        assert _claim(out, "lora") is None  # alive: another worker is on it
+        assert claim_run(out, "lora") is None  # alive: another worker is on it
         assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0
         assert "still running in another process: lora" in capsys.readouterr().out
         rows = json.loads((out / "results.json").read_text())
@@ -247,9 +249,9 @@ def test_runs_claimed_by_a_live_process_are_left_to_it_and_dead_claims_are_taken
     finally:
         holder.kill()
         holder.wait()
-    claim = _claim(out, "lora")
-    assert claim is not None and _claim(out, "lora") is None  # exclusive, also to its owner's other handles
-    _release(claim)
+    claim = claim_run(out, "lora")
+    assert claim is not None and claim_run(out, "lora") is None  # exclusive, also to its owner's other handles
+    release_run(claim)
     assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0
 
 
@@ -269,7 +271,7 @@ def test_two_processes_share_one_folder_without_redoing_or_losing_runs(setup, mo
     assert sorted(r["run"] for r in rows) == ["base", "corda_kpa", "lora", "sc_lora-beta0.5"]  # each run once
     for row in rows:
         assert "knowledge_logprob" in row and (row["run"] == "base" or row["loss_history"])
-    from sclora.experiments.runner import running_elsewhere
+    from sclora.experiments.folder import running_elsewhere
 
     assert running_elsewhere(out, ["base", "lora", "sc_lora-beta0.5", "corda_kpa"]) == []  # every claim released
 
@@ -303,6 +305,6 @@ def test_a_run_may_use_another_normalization_of_the_same_statistics(setup):
 
 
 def load_config_from(config):
-    from sclora.experiments.runner import ExperimentConfig
+    from sclora.experiments.spec import ExperimentConfig
 
     return ExperimentConfig(**config)

@@ -5,8 +5,9 @@ import types
 
 import pytest
 
+from sclora.experiments.examples import build_examples
 from sclora.experiments.hub_data import load_hub
-from sclora.experiments.runner import DataSpec, build_examples
+from sclora.experiments.spec import DataSpec
 
 
 def fake_datasets(monkeypatch, rows=None, error=None):

@@ -5,7 +5,7 @@ import inspect
 import pytest
 
 from sclora.experiments.evaluate.metrics import EVALUATIONS, METRICS, metric
-from sclora.experiments.runner import ExperimentConfig
+from sclora.experiments.spec import ExperimentConfig
 
 
 def test_every_evaluation_has_a_scorer_and_registered_metrics():

@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 
 from sclora import cli, fileio
 from sclora.experiments import commands, data
-from sclora.experiments.runner import StaleResultsError, load_config, parse_yaml
+from sclora.experiments.folder import StaleResultsError
+from sclora.experiments.spec import load_config
+from sclora.fileio import parse_yaml
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -61,20 +61,14 @@ def _eval(args) -> int:
 
 
 def _run(args) -> int:
-    from .runner import (
-        check_folder,
-        load_config,
-        read_results,
-        results_table,
-        run_experiment,
-        run_name,
-        running_elsewhere,
-    )
+    from .folder import check_folder, read_results, results_table, running_elsewhere
+    from .runner import run_experiment
+    from .spec import load_config, run_name
 
     overrides = yaml_overrides(args.set)
     config = load_config(args.config, overrides)
     if args.dry_run:
-        from .runner import plan
+        from .spec import plan
 
         print(plan(config))
         return 0
@@ -120,7 +114,8 @@ def _spawn_workers(args) -> list:
 
 
 def _diagnose(args) -> int:
-    from .runner import diagnose_experiment, load_config
+    from .runner import diagnose_experiment
+    from .spec import load_config
 
     config = load_config(args.config, yaml_overrides(args.set))
     safe_name(args.file, "--file")  # a file name inside the output folder, not a path out of it
@@ -184,7 +179,7 @@ def install_aligned(model_dir: Path) -> Path:
 
 def _data_spec(text: str):
     """'kind:n[:offset[:split]]', e.g. 'math:256' or 'trivia:256:512' or 'math:64:0:heldout'."""
-    from .runner import DataSpec
+    from .spec import DataSpec
 
     parts = text.split(":")
     numbers = parts[1:3]
@@ -203,7 +198,8 @@ def _init_inputs(args):
     from .. import SCLoRAConfig
     from ..models import check_model
     from ..statistics_cache import NEEDS_DATA
-    from .runner import build_examples, check_int
+    from .examples import build_examples
+    from .spec import check_int
 
     try:
         config = SCLoRAConfig(method=args.method, r=args.r, beta=args.beta, normalize=args.normalize)
@@ -277,7 +273,7 @@ def _train(args) -> int:
     from ..export import export_lora
     from ..models import model_identity
     from ..train import TrainConfig, train
-    from .runner import build_examples
+    from .examples import build_examples
 
     init_dir = Path(args.init)
     try:

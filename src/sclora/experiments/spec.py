@@ -1,0 +1,312 @@
+"""An experiment config: its schema (``ExperimentConfig``, ``DataSpec``), its validation — every value checked
+before anything is loaded, naming the key, the value and the allowed range — and its plan (``--dry-run``)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from ..config import LLAMA_TARGET_MODULES, METHODS
+from ..fileio import parse_yaml, safe_name
+from ..statistics import NORMALIZATIONS
+from .data import HARMFUL_SOURCES
+from .evaluate.metrics import EVALUATIONS
+from .hub_data import HUB_SOURCES
+
+__all__ = ["DataSpec", "ExperimentConfig", "as_list", "as_plain", "check_int", "eval_spec", "load_config",
+           "minus_label", "plan", "run_name"]
+
+
+DATA_KINDS = ("math", "trivia", "summaries", "harmful", *HUB_SOURCES)
+
+
+RESPONSES = ("none", "refusal", "affirmative")
+
+
+#: the splits each built-in kind has (math: template split; summaries: ACLSum's files; the others: one pool,
+#: partitioned by offset); hub kinds take the hub's split names
+SPLITS = {"math": ("train", "heldout"), "summaries": ("train", "val", "test"), "trivia": ("train",),
+          "harmful": ("train",)}
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_int(value, what: str, low: int) -> int:
+    """``value`` if it is an integer >= ``low`` (not a bool), else a ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}.")
+    return value
+
+
+@dataclass
+class DataSpec:
+    """Which examples, how many, from which part of the source (``offset`` keeps splits disjoint)."""
+
+    kind: str
+    n: int
+    offset: int = 0
+    split: str = "train"  # math: template split (train / heldout); others: partitions of the shuffled source
+    source: str | None = None  # harmful: harmbench (default), harmbench_val, strongreject, jailbreakbench, donotanswer
+    response: str = "none"  # harmful: none (prompts only), refusal, affirmative (JailbreakBench's "Sure, here is")
+    max_words: int | None = None  # summaries: cut each document to its first max_words words
+
+    def __post_init__(self):
+        if self.kind not in DATA_KINDS:
+            raise ValueError(f"Unknown data kind {self.kind!r}; choose one of {DATA_KINDS}.")
+        check_int(self.n, f"n of data spec {self.kind!r}", 1)
+        check_int(self.offset, f"offset of data spec {self.kind!r}", 0)
+        splits = SPLITS.get(self.kind)
+        if not isinstance(self.split, str) or not self.split or (splits and self.split not in splits):
+            raise ValueError(f"split of data spec {self.kind!r} must be one of {splits or 'the hub split names'}, "
+                             f"got {self.split!r}.")
+        if self.response not in RESPONSES:
+            raise ValueError(f"Unknown response {self.response!r} for {self.kind!r}; choose one of {RESPONSES}.")
+        if self.source is not None and self.kind != "harmful":
+            raise ValueError(f"'source' applies to kind 'harmful' only, not {self.kind!r}.")
+        if self.source is not None and self.source not in HARMFUL_SOURCES:
+            raise ValueError(f"source of data spec 'harmful' must be one of {HARMFUL_SOURCES}, got {self.source!r}.")
+        if self.max_words is not None:
+            check_int(self.max_words, f"max_words of data spec {self.kind!r}", 1)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    plus: DataSpec
+    minus: DataSpec | list[DataSpec]  # several knowledge sets: a run's beta is then a list, one weight each
+    train_data: DataSpec | list[DataSpec]  # a list is mixed and shuffled (e.g. math + 1% harmful)
+    runs: list[dict]
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "float32"
+    seed: int = 0
+    stats_seq_len: int = 128
+    stats_batch_size: int = 8
+    r: int = 16
+    lora_alpha: float | None = None
+    normalize: str = "none"
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGET_MODULES))
+    train: dict = field(default_factory=dict)
+    evaluate: dict = field(default_factory=dict)
+    diagnostics: bool = True  # subspace diagnostics of residual inits (diagnostics.json)
+    evaluate_steps: list[int] = field(default_factory=list)  # also evaluate at these optimizer steps (frontier)
+    judge: dict = field(default_factory=lambda: {"kind": "refusal"})  # sclora.evaluate.judges.make_judge arguments
+    report: dict = field(default_factory=dict)  # for `sclora report`: title, utility / preservation metric names
+
+    def __post_init__(self):
+        for key in ("plus", "minus", "train_data"):
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                setattr(self, key, _strict(DataSpec, value, f"data spec '{key}'"))
+            elif isinstance(value, list) and key != "plus":
+                if not value:
+                    raise ValueError(f"'{key}' is an empty list; give at least one data spec.")
+                setattr(self, key, [_strict(DataSpec, v, f"data spec '{key}[{i}]'") if isinstance(v, dict) else v
+                                    for i, v in enumerate(value)])
+        self._validate()
+
+    def _validate(self) -> None:
+        """Every value checked before anything is loaded: the key, the value and the allowed range are named."""
+        from ..config import SCLoRAConfig
+        from ..models import check_model
+        from ..train import TrainConfig
+
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}.")
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a local path, a hub id or {'smollm2-135m-instruct'!r}, got {self.model!r}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}.")
+        check_int(self.seed, "seed", 0)
+        check_int(self.stats_seq_len, "stats_seq_len", 2)
+        check_int(self.stats_batch_size, "stats_batch_size", 1)
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}.")
+        for key in ("diagnostics",):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}.")
+        if not isinstance(self.evaluate_steps, list):
+            raise ValueError(f"evaluate_steps must be a list of optimizer steps, got {self.evaluate_steps!r}.")
+        for step in self.evaluate_steps:
+            check_int(step, "evaluate_steps entry", 1)
+        for key in ("train", "evaluate", "judge", "report"):
+            if not isinstance(getattr(self, key), dict):
+                raise ValueError(f"{key} must be a mapping, got {getattr(self, key)!r}.")
+        for key in ("plus", "minus", "train_data"):
+            if not all(isinstance(spec, DataSpec) for spec in as_list(getattr(self, key))):
+                raise ValueError(f"{key} must be a data spec such as {{kind: math, n: 64}} (or a list of them for "
+                                 f"minus / train_data), got {getattr(self, key)!r}.")
+        if not isinstance(self.runs, list) or not self.runs:
+            raise ValueError("The config lists no runs: add e.g. runs: [{method: lora}, {method: sc_lora, beta: 0.8}].")
+        n_minus = len(as_list(self.minus))
+        names = set()
+        for run in self.runs:
+            if not isinstance(run, dict):
+                raise ValueError(f"Each entry of runs must be a mapping such as {{method: lora}}, got {run!r}.")
+            unknown = set(run) - RUN_KEYS
+            if unknown:
+                raise ValueError(f"Unknown run key(s) {sorted(unknown)}; a run takes {sorted(RUN_KEYS)}.")
+            if run.get("method") not in METHODS:
+                raise ValueError(f"Unknown method {run.get('method')!r} in runs; choose one of {METHODS}.")
+            if run.get("normalize") not in (None, *NORMALIZATIONS):
+                raise ValueError(f"Unknown normalize {run['normalize']!r} in run {run}; choose one of {NORMALIZATIONS}.")
+            beta = run.get("beta")
+            if run["method"] == "corda_kpa" and n_minus > 1:
+                raise ValueError("corda_kpa preserves a single knowledge set; this config lists several under "
+                                 "'minus'. Drop the corda_kpa run or keep one D- set.")
+            if run["method"] == "sc_lora" and n_minus > 1 and not (isinstance(beta, list) and len(beta) == n_minus):
+                raise ValueError(f"The config preserves {n_minus} knowledge sets, so an sc_lora run needs beta as a "
+                                 f"list of {n_minus} weights, e.g. beta: {[round(0.8 / n_minus, 2)] * n_minus}.")
+            if isinstance(beta, list) and len(beta) != n_minus:
+                raise ValueError(f"run {run}: beta lists {len(beta)} weight(s) but the config has {n_minus} knowledge "
+                                 "set(s) under 'minus': give one beta per set (a number for one set).")
+            if run.get("seed") is not None:
+                check_int(run["seed"], f"seed of run {run}", 0)
+            if "name" in run:
+                safe_name(run["name"], "run name")
+            name = safe_name(run_name(run), f"run name (from {run})")
+            if name in names or name == "base":
+                raise ValueError(f"Two runs are named {name!r} ('base' is the untrained model): give each a distinct "
+                                 "'name', e.g. name: sc_lora-b08-seed1.")
+            names.add(name)
+            try:  # the init's own checks (r, lora_alpha, beta range, ...), for this run's values
+                SCLoRAConfig(method=run["method"], r=self.r, lora_alpha=self.lora_alpha,
+                             normalize=run.get("normalize") or self.normalize, target_modules=self.target_modules,
+                             **({"beta": beta} if beta is not None else {}))
+            except ValueError as err:
+                raise ValueError(f"run {name!r}: {err}") from None
+            try:
+                TrainConfig.from_dict({**self.train, **({"learning_rate": run["learning_rate"]}
+                                                        if run.get("learning_rate") is not None else {})})
+            except ValueError as err:
+                raise ValueError(f"run {name!r}: {err}") from None
+        for name, spec in self.evaluate.items():
+            if name not in EVALUATIONS:
+                raise ValueError(f"Unknown evaluation {name!r}; choose from {sorted(EVALUATIONS)}.")
+            if not isinstance(spec, dict):
+                raise ValueError(f"evaluate.{name} must be a mapping such as {{kind: math, n: 60}}, got {spec!r}.")
+            eval_spec(spec, name)
+        _check_judge(self.judge)
+        check_model(self.model)
+
+
+JUDGE_KINDS = {"refusal": (), "llm": ("base_url", "model"), "local": ("path",)}
+
+
+def _check_judge(judge: dict) -> None:
+    """The judge settings, checked without loading a judge model or calling an endpoint."""
+    kind = judge.get("kind")
+    if kind not in JUDGE_KINDS:
+        raise ValueError(f"judge.kind must be one of {tuple(JUDGE_KINDS)}, got {kind!r}.")
+    missing = [k for k in JUDGE_KINDS[kind] if not judge.get(k)]
+    if missing:
+        raise ValueError(f"judge of kind {kind!r} needs {missing}, e.g. judge: {{kind: llm, base_url: "
+                         "https://api.deepseek.com/v1, model: deepseek-chat}.")
+    if kind == "llm":  # cheap to build: checks the URL scheme and the options, makes no request
+        from .evaluate.judges import make_judge
+
+        try:
+            make_judge(**judge)
+        except TypeError as err:
+            raise ValueError(f"judge: {err}") from None
+    if kind == "local" and not Path(str(judge["path"])).expanduser().is_dir():
+        raise FileNotFoundError(f"judge.path {judge['path']!r} is not a model folder; give the path of a local "
+                                "causal LM (a folder with config.json).")
+
+
+RUN_KEYS = {"method", "beta", "learning_rate", "name", "seed", "normalize"}
+
+
+def _strict(cls, data: dict, what: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"Unknown key(s) {unknown} in {what}; valid keys are {sorted(known)}.")
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"{what} lacks the key(s) {missing}; it needs {required}.")
+    return cls(**data)
+
+
+def load_config(path: str | os.PathLike, overrides: dict | None = None) -> ExperimentConfig:
+    """Read and validate an experiment config; ``overrides`` replace top-level keys (``--set``)."""
+    try:
+        data = parse_yaml(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of config keys (name, model, plus, minus, ...).")
+    data.update(overrides or {})
+    return _strict(ExperimentConfig, data, str(path))
+
+
+def as_list(specs: DataSpec | list[DataSpec]) -> list[DataSpec]:
+    return specs if isinstance(specs, list) else [specs]
+
+
+#: evaluation options a config may give next to the data spec
+EVAL_OPTIONS = {"max_new_tokens", "num_fewshot", "n_choices", "batch_size"}
+
+
+def eval_spec(spec: dict, name: str) -> tuple[DataSpec, dict]:
+    """Split an evaluation entry into its data spec and its options."""
+    options = {k: v for k, v in spec.items() if k in EVAL_OPTIONS}
+    for key, value in options.items():
+        check_int(value, f"evaluate.{name}.{key}", 0 if key == "num_fewshot" else 1)
+    if name == "knowledge_mc" and "n_choices" in options:
+        check_int(options["n_choices"], f"evaluate.{name}.n_choices", 2)
+    data_part = {k: v for k, v in spec.items() if k not in EVAL_OPTIONS}
+    return _strict(DataSpec, data_part, f"evaluate.{name} (options: {sorted(EVAL_OPTIONS)})"), options
+
+
+def run_name(run: dict) -> str:
+    name = run.get("name") or run["method"]
+    if "name" not in run and run.get("beta") is not None:
+        beta = run["beta"]
+        name += "-beta" + ("+".join(str(b) for b in beta) if isinstance(beta, list) else str(beta))
+    if "name" not in run and run.get("learning_rate") is not None:
+        name += f"-lr{run['learning_rate']}"
+    if "name" not in run and run.get("normalize") is not None:
+        name += f"-{run['normalize']}"
+    if "name" not in run and run.get("seed") is not None:
+        name += f"-seed{run['seed']}"
+    return name
+
+
+def plan(config: ExperimentConfig) -> str:
+    """What `sclora run` would do, without loading a model or any data (``--dry-run``)."""
+    from ..train import TrainConfig
+
+    def describe(specs) -> str:
+        return " + ".join(f"{s.kind}{'/' + s.source if s.source else ''}[{s.split}] n={s.n} from {s.offset}"
+                          + (f" ({s.response})" if s.response != "none" else "") for s in as_list(specs))
+
+    train = TrainConfig.from_dict(config.train)
+    n_train = sum(s.n for s in as_list(config.train_data))
+    steps = train.max_steps if train.max_steps > 0 else math.ceil(n_train * train.num_epochs / train.batch_size)
+    lines = [(f"experiment {config.name!r}: model {config.model} ({config.dtype}), r={config.r}, "
+              f"normalize={config.normalize}, {len(config.target_modules)} target module kinds"),
+             f"  D+ (init)   {describe(config.plus)}", f"  D- (init)   {describe(config.minus)}",
+             (f"  training    {describe(config.train_data)}: {steps} optimizer steps of {train.batch_size} "
+              f"(lr {train.learning_rate}, {train.lr_scheduler}, bf16={train.bf16})")]
+    for name, spec in config.evaluate.items():
+        data_spec, options = eval_spec(spec, name)
+        lines.append(f"  evaluate    {name}: {describe(data_spec)} {options or ''}".rstrip())
+    lines.append(f"  judge       {config.judge}")
+    lines.append("  runs        base, " + ", ".join(run_name(r) for r in config.runs))
+    return "\n".join(lines)
+
+
+def minus_label(i: int, n: int) -> str:
+    return "minus" if n == 1 else f"minus{i}"
+
+
+def as_plain(config: ExperimentConfig) -> dict:
+    return json.loads(json.dumps(asdict(copy.deepcopy(config))))
