@@ -39,7 +39,7 @@ from _results import write_json
 
 import sclora
 from sclora.models import EMBEDDED_MODEL, load_model
-from sclora.statistics import resolve_targets
+from sclora.targets import resolve_targets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 

@@ -47,7 +47,7 @@ def main() -> None:
                                                       show_progress=False) for rows in (plus, minus)]
             times[name].append(time.perf_counter() - start)
     rows = []
-    for module, linear in sclora.statistics.resolve_targets(model, targets).items():
+    for module, linear in sclora.targets.resolve_targets(model, targets).items():
         weight = linear.weight.detach().double()
         covs = {name: [s.bind(model, check_fingerprint=False).factor(module) for s in pair]
                 for name, pair in stats.items()}

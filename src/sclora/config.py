@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig
 
 from .fileio import atomic_write_json
-from .subspace import SOLVERS, _check_betas
+from .subspace import SOLVERS, check_betas
 
 __all__ = ["LLAMA_TARGET_MODULES", "METHODS", "SCLoRAConfig"]
 
@@ -60,7 +60,7 @@ class SCLoRAConfig:
             raise ValueError(f"r must be a positive integer, got {self.r!r}.")
         if isinstance(self.beta, tuple):
             self.beta = list(self.beta)
-        _check_betas(self.beta)
+        check_betas(self.beta)
         if self.lora_alpha is None:
             self.lora_alpha = self.r
         if not _real(self.lora_alpha) or self.lora_alpha <= 0:

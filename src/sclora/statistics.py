@@ -18,7 +18,6 @@ import hashlib
 import inspect
 import json
 import os
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .fileio import atomic_path
+from .targets import find_linear_modules, resolve_targets
 
 __all__ = ["CovarianceStats", "ModuleStat", "collect_covariances", "find_linear_modules", "model_fingerprint"]
 
@@ -613,36 +613,6 @@ def _check_finite(sums: dict[str, torch.Tensor], groups: dict[str, list[str]]) -
 
 
 # --- module discovery and fingerprints ---------------------------------------------------------
-
-
-def find_linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            yield name, module
-
-
-def resolve_targets(model: nn.Module, target_modules: list[str] | str | None) -> dict[str, nn.Linear]:
-    """Target linear layers by PEFT's rules: a list matches name suffixes, a string is a full regex;
-    None means all linear layers except the output head."""
-    linears = dict(find_linear_modules(model))
-    if not linears:
-        raise ValueError("The model has no nn.Linear modules to adapt.")
-    if target_modules is None:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        return {n: m for n, m in linears.items() if m is not head}
-    if isinstance(target_modules, str):
-        found = {n: m for n, m in linears.items() if re.fullmatch(target_modules, n)}
-        if not found:
-            raise ValueError(f"target_modules regex {target_modules!r} matches no linear module; e.g. {next(iter(linears))!r}.")
-        return found
-    found = {}
-    for suffix in target_modules:
-        hits = {n: m for n, m in linears.items() if n == suffix or n.endswith("." + suffix)}
-        if not hits:
-            kinds = sorted({n.rsplit(".", 1)[-1] for n in linears})
-            raise ValueError(f"Target module {suffix!r} not found among the model's linear layers; they are named {kinds}.")
-        found.update(hits)
-    return dict(sorted(found.items(), key=lambda kv: list(linears).index(kv[0])))
 
 
 def model_fingerprint(model: nn.Module, module_names: list[str]) -> dict:

@@ -21,8 +21,8 @@ from .statistics import (
     CovarianceStats,
     collect_covariances,
     model_fingerprint,
-    resolve_targets,
 )
+from .targets import resolve_targets
 
 __all__ = ["NEEDS_DATA", "cached_statistics", "statistics_batches", "statistics_path", "statistics_side"]
 

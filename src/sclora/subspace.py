@@ -41,6 +41,7 @@ from .eigensolvers import SOLVERS, Operator, check_solver, top_eigenpairs
 
 __all__ = [
     "SOLVERS",
+    "check_betas",
     "NonUniqueSubspaceWarning",
     "captured_energy",
     "delta_covariance",
@@ -172,11 +173,6 @@ def sc_lora_factors(
     return projected / scaling, q, w - q @ projected
 
 
-def eigh_descending(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    eigvals, eigvecs = torch.linalg.eigh(matrix)
-    return eigvals.flip(0), eigvecs.flip(1)
-
-
 def _eigh_through_weight(
     w: torch.Tensor, delta_in: torch.Tensor, rank: int, solver: str = "eigh"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +224,7 @@ def _fix_signs(q: torch.Tensor) -> torch.Tensor:
 def _knowledge_sets(cov_minus: Covariances, beta: Betas) -> tuple[list[torch.Tensor], list[float]]:
     """([Cov-_i], [beta_i]) from one covariance + one beta, or sequences of the same length; validated."""
     minus = [cov_minus] if isinstance(cov_minus, torch.Tensor) else list(cov_minus)
-    betas = _check_betas(beta)
+    betas = check_betas(beta)
     if len(minus) != len(betas):
         raise ValueError(
             f"{len(minus)} D- covariance(s) but {len(betas)} beta(s): give one beta per knowledge set, "
@@ -237,7 +233,7 @@ def _knowledge_sets(cov_minus: Covariances, beta: Betas) -> tuple[list[torch.Ten
     return minus, betas
 
 
-def _check_betas(beta: Betas) -> list[float]:
+def check_betas(beta: Betas) -> list[float]:
     """[beta] for one number in [0, 1], or the list of several D- weights, each >= 0 and summing to at most 1.
     Bools, NaN and inf are rejected (True would silently mean beta = 1)."""
 

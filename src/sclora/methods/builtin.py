@@ -6,7 +6,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from ..config import SCLoRAConfig
-from ..statistics import resolve_targets
+from ..targets import resolve_targets
 from .residual import check_rank, remember_initial_adapter
 
 

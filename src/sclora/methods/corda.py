@@ -9,7 +9,8 @@ from peft import PeftModel
 from torch import nn
 
 from ..config import SCLoRAConfig
-from ..statistics import CovarianceStats, require_finite_weight, resolve_targets
+from ..statistics import CovarianceStats, require_finite_weight
+from ..targets import resolve_targets
 from .residual import build_residual_adapter, require_coverage
 
 MODES = ("ipa", "kpa")

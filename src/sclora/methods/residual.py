@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..config import SCLoRAConfig
-from ..statistics import resolve_targets
+from ..targets import resolve_targets
 
 ADAPTER = "default"
 

@@ -10,8 +10,9 @@ from peft import PeftModel
 from torch import nn
 
 from ..config import SCLoRAConfig
-from ..statistics import CovarianceStats, require_finite_weight, resolve_targets
-from ..subspace import NonUniqueSubspaceWarning, _check_betas, sc_lora_factors, sc_subspace
+from ..statistics import CovarianceStats, require_finite_weight
+from ..subspace import NonUniqueSubspaceWarning, check_betas, sc_lora_factors, sc_subspace
+from ..targets import resolve_targets
 from .residual import build_residual_adapter, require_coverage
 
 
@@ -37,7 +38,7 @@ def get_sclora_model(
             "plus_stats must be CovarianceStats and minus_stats CovarianceStats or a non-empty list of them, "
             "from sclora.collect_covariances."
         )
-    betas = _check_betas(config.beta)
+    betas = check_betas(config.beta)
     if len(betas) != len(minus_list):
         raise ValueError(
             f"config.beta={config.beta!r} has {len(betas)} weight(s) but {len(minus_list)} D- statistics were given: "
@@ -124,7 +125,7 @@ def _sparse_negative_modules(model, config: SCLoRAConfig, minus: list[Covariance
     Cov- = W Cov-_in W^T has rank <= min(B- L, d_in): few D- tokens, or a layer that widens its input
     (gate/up), leave more than r directions with zero D- energy. With several sets, Cov- is
     sum_i beta_i Cov-_i, beta their sum and B- L the sum of their token counts."""
-    betas = _check_betas(config.beta)
+    betas = check_betas(config.beta)
     if 1.0 - sum(betas) >= 1e-3:
         return []
     tokens = _active_tokens(betas, minus)
