@@ -23,58 +23,47 @@ from sclora.experiments import data
 #: per-call timings and throughputs differ between any two runs; everything else must be equal
 TIMINGS = ("init_seconds", "train_seconds", "train_tokens_per_second")
 
-#: the fault points: code run in the child before `sclora run`; each kills the child at some moment
+#: the fault points: code run in the child before `sclora run`; each kills the child at some moment with
+#: kill_at(owner, attribute, n, counts=...): SIGKILL on the n-th call of owner.attribute that ``counts``
 FAULTS = {
     # the 5th Gram update: the D+ statistics are half collected
     "statistics": """
         import sclora.statistics as st
-        real, calls = st.add_gram_upper, [0]
-        def gram(*a, **k):
-            calls[0] += 1
-            if calls[0] == 5:
-                die()
-            return real(*a, **k)
-        st.add_gram_upper = gram
+        kill_at(st, "add_gram_upper", 5)
     """,
     # the 2nd checkpoint of the first trained run: weights, optimizer and scheduler written, trainer_state.json
     # half written (Trainer writes it last, directly, not atomically)
     "checkpoint": """
         from transformers.trainer_callback import TrainerState
-        calls = [0]
-        def save_to_json(self, path):
-            calls[0] += 1
-            if calls[0] == 2:
-                text = json.dumps(self.__dict__, default=str)
-                with open(path, "w") as f:
-                    f.write(text[: len(text) // 2])
-                die()
-            return real(self, path)
-        real = TrainerState.save_to_json
-        TrainerState.save_to_json = save_to_json
+        def half_written(self, path):
+            text = json.dumps(self.__dict__, default=str)
+            with open(path, "w") as f:
+                f.write(text[: len(text) // 2])
+        kill_at(TrainerState, "save_to_json", 2, before=half_written)
     """,
     # the 3rd evaluation (base, first run, then the second run's): mid-way through the experiment
     "evaluation": """
         from sclora.experiments.evaluate import scores
-        real, calls = scores.knowledge_logprob, [0]
-        def scorer(*a, **k):
-            calls[0] += 1
-            if calls[0] == 3:
-                die()
-            return real(*a, **k)
-        scores.knowledge_logprob = scorer
+        kill_at(scores, "knowledge_logprob", 3)
     """,
     # the 2nd write of results.json: its temp file is complete and fsync'd, the rename has not happened
     "results_write": """
-        real, calls = os.replace, [0]
-        def replace(src, dst, *a, **k):
-            if str(dst).endswith("results.json"):
-                calls[0] += 1
-                if calls[0] == 2:
-                    die()
-            return real(src, dst, *a, **k)
-        os.replace = replace
+        kill_at(os, "replace", 2, counts=lambda src, dst, *a, **k: str(dst).endswith("results.json"))
     """,
 }
+
+KILL_AT = """
+    def kill_at(owner, attribute, n, counts=lambda *a, **k: True, before=None):
+        real, calls = getattr(owner, attribute), [0]
+        def wrapper(*a, **k):
+            calls[0] += counts(*a, **k)
+            if calls[0] == n and counts(*a, **k):
+                if before is not None:
+                    before(*a, **k)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*a, **k)
+        setattr(owner, attribute, wrapper)
+"""
 
 
 def child_script(config_path, out, fault: str) -> str:
@@ -84,9 +73,7 @@ def child_script(config_path, out, fault: str) -> str:
         from sclora.experiments import data
         rows = json.loads({json.dumps(json.dumps(TRIVIA))})
         data.trivia = lambda *a, **k: rows
-        def die():
-            os.kill(os.getpid(), signal.SIGKILL)
-    """) + textwrap.dedent(FAULTS[fault]) + textwrap.dedent(f"""
+    """) + textwrap.dedent(KILL_AT) + textwrap.dedent(FAULTS[fault]) + textwrap.dedent(f"""
         raise SystemExit(cli.main(["run", {str(config_path)!r}, "--output", {str(out)!r}, "--quiet"]))
     """)
 
