@@ -1,0 +1,89 @@
+"""A paper-style report of an experiment folder written by ``sclora run``.
+
+    sclora report runs/demo        # writes runs/demo/report.md and runs/demo/figures/*.png
+
+The table follows the paper's Tables 1-3 (base model, full fine-tuning, LoRA, PiSSA, CorDA IPA / KPA, then
+SC-LoRA per beta); the figures redraw Figures 2-3 (beta against preservation / utility) plus loss curves, the
+utility-preservation trade-off and, when ``diagnostics.json`` exists, the subspace energy of each initial adapter.
+An "Answers" section checks the paper's claims against the numbers, citing the values it used.
+
+Everything that builds text is pure (rows and config in, Markdown out); only :func:`load_experiment`,
+:func:`write_figures` and :func:`write_report` touch the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from ...fileio import atomic_write
+from ..evaluate.metrics import Metric, metric
+from .claims import Answer, answers
+from .figures import write_figures
+from .groups import Group, Layout, group_runs, infer_layout
+from .tables import report_tables
+
+__all__ = ["Answer", "Group", "Layout", "Metric", "ReportError", "answers", "build_report", "group_runs", "infer_layout",
+           "load_experiment", "report_tables", "write_figures", "write_report"]
+
+
+class ReportError(Exception):
+    """An experiment folder that cannot be reported on (missing or malformed files)."""
+
+
+def build_report(rows: list[dict], config: dict | None = None, diagnostics: dict | None = None,
+                 figures: list[tuple[str, str]] = ()) -> str:
+    """report.md's text; ``figures`` are (file name under figures/, caption) pairs already written."""
+    config = config or {}
+    title = (config.get("report") or {}).get("title") or f"SC-LoRA experiment: {config.get('name', 'results')}"
+    parts = [f"# {title}", report_tables(rows, config, diagnostics)]
+    if figures:
+        parts += ["## Figures", "\n\n".join(f"![{caption}](figures/{name})" for name, caption in figures)]
+    layout = infer_layout(rows, config)
+    mains = [f"{side} metric: {metric(keys[0]).label}" for side, keys in (("main preservation", layout.preservation),
+                                                                         ("main utility", layout.utility)) if keys]
+    parts += ["## Answers", f"Computed from the numbers above (means over seeds); {'; '.join(mains) or 'no metrics'}.",
+              "\n".join(a.markdown(i) for i, a in enumerate(answers(rows, config), 1))]
+    return "\n\n".join(parts) + "\n"
+
+
+def load_experiment(directory: str | os.PathLike) -> tuple[list[dict], dict, dict | None]:
+    """(rows of results.json, config.yaml or {}, diagnostics.json or None), with clear errors."""
+    folder = Path(directory)
+    results = folder / "results.json"
+    if not results.is_file():
+        raise ReportError(f"{results} not found: run `sclora run CONFIG --output {folder}` first.")
+    rows = _read_json(results)
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and "run" in r for r in rows):
+        raise ReportError(f"{results} should be a non-empty list of run rows, each with a 'run' name, "
+                          "as written by `sclora run`.")
+    config = {}
+    if (folder / "config.yaml").is_file():
+        try:
+            config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ReportError(f"{folder / 'config.yaml'} is not valid YAML: {err}") from err
+    diagnostics = _read_json(folder / "diagnostics.json") if (folder / "diagnostics.json").is_file() else None
+    if diagnostics is not None and not isinstance(diagnostics, dict):
+        raise ReportError(f"{folder / 'diagnostics.json'} should map run names to lists of module entries.")
+    return rows, config, diagnostics
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}).") from err
+
+
+def write_report(directory: str | os.PathLike) -> Path:
+    """Write DIR/report.md and DIR/figures/*.png from DIR/results.json; returns the report's path."""
+    folder = Path(directory)
+    rows, config, diagnostics = load_experiment(folder)
+    figures = write_figures(rows, config, diagnostics, folder / "figures")
+    path = folder / "report.md"
+    atomic_write(path, build_report(rows, config, diagnostics, figures))
+    return path
