@@ -62,3 +62,14 @@ def test_rouge_extremes_and_partial_overlap():
     assert partial["rouge1"] == pytest.approx(100 * 2 * (1.0 * 0.5) / 1.5)  # P=3/3, R=3/6
     with pytest.raises(ValueError, match="equally many"):
         rouge(["a"], [])
+
+
+def test_rouge_per_item_is_what_the_means_average():
+    from sclora.experiments.evaluate.summarize import rouge_per_item
+
+    preds, refs = ["the cat sat", "dogs bark", "the cat sat on the mat"], ["the cat sat on the mat"] * 3
+    items = rouge_per_item(preds, refs)
+    assert [i["rouge1"] for i in items] == pytest.approx([100 * 2 * 0.5 / 1.5, 0.0, 100.0])  # F1 with P=1, R=1/2
+    means = rouge(preds, refs)
+    assert all(means[k] == pytest.approx(sum(i[k] for i in items) / 3) for k in ("rouge1", "rouge2", "rougeL"))
+    assert rouge_per_item(preds, refs, ("rouge1",))[0].keys() == {"rouge1"}  # sclora run's one metric

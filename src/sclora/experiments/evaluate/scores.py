@@ -156,9 +156,8 @@ def safety(model, tokenizer, items, *, batch_size=8, show_progress=False, desc="
 def summary_rouge(model, tokenizer, items, *, batch_size=8, show_progress=False, desc="summary_rouge",
                   max_new_tokens=96, outputs=None, **_):
     """ROUGE-1 F1 (%) of the greedy summary against the reference (rouge-score, stemming on)."""
-    from rouge_score import rouge_scorer
+    from .summarize import rouge_per_item
 
     texts = _greedy(model, tokenizer, [it["prompt"] for it in items], outputs, max_new_tokens=max_new_tokens,
                     batch_size=batch_size, show_progress=show_progress, desc=desc)
-    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
-    return [100 * scorer.score(it["response"], text)["rouge1"].fmeasure for it, text in zip(items, texts)]
+    return [item["rouge1"] for item in rouge_per_item(texts, [it["response"] for it in items], ("rouge1",))]
