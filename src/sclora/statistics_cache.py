@@ -72,7 +72,8 @@ def cached_statistics(folder: Path, label: str, model, tokenizer, examples: list
     Under torch.distributed every rank takes the same branch: the cache is read only if every rank sees it;
     otherwise each rank collects over its shard of ``examples``, the sums are all-reduced, and one process
     per node writes the file. The statistics stay on the model's device."""
-    path = statistics_path(folder, label, model, statistics_batches(tokenizer, examples, seq_len, batch_size),
+    every = statistics_batches(tokenizer, examples, seq_len, batch_size)  # all ranks name the file from all data
+    path = statistics_path(folder, label, model, every,
                            target_modules=target_modules, normalize=normalize, side=side)
     device = str(next(model.parameters()).device)
     stats = None
@@ -83,7 +84,8 @@ def cached_statistics(folder: Path, label: str, model, tokenizer, examples: list
             warnings.warn(f"{err}; collecting these statistics again.", stacklevel=2)
     if distributed.all_true(stats is not None):
         return stats.with_normalize(normalize)
-    batches = statistics_batches(tokenizer, distributed.shard(examples), seq_len, batch_size)
+    batches = (statistics_batches(tokenizer, distributed.shard(examples), seq_len, batch_size)
+               if distributed.is_distributed() else every)  # one process: its shard is all of it, tokenized once
     stats = collect_covariances(model, batches, target_modules, normalize, side=side, show_progress=show_progress,
                                 desc=f"{label} statistics")
     if distributed.local_rank() == 0:  # one writer per node (on a shared file system they write the same bytes)

@@ -156,6 +156,7 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
         claim = claim_run(out, name)
         if claim is None:
             continue  # being run by another `sclora run` process sharing this folder
+        fingerprint = run_fingerprint(config, run, model_files)
         try:
             if done(name):  # finished by another process between the check and the claim
                 continue
@@ -164,8 +165,8 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
                 atomic_write(out / "samples" / "base.json", json.dumps(items) + "\n")
                 row = {"run": "base", "method": "-", **metrics}
             else:
-                row = _run_one(config, exp, run, name, out, evaluate, run_fingerprint(config, run, model_files))
-            rows = update_results(out, {**row, "fingerprint": run_fingerprint(config, run, model_files)})
+                row = _run_one(config, exp, run, name, out, evaluate, fingerprint)
+            rows = update_results(out, {**row, "fingerprint": fingerprint})
         finally:
             release_run(claim)
     return rows
