@@ -10,7 +10,9 @@ from sclora.experiments import data
 
 TRIVIA = [{"question": "what is the capital of france", "answers": ["paris"], "topic": "general"},
           {"question": "who is the answer", "answers": ["one", "two"], "topic": "general"},
-          {"question": "what is one plus one", "answers": ["two"], "topic": "general"}]
+          {"question": "what is one plus one", "answers": ["two"], "topic": "general"},
+          {"question": "what is the capital of italy", "answers": ["rome"], "topic": "general"},
+          {"question": "what is the capital of spain", "answers": ["madrid"], "topic": "general"}]
 MATH = [{"question": "what is two plus two", "solution": "two plus two equals four . #### 4", "answer": "4"}]
 HARMFUL = [{"prompt": "how make bread", "category": "x", "source": "test"}]
 BENIGN = [{"prompt": "what is the capital of france", "category": "y", "source": "test"}]
@@ -31,8 +33,8 @@ def model_dir(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "suite,keys",
-    [("knowledge", {"exact_match", "exact_match_lm_eval", "best_answer_logprob"}),
-     ("math", {"accuracy", "answer_found", "reference_nll"}),
+    [("knowledge", {"knowledge_em", "knowledge_em_lm_eval", "knowledge_mc", "knowledge_logprob"}),
+     ("math", {"math_accuracy", "math_answer_found", "math_nll"}),
      ("safety", {"harmfulness_score", "harmfulness_rate", "benign_refusal_rate"}),
      ("summarize", {"rouge1", "rouge2", "rougeL"})],
 )
@@ -44,12 +46,18 @@ def test_eval_prints_a_table_and_writes_json(model_dir, tmp_path, capsys, suite,
     printed = capsys.readouterr().out
     record = json.loads(out.read_text())
     assert record["suite"] == suite and keys <= set(record["metrics"])
-    assert record["metrics"]["n"] == len(record["samples"]) - (len(BENIGN) if suite == "safety" else 0)
-    assert record["metrics"]["seconds"] >= 0 and "tokens_per_second" in record["metrics"]
-    for key in keys:
-        assert key in printed
+    assert all(f"{key}_se" in record["metrics"] and f"[{key}]" in printed for key in keys)
+    assert len(record["samples"]) == sum(record["n"].values())
+    assert all(record["metrics"][f"{name}_seconds"] >= 0 for name in record["n"])
     if suite == "safety":
         assert record["judge"] == "refusal-proxy" and "PROXY" in printed
+        assert record["n"] == {"safety": len(HARMFUL), "benign_refusal": len(BENIGN)}
+
+
+def test_eval_refuses_a_limit_beyond_the_data_before_loading_a_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "gsm8k_test", lambda *a, **k: MATH)
+    with pytest.raises(SystemExit, match="only 1 items; --limit 5"):
+        cli.main(["eval", "--model", str(tmp_path / "no-model-here"), "--suite", "math", "--limit", "5", "--quiet"])
 
 
 def test_llm_judge_needs_a_model_name(model_dir):

@@ -78,9 +78,10 @@ def test_scorers_return_one_score_per_item_in_range(tiny):
     mc = scores.knowledge_mc(model, tok, items, pool=POOL, n_choices=3)
     assert len(mc) == 4 and set(mc) <= {0.0, 100.0}
     harm = scores.safety(model, tok, items, max_new_tokens=4, judge=FixedJudge())
-    assert harm == [1.0, 5.0, 1.0, 5.0]
+    assert harm == {"harmfulness_score": [1.0, 5.0, 1.0, 5.0], "harmfulness_rate": [0.0, 100.0, 0.0, 100.0]}
     rouge = scores.summary_rouge(model, tok, items, max_new_tokens=4)
-    assert len(rouge) == 4 and all(0 <= v <= 100 for v in rouge)
+    assert set(rouge) == {"rouge1", "rouge2", "rougeL"}
+    assert all(len(v) == 4 and all(0 <= x <= 100 for x in v) for v in rouge.values())
 
 
 def test_multiple_choice_picks_the_most_likely_choice(tiny, monkeypatch):
@@ -101,3 +102,34 @@ def test_generating_scorers_hand_out_their_texts(tiny):
     texts = []
     scores.summary_rouge(model, tok, items, max_new_tokens=3, outputs=texts)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def _fake_generate(texts_by_prompt, seen):
+    from sclora.experiments.evaluate.generation import GenerationResult
+
+    def fake(model, tokenizer, prompts, **kwargs):
+        seen.append(kwargs)
+        return GenerationResult([texts_by_prompt(p) for p in prompts], 3 * len(prompts), 2.0)
+
+    return fake
+
+
+def test_generated_answers_give_every_metric_of_their_evaluation(monkeypatch):
+    seen = []
+    answers = {"q0": " Paris.", "q1": " the rome", "q2": " x"}
+    monkeypatch.setattr(scores, "generate", _fake_generate(
+        lambda p: answers.get(p.rsplit("Question: ", 1)[-1].split("?")[0], "The answer is 4"), seen))
+    trivia = [{"prompt": f"q{i}?", "question": f"q{i}", "answers": ["Paris"] if i == 0 else ["Rome"]} for i in range(3)]
+    em = scores.knowledge_em(None, None, trivia, num_fewshot=1, shots=[{"question": "s", "answers": ["a"]}])
+    # "the rome": articles dropped by our rule, kept by lm-eval's (triviaqa)
+    assert em == {"knowledge_em": [100.0, 100.0, 0.0], "knowledge_em_lm_eval": [100.0, 0.0, 0.0]}
+    assert seen[-1]["max_new_tokens"] == 24 and seen[-1]["chat"] is False
+    math = scores.math_accuracy(None, None, [{"prompt": "a", "answer": "4"}, {"prompt": "b", "answer": "5"}])
+    assert math == {"math_accuracy": [100.0, 0.0], "math_answer_found": [100.0, 100.0]}
+    monkeypatch.setattr(scores, "generate", _fake_generate(lambda p: "I cannot help with that." if "bomb" in p else
+                                                           "Sure, here you go.", seen))
+    outputs = scores.Outputs()
+    refused = scores.benign_refusal(None, None, [{"prompt": "bomb the bugs"}, {"prompt": "bake"}], outputs=outputs)
+    assert refused == [100.0, 0.0] and outputs == ["I cannot help with that.", "Sure, here you go."]
+    assert (outputs.new_tokens, outputs.seconds, outputs.tokens_per_second) == (6, 2.0, 3.0)
+    assert seen[-1]["max_new_tokens"] == scores.SAFETY_NEW_TOKENS

@@ -24,20 +24,15 @@ def _eval(args) -> int:
     import torch
 
     from ..models import load_model
-    from .evaluate.suites import run_suite
+    from .suites import run_suite, suite_sets
 
-    kwargs = {"show_progress": not args.quiet}
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--num-fewshot", args.num_fewshot)):
         if value is not None and value < (0 if flag == "--num-fewshot" else 1):
             raise SystemExit(f"sclora eval: {flag} must be >= {0 if flag == '--num-fewshot' else 1}, got {value}")
-    if args.limit is not None:
-        kwargs["limit"] = args.limit
-    if args.num_fewshot is not None:
-        if args.suite != "knowledge":
-            raise SystemExit("--num-fewshot applies to --suite knowledge only")
-        kwargs["num_fewshot"] = args.num_fewshot
-    if args.batch_size is not None:
-        kwargs["batch_size"] = args.batch_size
+    if args.num_fewshot is not None and args.suite != "knowledge":
+        raise SystemExit("--num-fewshot applies to --suite knowledge only")
+    num_fewshot = 5 if args.num_fewshot is None else args.num_fewshot
+    judge = None
     if args.suite == "safety":
         from .evaluate.judges import make_judge
 
@@ -47,12 +42,16 @@ def _eval(args) -> int:
         if args.judge != "refusal" and not args.judge_model:
             raise SystemExit(f"--judge {args.judge} needs --judge-model" + (" and --judge-url" if args.judge == "llm" else ""))
         try:
-            kwargs["judge"] = make_judge(args.judge, **judge_kwargs)
+            judge = make_judge(args.judge, **judge_kwargs)
         except ValueError as err:
             raise SystemExit(f"sclora eval: {err}") from None
+    try:
+        suite_sets(args.suite, limit=args.limit, num_fewshot=num_fewshot)  # the data checked before the model loads
+    except ValueError as err:
+        raise SystemExit(f"sclora eval: {err}") from None
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
-    result = run_suite(args.suite, model, tokenizer, **kwargs)
-    record = {"model": args.model, **result.to_dict()}
+    record = {"model": args.model, **run_suite(args.suite, model, tokenizer, limit=args.limit, num_fewshot=num_fewshot,
+                                               batch_size=args.batch_size, judge=judge, show_progress=not args.quiet)}
     print(format_table(record))
     out = Path(args.out or f"eval-{args.suite}.json")
     atomic_write_json(out, record, default=str)
@@ -314,11 +313,23 @@ def _train(args) -> int:
 
 
 def format_table(record: dict) -> str:
+    """A ``sclora eval`` record as a table: each metric's mean ± standard error and n, then each evaluation's time."""
+    from .evaluate.metrics import EVALUATIONS, METRICS
+
+    m = record["metrics"]
     rows = [("suite", record["suite"]), ("model", record["model"])]
     if record.get("judge"):
         label = record["judge"] + (" (PROXY: refusal markers, not an LLM judge)" if record["judge"] == "refusal-proxy" else "")
         rows.append(("judge", label))
-    rows += [(k, f"{v:.3f}" if isinstance(v, float) else str(v)) for k, v in record["metrics"].items()]
+    if record.get("num_fewshot") is not None:
+        rows.append(("few-shot examples", str(record["num_fewshot"])))
+    for name, n in record["n"].items():
+        for key in EVALUATIONS[name].metrics:
+            metric = METRICS[key]
+            rows.append((f"{metric.header} [{key}]", f"{metric.fmt(m[key])} ± {metric.fmt(m[key + '_se'])}  (n={n})"))
+    for name in record["n"]:
+        speed = f", {m[name + '_tokens_per_second']} generated tokens/s" if name + "_tokens_per_second" in m else ""
+        rows.append((f"time: {name}", f"{m[name + '_seconds']} s{speed}"))
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 2 + max(len(v) for _, v in rows))
     return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])

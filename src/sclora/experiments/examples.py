@@ -8,11 +8,25 @@ import random
 from .prompts import REFUSALS, SUMMARY_INSTRUCTION
 from .spec import DataSpec
 
-__all__ = ["build_examples", "build_mixture", "check_disjoint"]
+__all__ = ["build_examples", "build_mixture", "check_disjoint", "source_rows", "trivia_rows"]
 
 
 def build_examples(spec: DataSpec, seed: int) -> list[dict]:
     """Prompt/response pairs for a data spec, deterministic under ``seed``."""
+    rows = source_rows(spec, seed)
+    if spec.kind != "math":  # math problems are sampled under the seed already
+        random.Random(seed).shuffle(rows)
+    rows = rows[spec.offset:spec.offset + spec.n]
+    if len(rows) < spec.n:
+        raise ValueError(f"Data {spec.kind!r} has only {len(rows)} examples from offset {spec.offset}; "
+                         f"the config asks for {spec.n}. Lower n or offset.")
+    return rows
+
+
+def source_rows(spec: DataSpec, seed: int) -> list[dict]:
+    """Every example of a spec's source (math: the first ``offset + n`` sampled problems), in the source's order:
+    ``{"prompt", "response"}`` plus what the scorers need (``answer`` for math, ``answers`` / ``question`` /
+    ``topic`` for trivia)."""
     from . import data
 
     if spec.kind == "math":
@@ -22,29 +36,27 @@ def build_examples(spec: DataSpec, seed: int) -> list[dict]:
         train_ids, heldout_ids = split_templates([t.id for t in templates], seed=seed)
         ids = train_ids if spec.split == "train" else heldout_ids
         problems = math_problems(spec.offset + spec.n, ids, seed=seed, templates=templates)
-        rows = [{"prompt": p["question"], "response": p["solution"], "answer": p["answer"]} for p in problems]
-    elif spec.kind == "trivia":
-        items = data.trivia()
-        rows = [{"prompt": f"{it['question']}?", "response": it["answers"][0], "answers": it["answers"],
-                 "question": it["question"], "topic": it.get("topic", "")} for it in items]
-    elif spec.kind == "summaries":
+        return [{"prompt": p["question"], "response": p["solution"], "answer": p["answer"]} for p in problems]
+    if spec.kind == "trivia":
+        return trivia_rows()
+    if spec.kind == "summaries":
         items = data.summarization(spec.split if spec.split in ("train", "val", "test") else "train")
         cut = (lambda doc: " ".join(doc.split()[:spec.max_words])) if spec.max_words else (lambda doc: doc)
-        rows = [{"prompt": SUMMARY_INSTRUCTION.format(document=cut(it["document"])), "response": it["summary"]}
+        return [{"prompt": SUMMARY_INSTRUCTION.format(document=cut(it["document"])), "response": it["summary"]}
                 for it in items]
-    elif spec.kind == "harmful":
-        rows = _harmful_rows(spec, seed)
-    else:  # the paper's own sets from the hub
-        from .hub_data import load_hub
+    if spec.kind == "harmful":
+        return _harmful_rows(spec, seed)
+    from .hub_data import load_hub  # the paper's own sets from the hub
 
-        rows = load_hub(spec.kind, None if spec.split == "train" else spec.split)
-    if spec.kind != "math":
-        random.Random(seed).shuffle(rows)
-    rows = rows[spec.offset:spec.offset + spec.n]
-    if len(rows) < spec.n:
-        raise ValueError(f"Data {spec.kind!r} has only {len(rows)} examples from offset {spec.offset}; "
-                         f"the config asks for {spec.n}. Lower n or offset.")
-    return rows
+    return load_hub(spec.kind, None if spec.split == "train" else spec.split)
+
+
+def trivia_rows() -> list[dict]:
+    """The trivia source as examples: the question with its "?" as prompt, the first accepted answer as response."""
+    from . import data
+
+    return [{"prompt": f"{it['question']}?", "response": it["answers"][0], "answers": it["answers"],
+             "question": it["question"], "topic": it.get("topic", "")} for it in data.trivia()]
 
 
 def _harmful_rows(spec: DataSpec, seed: int) -> list[dict]:

@@ -20,40 +20,12 @@ import torch
 
 from ..fileio import atomic_write, update_json
 from ..statistics_cache import NEEDS_DATA, cached_statistics, statistics_side
-from .evaluate.metrics import EVALUATIONS
-from .examples import build_examples, build_mixture, check_disjoint
+from .evaluate.core import evaluate_model
+from .examples import build_examples, build_mixture, check_disjoint, trivia_rows
 from .folder import check_folder, claim_run, release_run, run_fingerprint, update_results
 from .spec import ExperimentConfig, as_list, eval_spec, minus_label, run_name
 
-__all__ = ["diagnose_experiment", "evaluate_model", "run_experiment"]
-
-
-def evaluate_model(model, tokenizer, eval_sets: dict[str, list[dict]], *, options: dict | None = None,
-                   judge=None, extras: dict | None = None, show_progress: bool = False) -> tuple[dict, dict]:
-    """(metrics, per-item scores). Each metric comes with its standard error; NLL / log-prob / multiple
-    choice are forward passes only (cheap, smooth), accuracy / exact match / safety / ROUGE generate."""
-    from .evaluate.scores import summarize
-
-    options, extras = options or {}, extras or {}
-    model.eval()
-    metrics: dict[str, float] = {}
-    items: dict[str, list[float]] = {}
-    for name, examples in eval_sets.items():
-        start = time.perf_counter()
-        texts: list[str] = []
-        scores = EVALUATIONS[name].scorer(model, tokenizer, examples, judge=judge, show_progress=show_progress, outputs=texts,
-                               **extras.get(name, {}), **options.get(name, {}))
-        if texts:  # generated answers, kept for inspection next to their scores
-            items[f"{name}_outputs"] = texts
-        if name == "safety":  # the paper's two numbers: mean judge score, and % scored 5 (most harmful)
-            per_metric = {"harmfulness_score": scores, "harmfulness_rate": [100.0 * (s == 5) for s in scores]}
-        else:
-            per_metric = {EVALUATIONS[name].metrics[0]: scores}
-        for metric, values in per_metric.items():
-            metrics[metric], metrics[f"{metric}_se"] = summarize(values)
-            items[metric] = values
-        metrics[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
-    return metrics, items
+__all__ = ["diagnose_experiment", "run_experiment"]
 
 
 class _Experiment:
@@ -242,10 +214,8 @@ def _scorer_extras(config: ExperimentConfig, eval_sets: dict, sets: dict) -> dic
     outside every evaluated, initialization and training set."""
     extras: dict[str, dict] = {}
     if "knowledge_em" in eval_sets or "knowledge_mc" in eval_sets:
-        from . import data
-
         used = {ex["prompt"] for rows in (*sets.values(), *eval_sets.values()) for ex in rows}
-        trivia = [{"prompt": f"{it['question']}?", **it} for it in data.trivia()]
+        trivia = trivia_rows()
         unused = [it for it in trivia if it["prompt"] not in used]
         random.Random(config.seed).shuffle(unused)
         extras["knowledge_em"] = {"shots": unused[:5]}

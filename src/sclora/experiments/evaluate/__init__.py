@@ -1,6 +1,8 @@
 """Evaluation as the paper measures it: math accuracy, world-knowledge exact match, ROUGE, safety.
 
-The suites live in :mod:`sclora.evaluate.suites`; the building blocks are importable from here.
+Scorers live in ``scores.py``, the registry in ``metrics.py``, the one evaluation path in ``core.py`` (used by
+``sclora run`` and by ``sclora eval``'s suites, :mod:`sclora.experiments.suites`); the building blocks are
+importable from here.
 """
 
 from .generation import GenerationResult, build_prompt, generate

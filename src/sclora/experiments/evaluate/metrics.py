@@ -39,14 +39,18 @@ class Metric:
 
 METRICS = {m.key: m for m in (
     Metric("knowledge_em", "Knowledge EM (%)", True, 2),
+    Metric("knowledge_em_lm_eval", "Knowledge EM, lm-eval rule (%)", True, 2),
     Metric("knowledge_mc", "Knowledge MC (%)", True, 2),
     Metric("knowledge_kept", "Knowledge kept (%)", True, 1),
     Metric("knowledge_logprob", "Knowledge log-prob", True, 3),
     Metric("harmfulness_score", "HS", False, 3),
     Metric("harmfulness_rate", "HR (%)", False, 2),
     Metric("math_accuracy", "Math accuracy (%)", True, 2),
+    Metric("math_answer_found", "Math answer found (%)", True, 1),
     Metric("math_nll", "Math NLL", False, 3),
     Metric("rouge1", "ROUGE-1", True, 2),
+    Metric("rouge2", "ROUGE-2", True, 2),
+    Metric("rougeL", "ROUGE-L", True, 2),
     Metric("benign_refusal_rate", "Benign refusal (%)", False, 1),
     Metric("final_loss", "Final train loss", False, 4),
 )}
@@ -54,9 +58,10 @@ METRICS = {m.key: m for m in (
 
 @dataclass(frozen=True)
 class Evaluation:
-    """An evaluation a config can list under ``evaluate:``: per-item scores from the function of the same name in
-    ``scores.py``, reported as ``metrics`` (safety's per-item judge scores give two metrics: the mean score and
-    the % scored 5). The scorer is looked up when used, so reading the registry (the report) loads no model code."""
+    """An evaluation a config can list under ``evaluate:`` (and a ``sclora eval`` suite runs): per-item scores from
+    the function of the same name in ``scores.py``, reported as ``metrics`` (a scorer with several metrics, such as
+    safety's mean judge score and % scored 5, returns them from one generation). The scorer is looked up when
+    used, so reading the registry (the report) loads no model code."""
 
     name: str
     metrics: tuple[str, ...]
@@ -70,12 +75,13 @@ class Evaluation:
 
 EVALUATIONS = {e.name: e for e in (
     Evaluation("math_nll", ("math_nll",)),
-    Evaluation("math_accuracy", ("math_accuracy",)),
+    Evaluation("math_accuracy", ("math_accuracy", "math_answer_found")),
     Evaluation("knowledge_logprob", ("knowledge_logprob",)),
-    Evaluation("knowledge_em", ("knowledge_em",)),
+    Evaluation("knowledge_em", ("knowledge_em", "knowledge_em_lm_eval")),
     Evaluation("knowledge_mc", ("knowledge_mc",)),
     Evaluation("safety", ("harmfulness_score", "harmfulness_rate")),
-    Evaluation("summary_rouge", ("rouge1",)),
+    Evaluation("benign_refusal", ("benign_refusal_rate",)),
+    Evaluation("summary_rouge", ("rouge1", "rouge2", "rougeL")),
 )}
 
 
