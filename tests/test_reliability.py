@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sclora import cli, fileio
+from sclora.data import resolve_data
 from sclora.experiments import commands, data
 from sclora.experiments.folder import StaleResultsError
 from sclora.experiments.spec import load_config
@@ -204,9 +205,10 @@ def test_cli_values_are_parsed_as_people_write_them(model_dir, tmp_path, capsys)
     assert load_config(config).train["learning_rate"] == 2e-4
     assert cli.main(["run", str(config), "--dry-run", "--set", "r=4"]) == 0
     for spec, said in [("math:4:x", "whole numbers"), ("math", "kind:n"), ("math:4:0:hedlout", "split"),
-                       ("math:4:0:train:extra", "kind:n"), ("poems:4", "Unknown data kind")]:
-        with pytest.raises(SystemExit, match=said):
-            commands._data_spec(spec)
+                       ("math:4:0:train:extra", "kind:n"), ("poems:4", "no installed package knows this name"),
+                       ("safety:x", "safety:N")]:
+        with pytest.raises(ValueError, match=said):
+            resolve_data(spec)
 
 
 @pytest.mark.parametrize("flags,said", [(["--r", "0"], "r must be a positive integer"), (["--beta", "1.5"], "beta"),

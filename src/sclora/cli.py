@@ -1,8 +1,9 @@
 """The ``sclora`` command line. Commands come from the entry point group ``sclora.commands``: each entry is a
-function that adds subparsers (the paper-reproduction kit registers ``sclora.experiments.commands:add_commands``),
-so the library never imports the kit by name.
+function that adds subparsers: the library registers ``sclora.commands:add_commands`` (finetune, init, train), the
+paper-reproduction kit ``sclora.experiments.commands:add_commands`` (run, eval, report, ...), so the library never
+imports the kit by name.
 
-    sclora init --plus math:256 --minus trivia:256 --output runs/init
+    sclora finetune --model DIR --data task.jsonl --preserve keep.jsonl --output out/
     sclora run configs/demo.yaml --output runs/demo
 """
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # torchrun / accelerate launch: init and train spread over the processes (docs/distributed.md)
     started = False
-    if args.command in ("init", "train"):
+    if args.command in ("init", "train", "finetune"):
         from . import distributed
 
         started = distributed.init_from_env()

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from . import distributed
-from .chat import build_prompt
+from .chat import render_example
 from .fileio import digest, safe_name
 from .statistics import (
     FORMAT_VERSION,
@@ -24,18 +24,31 @@ from .statistics import (
 )
 from .targets import resolve_targets
 
-__all__ = ["NEEDS_DATA", "cached_statistics", "statistics_batches", "statistics_path", "statistics_side"]
+__all__ = ["NEEDS_DATA", "Batches", "cached_statistics", "statistics_batches", "statistics_path", "statistics_side"]
 
 
-def statistics_batches(tokenizer, examples: list[dict], seq_len: int, batch_size: int) -> list[dict]:
-    """Prompt + response through the chat template, right-padded/truncated to ``seq_len`` tokens."""
-    texts = [build_prompt(tokenizer, ex["prompt"]) + ex["response"] for ex in examples]
+class Batches(list):
+    """Padded token batches, with how many examples there were and how many were cut to ``seq_len``."""
+
+    examples: int = 0
+    truncated: int = 0
+
+
+def statistics_batches(tokenizer, examples: list[dict], seq_len: int, batch_size: int) -> Batches:
+    """Examples rendered as training renders them (:func:`sclora.chat.render_example`: prompt + response through
+    the chat template, a conversation through it, or plain text), right-padded / truncated to ``seq_len`` tokens.
+    The number of truncated examples is counted (``.truncated``), never silent."""
+    texts = [render_example(tokenizer, ex) for ex in examples]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    batches = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], max_length=seq_len, truncation=True, padding=True,
-                        add_special_tokens=False, return_tensors="pt")
+    batches = Batches()
+    batches.examples = len(texts)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # one call: the fast path
+    batches.truncated = sum(len(row) > seq_len for row in ids)
+    left = getattr(tokenizer, "truncation_side", "right") == "left"
+    ids = [row[-seq_len:] if left else row[:seq_len] for row in ids]
+    for i in range(0, len(ids), batch_size):
+        enc = tokenizer.pad({"input_ids": ids[i:i + batch_size]}, padding=True, return_tensors="pt")
         batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     return batches
 

@@ -1,7 +1,7 @@
 """Fine-tuning with transformers' Trainer: the SC-LoRA paper's recipe, loss on responses only, resumable.
 
 :func:`train` fine-tunes a plain model (full fine-tuning) or a ``peft.PeftModel`` (only the adapter
-trains) on ``{"prompt", "response"}`` examples. Checkpoints are Trainer's ``checkpoint-*`` folders
+trains) on ``{"prompt", "response"}``, chat ``{"messages"}`` or plain ``{"text"}`` examples. Checkpoints are Trainer's ``checkpoint-*`` folders
 in ``output_dir``; a later call with ``resume=True`` continues from the newest one, optimizer,
 scheduler, data order and RNG state included.
 """
@@ -24,10 +24,10 @@ import torch
 from torch.utils.data import Dataset
 
 from . import distributed
-from .chat import build_prompt
+from .chat import example_segments
 from .fileio import atomic_write_json
 
-__all__ = ["PadCollator", "TrainConfig", "TrainResult", "tokenize_examples", "train"]
+__all__ = ["PadCollator", "Tokenized", "TrainConfig", "TrainResult", "tokenize_examples", "train"]
 
 IGNORE_INDEX = -100
 TRAIN_LOG = "train_log.json"
@@ -138,47 +138,70 @@ class TrainResult:
     tokens: int = 0  # non-padding tokens processed by this call
     resumed_from: int | None = None  # the checkpoint step this call resumed from
     dropped_examples: int = 0  # examples whose response max_length cut off entirely
+    truncated_examples: int = 0  # examples cut to max_length (still trained on)
     extra: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- data
 
 
-def tokenize_examples(
-    tokenizer, examples: Sequence[Mapping[str, str]], max_length: int, chat: bool = True
-) -> list[dict]:
-    """Token ids, attention mask and labels of ``{"prompt", "response"}`` examples.
+class Tokenized(list):
+    """Tokenized examples, with how many were cut to max_length (``truncated``) or dropped (``dropped``)."""
 
-    The input is ``build_prompt(prompt) + response + eos``; prompt and response are tokenized
-    separately and concatenated, so the boundary is exact. Labels are -100 on the prompt (the loss
-    is on response tokens and eos only). Sequences longer than ``max_length`` are cut from the right
-    (the prompt start is kept); an example whose response is cut off entirely is dropped with a
-    warning. The response is used as given: with ``chat=False`` put any separator (a space) in it or
-    at the end of the prompt yourself.
+    truncated: int = 0
+    dropped: int = 0
+
+
+def tokenize_examples(
+    tokenizer, examples: Sequence[Mapping], max_length: int, chat: bool = True
+) -> Tokenized:
+    """Token ids, attention mask and labels of examples in any of the three formats of
+    :func:`sclora.chat.example_segments` (``{"prompt", "response"}``, ``{"messages"}``, ``{"text"}``).
+
+    Each rendered piece is tokenized separately and the ids concatenated, so the boundary between what is trained
+    and what is not is exact; labels are -100 outside the trained pieces (the prompt; a conversation's system and
+    user turns). Prompt / response and text examples end with eos (trained), so the model learns where to stop;
+    a conversation ends with its template's end-of-turn. A prompt gets the tokenizer's special tokens (BOS) only
+    when it is not rendered through a chat template (``chat=False``), plain text always, a conversation never
+    (templates carry their own). Sequences longer than ``max_length`` are cut from the right and counted
+    (``truncated``, with a warning); an example left with no trained token is dropped and counted (``dropped``).
+    The response is used as given: with ``chat=False`` put any separator (a space) in it or at the end of the
+    prompt yourself.
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no eos token; set tokenizer.eos_token so the model learns where to stop.")
-    out, dropped = [], 0
+    out = Tokenized()
     for i, example in enumerate(examples):
-        if not isinstance(example, Mapping) or not all(isinstance(example.get(k), str) for k in ("prompt", "response")):
-            raise ValueError(
-                f"Example {i} must be a mapping with string 'prompt' and 'response', got {example!r:.200}.")
-        prompt_text = build_prompt(tokenizer, example["prompt"], chat=chat)
-        # Like generation: chat templates carry their own special tokens (BOS), plain prompts get them added.
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=not chat)["input_ids"]
-        response_ids = tokenizer(example["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(prompt_ids) >= max_length:
-            dropped += 1
-            continue
-        input_ids = (prompt_ids + response_ids)[:max_length]
-        labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+        try:
+            segments = example_segments(tokenizer, dict(example) if isinstance(example, Mapping) else example, chat=chat)
+        except ValueError as err:
+            raise ValueError(f"Example {i}: {err}") from None
+        kind = "messages" if "messages" in example else "text" if "prompt" not in example else "prompt_response"
+        input_ids, labels = [], []
+        for k, (text, trained) in enumerate(segments):
+            special = k == 0 and (kind == "text" or (kind == "prompt_response" and not chat))
+            ids = tokenizer(text, add_special_tokens=special)["input_ids"]
+            input_ids += ids
+            labels += ids if trained else [IGNORE_INDEX] * len(ids)
+        if kind != "messages":
+            input_ids.append(tokenizer.eos_token_id)
+            labels.append(tokenizer.eos_token_id)
+        if len(input_ids) > max_length:
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+            if all(x == IGNORE_INDEX for x in labels):
+                out.dropped += 1
+                continue
+            out.truncated += 1
         out.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
-    if dropped:
+    if out.dropped:
         warnings.warn(
-            f"Dropped {dropped} of {len(examples)} example(s) whose prompt fills max_length={max_length}, leaving no "
-            "response token to train on; raise max_length or shorten the prompts.",
+            f"Dropped {out.dropped} of {len(examples)} example(s) with no trained token within max_length="
+            f"{max_length} (a prompt that fills it); raise max_length or shorten the prompts.",
             stacklevel=2,
         )
+    if out.truncated:
+        warnings.warn(f"Cut {out.truncated} of {len(examples)} example(s) to max_length={max_length} tokens.",
+                      stacklevel=2)
     return out
 
 
@@ -339,7 +362,9 @@ def train(
     callbacks: Sequence | None = None,
     context=None,
 ) -> TrainResult:
-    """Fine-tune ``model`` in place on ``{"prompt", "response"}`` examples with transformers' Trainer.
+    """Fine-tune ``model`` in place on examples with transformers' Trainer: ``{"prompt", "response"}``, chat
+    ``{"messages"}`` or ``{"text"}`` (see :func:`tokenize_examples`; :func:`sclora.data.load_examples` reads them
+    from files).
 
     ``model`` is a plain causal LM (every parameter with ``requires_grad`` trains: full fine-tuning)
     or a ``peft.PeftModel`` (only the adapter trains). Checkpoints (``checkpoint-<step>``, every
@@ -377,7 +402,7 @@ def train(
     items = tokenize_examples(tokenizer, examples, config.max_length, chat=config.chat)
     if not items:
         raise ValueError("No training examples left after tokenization (none given, or all truncated away).")
-    dropped = len(examples) - len(items)
+    dropped = items.dropped
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("The model has no trainable parameter; wrap it with sclora.init_model first.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -452,6 +477,7 @@ def train(
         tokens=tokens,
         resumed_from=int(_CHECKPOINT.match(os.path.basename(resume_from)).group(1)) if resume_from else None,
         dropped_examples=dropped,
+        truncated_examples=items.truncated,
         extra={"examples": len(items), "max_steps": int(state.max_steps)},
     )
     if not main:
@@ -472,6 +498,7 @@ def train(
         "final_loss": _finite(result.final_loss),
         "examples": len(items),
         "dropped_examples": dropped,
+        "truncated_examples": items.truncated,
         "loss_history": [list(x) for x in history],
         "calls": calls,
         "config": config.to_dict(),

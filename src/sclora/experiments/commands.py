@@ -1,6 +1,8 @@
 """The commands of the paper-reproduction kit, added to the ``sclora`` command line through the entry point
-group ``sclora.commands`` (pyproject.toml): ``init``, ``train`` (on the catalogue's data specs), ``run``,
-``diagnose``, ``report``, ``eval`` and ``align``. Thin wrappers over the kit and the library.
+group ``sclora.commands`` (pyproject.toml): ``run``, ``diagnose``, ``report``, ``eval`` and ``align``. Thin
+wrappers over the kit and the library. (``init``, ``train`` and ``finetune`` are the library's own,
+``sclora/commands.py``; the kit's catalogue names such as ``math:256`` reach them through the entry point group
+``sclora.data``, see ``examples.resolve_named``.)
 
     sclora eval --model smollm2-135m-instruct --suite knowledge [--limit 200] [--out results.json]
     sclora run configs/demo.yaml --output runs/demo
@@ -176,142 +178,6 @@ def install_aligned(model_dir: Path) -> Path:
     return target
 
 
-def _data_spec(text: str):
-    """'kind:n[:offset[:split]]', e.g. 'math:256' or 'trivia:256:512' or 'math:64:0:heldout'."""
-    from .spec import DataSpec
-
-    parts = text.split(":")
-    numbers = parts[1:3]
-    if not 2 <= len(parts) <= 4 or not all(p.isdigit() for p in numbers):
-        raise SystemExit(f"data spec {text!r}: expected kind:n[:offset[:split]] with whole numbers n and offset, "
-                         "e.g. math:256, trivia:256:512 or math:64:0:heldout")
-    try:
-        return DataSpec(parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else 0,
-                        parts[3] if len(parts) > 3 else "train")
-    except ValueError as err:
-        raise SystemExit(f"data spec {text!r}: {err}") from None
-
-
-def _init_inputs(args):
-    """The init's config and data from ``args``, all checked before any model is loaded."""
-    from .. import SCLoRAConfig
-    from ..models import check_model
-    from ..statistics_cache import NEEDS_DATA
-    from .examples import build_examples
-    from .spec import check_int
-
-    try:
-        config = SCLoRAConfig(method=args.method, r=args.r, beta=args.beta, normalize=args.normalize)
-        check_int(args.seq_len, "--seq-len", 2)
-        check_int(args.seed, "--seed", 0)
-    except ValueError as err:
-        raise SystemExit(f"sclora init: {err}") from None
-    examples = {}
-    for label in NEEDS_DATA.get(args.method, ()):
-        spec = getattr(args, label)
-        if spec is None:
-            raise SystemExit(f"--method {args.method} needs --{label} DATA (e.g. --{label} math:256)")
-        examples[label] = build_examples(_data_spec(spec), args.seed)
-    check_model(args.model)
-    return config, examples
-
-
-def _build_init(args, inputs, model, tokenizer, out: Path):
-    """Statistics (cached in out/stats) and the initialized model, deterministically from args."""
-    from .. import distributed, init_model
-    from ..statistics_cache import cached_statistics, statistics_side
-
-    config, examples = inputs
-    stats = {label: cached_statistics(out / "stats", label, model, tokenizer, rows, seq_len=args.seq_len,
-                                      batch_size=8, target_modules=config.target_modules, normalize=args.normalize,
-                                      side=statistics_side(args.method), show_progress=not args.quiet)
-             for label, rows in examples.items()}
-    if distributed.is_main_process():
-        config.save_pretrained(out)
-    return init_model(model, config, plus=stats.get("plus"), minus=stats.get("minus"), show_progress=not args.quiet)
-
-
-def _init(args) -> int:
-    import time
-
-    from .. import distributed
-    from ..export import save_initial_adapter
-
-    out = Path(args.output)
-    inputs = _init_inputs(args)
-    out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = _load_model(args.model)
-    start = time.perf_counter()
-    model = _build_init(args, inputs, model, tokenizer, out)
-    if distributed.is_main_process():  # every rank holds the same adapter; one writes it
-        if hasattr(model, "peft_config"):
-            save_initial_adapter(model, out / "initial_adapter")
-        atomic_write_json(out / "init_args.json", vars(args), default=str)
-        print(f"initialized {args.method} in {time.perf_counter() - start:.1f} s; statistics and config in {out}")
-    distributed.barrier()
-    return 0
-
-
-def _load_model(name: str):
-    """load_model, on this process's GPU when several processes share a node's GPUs."""
-    from .. import distributed
-    from ..models import load_model
-
-    if not distributed.is_main_process():  # one set of progress bars
-        from transformers.utils import logging
-
-        logging.disable_progress_bar()
-    model, tokenizer = load_model(name)
-    if distributed.is_distributed() and distributed.device().type == "cuda":
-        model.to(distributed.device())
-    return model, tokenizer
-
-
-def _train(args) -> int:
-    from .. import distributed
-    from ..export import export_lora
-    from ..models import model_identity
-    from ..train import TrainConfig, train
-    from .examples import build_examples
-
-    init_dir = Path(args.init)
-    try:
-        saved = json.loads((init_dir / "init_args.json").read_text())
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"sclora train: {init_dir / 'init_args.json'} cannot be read ({err}); run `sclora init "
-                         f"--output {init_dir} ...` first.") from None
-    init_args = argparse.Namespace(**{**saved, "quiet": args.quiet})
-    try:
-        config = TrainConfig.from_dict(yaml_overrides(args.set))
-    except ValueError as err:
-        raise SystemExit(f"sclora train: --set: {err}") from None
-    examples = build_examples(_data_spec(args.data), init_args.seed)
-    inputs = _init_inputs(init_args)
-    model, tokenizer = _load_model(init_args.model)
-    model = _build_init(init_args, inputs, model, tokenizer, init_dir)  # same stats, same init: resumable
-    # Under torchrun / accelerate launch Trainer trains with DDP or FSDP; every process holds the whole data
-    # and Trainer gives each its share of every global batch (config batch_size).
-    # The checkpoints belong to this init and data: a resume from another init's checkpoints is refused.
-    context = digest({"init": {k: v for k, v in saved.items() if k not in ("quiet", "output", "func")},
-                      "data": args.data, "model_files": model_identity(init_args.model)})
-    result = train(model, tokenizer, examples, config, Path(args.output) / "checkpoints", show_progress=not args.quiet,
-                   context=context)
-    with distributed.full_parameters(model):  # FSDP: the whole weights, on rank 0
-        if distributed.is_main_process():  # one writer; the other ranks wait at the barrier
-            if hasattr(model, "peft_config"):
-                export_lora(model, Path(args.output) / "adapter")
-                where = "plain LoRA adapter for the untouched base in " + str(Path(args.output) / "adapter")
-            else:  # full fine-tuning: the model itself
-                with atomic_dir(Path(args.output) / "model") as tmp:
-                    model.save_pretrained(tmp)
-                    tokenizer.save_pretrained(tmp)
-                where = "model in " + str(Path(args.output) / "model")
-            print(f"{result.steps} steps, {result.train_seconds:.1f} s, {result.tokens_per_second:.1f} tokens/s, "
-                  f"final loss {result.final_loss:.4f}; {where}")
-    distributed.barrier()
-    return 0
-
-
 def format_table(record: dict) -> str:
     """A ``sclora eval`` record as a table: each metric's mean ± standard error and n, then each evaluation's time."""
     from .evaluate.metrics import EVALUATIONS, METRICS
@@ -374,28 +240,6 @@ def add_commands(sub) -> None:
     rep = sub.add_parser("report", help="paper-style tables, figures and answers from `sclora run` output folders")
     rep.add_argument("dirs", nargs="+", metavar="DIR", help="folder(s) with results.json; report.md is written there")
     rep.set_defaults(func=_report)
-    ini = sub.add_parser("init", help="collect statistics and initialize an adapter (saved for sclora train)")
-    ini.add_argument("--model", default="smollm2-135m-instruct")
-    ini.add_argument("--method", default="sc_lora", choices=["sc_lora", "lora", "pissa", "corda_ipa", "corda_kpa",
-                                                              "full"])
-    ini.add_argument("--plus", help="D+ data spec kind:n[:offset[:split]], e.g. math:256")
-    ini.add_argument("--minus", help="D- data spec, e.g. trivia:256")
-    # --lora-r: torchrun's own parser rejects "--r" anywhere on its command line (an ambiguous prefix of its options)
-    ini.add_argument("--r", "--lora-r", dest="r", type=int, default=16, help="LoRA rank (--lora-r under torchrun)")
-    ini.add_argument("--beta", type=float, default=0.5)
-    ini.add_argument("--normalize", default="none", choices=["none", "max_abs", "trace"])
-    ini.add_argument("--seq-len", type=int, default=256)
-    ini.add_argument("--seed", type=int, default=0)
-    ini.add_argument("--output", required=True)
-    ini.add_argument("--quiet", action="store_true")
-    ini.set_defaults(func=_init)
-    tr = sub.add_parser("train", help="fine-tune from an `sclora init` folder; exports a plain LoRA adapter")
-    tr.add_argument("--init", required=True, help="folder written by sclora init")
-    tr.add_argument("--data", required=True, help="training data spec, e.g. math:1024:256")
-    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="TrainConfig values, e.g. learning_rate=2e-4")
-    tr.add_argument("--output", required=True)
-    tr.add_argument("--quiet", action="store_true")
-    tr.set_defaults(func=_train)
     al = sub.add_parser("align", help="safety-align a model (refusals on one harmful source), measured on others")
     al.add_argument("--model", default="smollm2-135m-instruct")
     al.add_argument("--output", required=True)

@@ -8,7 +8,7 @@ import random
 from .prompts import REFUSALS, SUMMARY_INSTRUCTION
 from .spec import DataSpec
 
-__all__ = ["build_examples", "build_mixture", "check_disjoint", "source_rows", "trivia_rows"]
+__all__ = ["PRESETS", "build_examples", "build_mixture", "check_disjoint", "resolve_named", "source_rows", "trivia_rows"]
 
 
 def build_examples(spec: DataSpec, seed: int) -> list[dict]:
@@ -92,3 +92,37 @@ def check_disjoint(named: dict[str, list[dict]]) -> None:
             if shared and {a, b} != {"plus", "train"}:
                 raise ValueError(f"Data sets {a!r} and {b!r} share {len(shared)} example(s), e.g. "
                                  f"{next(iter(shared))[:80]!r}; give them disjoint offsets or splits.")
+
+
+#: presets for D- when a user has none (``--preserve safety``, ``--minus knowledge:128``): name -> (spec, help)
+PRESETS = {
+    "safety": (DataSpec("harmful", 128, source="harmbench", response="refusal"),
+               "HarmBench's harmful requests, each answered with one of the kit's refusals (prompts.REFUSALS)"),
+    "knowledge": (DataSpec("trivia", 256), "general-knowledge trivia questions with their answers"),
+}
+
+
+def resolve_named(text: str, seed: int) -> list[dict] | None:
+    """Examples for a name the catalogue knows (entry point group ``sclora.data``, used by the library's commands):
+    a preset ``safety[:N]`` / ``knowledge[:N]`` or a spec ``kind:n[:offset[:split]]`` (``math:256``,
+    ``trivia:256:512``, ``math:64:0:heldout``); None for anything else. A known kind with a malformed spec is a
+    ValueError saying how to write it."""
+    from dataclasses import replace
+
+    from .spec import DATA_KINDS
+
+    name, _, rest = text.partition(":")
+    if name in PRESETS:
+        spec = PRESETS[name][0]
+        if rest and not rest.isdigit():
+            raise ValueError(f"preset {text!r}: write {name} or {name}:N with a whole number N.")
+        return build_examples(replace(spec, n=int(rest)) if rest else spec, seed)
+    if name not in DATA_KINDS:
+        return None
+    parts = text.split(":")
+    if not 2 <= len(parts) <= 4 or not all(p.isdigit() for p in parts[1:3]):
+        raise ValueError(f"data spec {text!r}: expected kind:n[:offset[:split]] with whole numbers n and offset, "
+                         "e.g. math:256, trivia:256:512 or math:64:0:heldout")
+    spec = DataSpec(parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else 0,
+                    parts[3] if len(parts) > 3 else "train")
+    return build_examples(spec, seed)

@@ -2,7 +2,7 @@
 every metric's label, direction and format. The runner computes what is listed here and the report reads its
 labels and directions from here; nothing guesses a direction from a metric's name.
 
-To add a metric: a scorer in ``scores.py`` (model, tokenizer, items -> one score per item), an ``Evaluation``
+To add a metric: a scorer in ``scores.py`` (model, tokenizer, items -> one score per item, or a dict of them), an ``Evaluation``
 below naming it and its metric(s), and a ``Metric`` for each.
 """
 
