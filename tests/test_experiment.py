@@ -30,6 +30,9 @@ def test_run_writes_results_and_resumes(setup, capsys):
         assert row["trainable_params"] > 0 and row["train_seconds"] >= 0 and row["loss_history"]
         assert isinstance(row["knowledge_logprob"], float)
     assert rows[1]["knowledge_logprob"] != rows[0]["knowledge_logprob"]  # training moved the model
+    for name in ("lora", "sc_lora-beta0.5", "corda_kpa"):  # every run leaves a plain PEFT adapter for the base
+        adapter = json.loads((out / "runs" / name / "adapter" / "adapter_config.json").read_text())
+        assert adapter["peft_type"] == "LORA" and adapter["init_lora_weights"] is True
     assert "| sc_lora-beta0.5 | sc_lora | 0.5 |" in (out / "results.md").read_text()
     assert "sc_lora-beta0.5" in capsys.readouterr().out
     assert len(list((out / "stats").glob("plus-output-raw-*.safetensors"))) == 1  # named by what made it

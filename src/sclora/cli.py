@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # Deprecation notices of dependencies (transformers, peft) are for their callers' developers, not for people
+    # running a command; sclora issues no FutureWarning of its own.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     args = build_parser().parse_args(argv)
     # torchrun / accelerate launch: init and train spread over the processes (docs/distributed.md)
     started = False

@@ -236,9 +236,13 @@ def _summary_text(s: dict) -> str:
         parts += [f"{v:.1%} of the preserved data's ({k.replace('minus', 'D-')})" for k, v in energy.items()
                   if k.startswith("minus")]
         lines.append("  initial subspace holds " + ", ".join(parts) + " output energy (mean over modules)")
-    resumed = f", resumed from step {s['resumed_from_step']}" if s["resumed_from_step"] else ""
-    lines.append(f"  trained {s['steps']} steps in {s['train_seconds']} s ({s['tokens_per_second']} tokens/s{resumed}), "
-                 f"final loss {s['final_loss']:.4f}")
+    if s["resumed_from_step"] is not None and s["resumed_from_step"] == s["steps"]:
+        lines.append(f"  already trained: all {s['steps']} steps were done (checkpoint at step {s['steps']}), "
+                     f"final loss {s['final_loss']:.4f}")
+    else:
+        resumed = f", resumed from step {s['resumed_from_step']}" if s["resumed_from_step"] else ""
+        lines.append(f"  trained {s['steps']} steps in {s['train_seconds']} s ({s['tokens_per_second']} tokens/s"
+                     f"{resumed}), final loss {s['final_loss']:.4f}")
     if s["truncated_examples"] or s["dropped_examples"]:
         lines.append(f"  {s['truncated_examples']} examples cut to max_length, {s['dropped_examples']} dropped")
     lines += ["  wrote " + w for w in s["written"]]

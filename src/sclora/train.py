@@ -302,6 +302,39 @@ def _meter_callback():
     return Meter()
 
 
+def _progress_callback():
+    """One progress bar over the optimizer steps, showing the running loss and tokens/s (instead of Trainer's
+    bar and its dict lines)."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                                dynamic_ncols=True)
+                self.start, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and logs and "loss" in logs:
+                seconds = time.perf_counter() - self.start
+                speed = (state.num_input_tokens_seen - self.tokens0) / seconds if seconds > 0 else 0.0
+                self.bar.set_postfix_str(f"loss {float(logs['loss']):.4f}, {speed:.0f} tok/s", refresh=True)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return Progress()
+
+
 def _training_arguments(config: TrainConfig, output_dir: str, show_progress: bool):
     """Trainer's arguments for ``config``. ``config.batch_size`` stays the global batch under data parallelism:
     micro-batch x gradient accumulation x processes."""
@@ -331,7 +364,7 @@ def _training_arguments(config: TrainConfig, output_dir: str, show_progress: boo
         use_cpu=not cuda,
         dataloader_pin_memory=cuda,
         report_to="none",
-        disable_tqdm=not show_progress,
+        disable_tqdm=True,  # our own bar (_progress_callback) when show_progress
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,  # every adapter (or model) weight takes part in each forward pass
@@ -452,10 +485,12 @@ def train(
         data_collator=PadCollator(pad_id),
         callbacks=[meter, *(callbacks or [])],
     )
-    if not show_progress:
-        from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-        trainer.remove_callback(PrinterCallback)  # with tqdm off it would print every log line
+    trainer.remove_callback(PrinterCallback)  # it would print every log line as a dict
+    trainer.remove_callback(ProgressCallback)
+    if show_progress:
+        trainer.add_callback(_progress_callback())
     was_training = model.training
     try:
         trainer.train(resume_from_checkpoint=resume_from)

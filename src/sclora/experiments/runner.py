@@ -160,6 +160,10 @@ def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, o
     along = _checkpoint_evals(config.evaluate_steps, evaluate, out / "runs" / name / "checkpoint_evals.json")
     result = train(model, exp.tokenizer, exp.sets["train"], train_config, out / "runs" / name,
                    show_progress=exp.show_progress, callbacks=[along], context=fingerprint)
+    if hasattr(model, "peft_config"):  # a plain PEFT LoRA adapter for the untouched base: loads without sclora
+        from ..export import export_lora
+
+        export_lora(model, out / "runs" / name / "adapter")
     metrics, items = evaluate(model)
     atomic_write(out / "samples" / f"{name}.json", json.dumps(items) + "\n")
     row = {
