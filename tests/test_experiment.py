@@ -311,3 +311,32 @@ def load_config_from(config):
     from sclora.experiments.spec import ExperimentConfig
 
     return ExperimentConfig(**config)
+
+
+def test_an_experiment_on_a_users_files_and_a_changed_file_is_stale(tmp_path, monkeypatch):
+    from sclora.experiments.folder import StaleResultsError
+
+    words = "paris rome berlin one two three four five six seven eight nine ten".split()
+    rows = [{"question": f"what is {a} plus {b}", "answer": f"{a} {b} ."} for a in words for b in words[:4]]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chat = tmp_path / "keep.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is the capital of {w}"},
+                                                     {"role": "assistant", "content": f"the capital is {w}"}]}) + "\n"
+                            for w in words))
+    mapped = {"path": str(qa), "prompt": "question", "response": "answer"}
+    config = tiny_experiment(save_tiny_model(tmp_path / "model"), plus={**mapped, "n": 8},
+                             minus={"path": str(chat), "n": 8}, train_data={**mapped, "n": 8, "offset": 8},
+                             evaluate={"math_nll": {**mapped, "n": 6, "offset": 20}},
+                             runs=[{"method": "sc_lora", "beta": 0.5}])
+    path, out = tmp_path / "files.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(config))
+    assert cli.main(["run", str(path), "--output", str(out), "--quiet"]) == 0
+    rows_out = json.loads((out / "results.json").read_text())
+    assert [r["run"] for r in rows_out] == ["base", "sc_lora-beta0.5"] and rows_out[1]["math_nll"] > 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert len(saved["plus"]["sha256"]) == 64  # the file's contents are part of the settings
+    with open(qa, "a") as f:  # the same path, other contents
+        f.write(json.dumps({"question": "what is ten plus ten", "answer": "ten ten ."}) + "\n")
+    with pytest.raises(StaleResultsError, match="sha256"):
+        cli.main(["run", str(path), "--output", str(out), "--quiet"])

@@ -67,7 +67,7 @@ def test_a_changed_config_never_mixes_with_old_rows_and_archive_starts_afresh(mo
     with monkeypatch.context() as mp:
         mp.setattr(models, "load_model", no_loading)
         for changes, shown in [({"r": 4}, "r: 2 -> 4"), ({"stats_seq_len": 12}, "stats_seq_len: 16 -> 12"),
-                               ({"plus": {"kind": "trivia", "n": 6}}, "plus: "),
+                               ({"plus": {"kind": "trivia", "n": 6}}, "plus.n: 8 -> 6"),
                                ({"runs": [{"method": "sc_lora", "beta": 0.9, "name": "sc"}]}, "run 'sc'")]:
             write(tmp_path / "c2.yaml", base_config(model_dir, **changes))
             with pytest.raises(StaleResultsError, match="other settings") as err:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields
 from importlib.metadata import entry_points
 from pathlib import Path
 
-__all__ = ["FORMATS", "DataError", "DataSource", "example_format", "is_file_source", "load_examples", "parse_source",
+__all__ = ["FORMATS", "DataError", "DataSource", "content_digest", "example_format", "is_file_source", "load_examples", "parse_source",
            "resolve_data"]
 
 FORMATS = ("prompt_response", "messages", "text")
@@ -104,6 +104,24 @@ def is_file_source(value) -> bool:
     path = Path(parse_source(value).path) if isinstance(value, str) else value
     saved = path.is_dir() and any((path / f).exists() for f in ("dataset_dict.json", "state.json", "dataset_info.json"))
     return path.suffix.lower() in SUFFIXES or path.is_file() or saved
+
+
+def content_digest(path: str | Path) -> str:
+    """sha256 of a data file's bytes (of a saved dataset folder: its files' names and bytes): results made from a
+    file are told apart from results of the same path with other contents."""
+    import hashlib
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data {path}: no such file or folder.")
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(f"{file.relative_to(path) if path.is_dir() else ''}\0".encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def resolve_data(value, seed: int = 0) -> list[dict]:

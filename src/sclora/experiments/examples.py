@@ -3,16 +3,22 @@ the check that initialization, training and evaluation sets never share a prompt
 
 from __future__ import annotations
 
+import json
 import random
 
 from .prompts import REFUSALS, SUMMARY_INSTRUCTION
-from .spec import DataSpec
+from .spec import DataSpec, FileSpec
 
 __all__ = ["PRESETS", "build_examples", "build_mixture", "check_disjoint", "resolve_named", "source_rows", "trivia_rows"]
 
 
-def build_examples(spec: DataSpec, seed: int) -> list[dict]:
-    """Prompt/response pairs for a data spec, deterministic under ``seed``."""
+def build_examples(spec: DataSpec | FileSpec, seed: int) -> list[dict]:
+    """Prompt/response pairs for a data spec (a user's file: its checked rows, any row kind), deterministic under
+    ``seed``."""
+    if isinstance(spec, FileSpec):
+        from ..data import load_examples
+
+        return load_examples(spec, seed=seed)
     rows = source_rows(spec, seed)
     if spec.kind != "math":  # math problems are sampled under the seed already
         random.Random(seed).shuffle(rows)
@@ -73,9 +79,9 @@ def _harmful_rows(spec: DataSpec, seed: int) -> list[dict]:
     return [{"prompt": it["prompt"], "response": ""} for it in items]
 
 
-def build_mixture(specs: DataSpec | list[DataSpec], seed: int) -> list[dict]:
+def build_mixture(specs: DataSpec | FileSpec | list, seed: int) -> list[dict]:
     """One spec's examples, or several specs' examples shuffled together (deterministic under seed)."""
-    if isinstance(specs, DataSpec):
+    if not isinstance(specs, list):
         return build_examples(specs, seed)
     rows = [row for spec in specs for row in build_examples(spec, seed)]
     random.Random(seed).shuffle(rows)
@@ -84,11 +90,14 @@ def build_mixture(specs: DataSpec | list[DataSpec], seed: int) -> list[dict]:
 
 def check_disjoint(named: dict[str, list[dict]]) -> None:
     """Raise if any two example sets share a prompt (initialization, training and evaluation must not)."""
+    def key(example: dict) -> str:  # what the model is shown: a prompt, a conversation, a text
+        return example["prompt"] if "prompt" in example else json.dumps(example.get("messages") or example["text"])
+
     names = list(named)
     for i, a in enumerate(names):
-        prompts_a = {ex["prompt"] for ex in named[a]}
+        prompts_a = {key(ex) for ex in named[a]}
         for b in names[i + 1:]:
-            shared = prompts_a & {ex["prompt"] for ex in named[b]}
+            shared = prompts_a & {key(ex) for ex in named[b]}
             if shared and {a, b} != {"plus", "train"}:
                 raise ValueError(f"Data sets {a!r} and {b!r} share {len(shared)} example(s), e.g. "
                                  f"{next(iter(shared))[:80]!r}; give them disjoint offsets or splits.")

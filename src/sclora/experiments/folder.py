@@ -123,7 +123,11 @@ def _stale(config: ExperimentConfig, out: Path, model_files: str | None) -> list
         for key, value in new_key.items():
             # a key missing from an older version's config.yaml had that version's default: today's
             before = old_key[key] if key in old_key else _default(key)
-            if before != value:
+            if before != value and isinstance(before, dict) and isinstance(value, dict):  # name the inner keys
+                changes += [f"{key}.{k}: {_short(before.get(k))} -> {_short(value.get(k))}"
+                            + (" (the file's contents changed)" if k == "sha256" else "")
+                            for k in sorted(set(before) | set(value)) if before.get(k) != value.get(k)]
+            elif before != value:
                 changes.append(f"{key}: {_short(before)} -> {_short(value)}")
     runs = {run_name(r): r for r in config.runs}
     old_runs = {run_name(r): r for r in old.get("runs", []) if isinstance(r, dict)}

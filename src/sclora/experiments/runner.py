@@ -47,6 +47,9 @@ class _Experiment:
         for name, spec in config.evaluate.items():
             data_spec, self.options[name] = eval_spec(spec, name)
             self.eval_sets[name] = build_examples(data_spec, config.seed)
+            if any("prompt" not in row for row in self.eval_sets[name]):
+                raise ValueError(f"evaluate.{name}: its rows need a prompt (and a response where it is scored against "
+                                 "one); a file for an evaluation holds prompt / response rows.")
         check_disjoint({**self.sets, **self.eval_sets})  # data problems (too few rows, overlaps) before the model
         self.base, self.tokenizer = load_model(config.model, dtype=self.dtype)
 

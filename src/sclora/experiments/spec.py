@@ -13,13 +13,14 @@ from pathlib import Path
 import yaml
 
 from ..config import LLAMA_TARGET_MODULES, METHODS
+from ..data import DataSource, content_digest
 from ..fileio import parse_yaml, safe_name
 from ..statistics import NORMALIZATIONS
 from .data import HARMFUL_SOURCES
 from .evaluate.metrics import EVALUATIONS
 from .hub_data import HUB_SOURCES
 
-__all__ = ["DataSpec", "ExperimentConfig", "as_list", "as_plain", "check_int", "eval_spec", "load_config",
+__all__ = ["DataSpec", "ExperimentConfig", "FileSpec", "data_spec", "as_list", "as_plain", "check_int", "eval_spec", "load_config",
            "minus_label", "plan", "run_name"]
 
 
@@ -76,6 +77,24 @@ class DataSpec:
             check_int(self.max_words, f"max_words of data spec {self.kind!r}", 1)
 
 
+@dataclass(frozen=True)
+class FileSpec(DataSource):
+    """A user's file as a data set in a config (``{path: qa.csv, prompt: question, response: answer, n: 256}``, the
+    keys of :class:`sclora.data.DataSource`), with the sha256 of its contents, computed when the config is read:
+    a results folder made from other contents at the same path is stale."""
+
+    sha256: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "sha256", content_digest(self.path))
+
+
+def data_spec(value: dict, what: str) -> DataSpec | FileSpec:
+    """A catalogue spec (``{kind: math, n: 64}``) or, with ``path``, a user's file."""
+    return _strict(FileSpec if "path" in value else DataSpec, value, what)
+
+
 @dataclass
 class ExperimentConfig:
     name: str
@@ -103,11 +122,11 @@ class ExperimentConfig:
         for key in ("plus", "minus", "train_data"):
             value = getattr(self, key)
             if isinstance(value, dict):
-                setattr(self, key, _strict(DataSpec, value, f"data spec '{key}'"))
+                setattr(self, key, data_spec(value, f"data spec '{key}'"))
             elif isinstance(value, list) and key != "plus":
                 if not value:
                     raise ValueError(f"'{key}' is an empty list; give at least one data spec.")
-                setattr(self, key, [_strict(DataSpec, v, f"data spec '{key}[{i}]'") if isinstance(v, dict) else v
+                setattr(self, key, [data_spec(v, f"data spec '{key}[{i}]'") if isinstance(v, dict) else v
                                     for i, v in enumerate(value)])
         self._validate()
 
@@ -139,9 +158,10 @@ class ExperimentConfig:
             if not isinstance(getattr(self, key), dict):
                 raise ValueError(f"{key} must be a mapping, got {getattr(self, key)!r}.")
         for key in ("plus", "minus", "train_data"):
-            if not all(isinstance(spec, DataSpec) for spec in as_list(getattr(self, key))):
-                raise ValueError(f"{key} must be a data spec such as {{kind: math, n: 64}} (or a list of them for "
-                                 f"minus / train_data), got {getattr(self, key)!r}.")
+            if not all(isinstance(spec, (DataSpec, FileSpec)) for spec in as_list(getattr(self, key))):
+                raise ValueError(f"{key} must be a data spec such as {{kind: math, n: 64}} or a file such as "
+                                 f"{{path: qa.jsonl, n: 256}} (or a list of them for minus / train_data), got "
+                                 f"{getattr(self, key)!r}.")
         if not isinstance(self.runs, list) or not self.runs:
             raise ValueError("The config lists no runs: add e.g. runs: [{method: lora}, {method: sc_lora, beta: 0.8}].")
         n_minus = len(as_list(self.minus))
@@ -255,7 +275,7 @@ def as_list(specs: DataSpec | list[DataSpec]) -> list[DataSpec]:
 EVAL_OPTIONS = {"max_new_tokens", "num_fewshot", "n_choices", "batch_size"}
 
 
-def eval_spec(spec: dict, name: str) -> tuple[DataSpec, dict]:
+def eval_spec(spec: dict, name: str) -> tuple[DataSpec | FileSpec, dict]:
     """Split an evaluation entry into its data spec and its options."""
     options = {k: v for k, v in spec.items() if k in EVAL_OPTIONS}
     for key, value in options.items():
@@ -263,7 +283,7 @@ def eval_spec(spec: dict, name: str) -> tuple[DataSpec, dict]:
     if name == "knowledge_mc" and "n_choices" in options:
         check_int(options["n_choices"], f"evaluate.{name}.n_choices", 2)
     data_part = {k: v for k, v in spec.items() if k not in EVAL_OPTIONS}
-    return _strict(DataSpec, data_part, f"evaluate.{name} (options: {sorted(EVAL_OPTIONS)})"), options
+    return data_spec(data_part, f"evaluate.{name} (options: {sorted(EVAL_OPTIONS)})"), options
 
 
 def run_name(run: dict) -> str:
@@ -285,7 +305,9 @@ def plan(config: ExperimentConfig) -> str:
     from ..train import TrainConfig
 
     def describe(specs) -> str:
-        return " + ".join(f"{s.kind}{'/' + s.source if s.source else ''}[{s.split}] n={s.n} from {s.offset}"
+        return " + ".join(f"file {s.path} n={s.n or 'all'} from {s.offset} (sha256 {s.sha256[:12]})"
+                          if isinstance(s, FileSpec) else
+                          f"{s.kind}{'/' + s.source if s.source else ''}[{s.split}] n={s.n} from {s.offset}"
                           + (f" ({s.response})" if s.response != "none" else "") for s in as_list(specs))
 
     train = TrainConfig.from_dict(config.train)
