@@ -95,6 +95,13 @@ def test_long_rows_are_truncated_and_counted(tmp_path):
     batches = statistics_batches(tok, examples, seq_len=8, batch_size=2)
     assert (batches.examples, batches.truncated) == (3, 2)
     assert all(b["input_ids"].shape[1] <= 8 for b in batches)
+    from conftest import tiny_llama
+
+    from sclora.statistics_cache import cached_statistics
+
+    with pytest.warns(UserWarning, match="plus statistics: 2 of 3 examples are longer than seq_len=8"):
+        cached_statistics(tmp_path / "stats", "plus", tiny_llama(), tok, examples, seq_len=8, batch_size=2,
+                          target_modules=["q_proj"], normalize="none", side="output", show_progress=False)
 
 
 BAD = [

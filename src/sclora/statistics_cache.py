@@ -86,6 +86,9 @@ def cached_statistics(folder: Path, label: str, model, tokenizer, examples: list
     otherwise each rank collects over its shard of ``examples``, the sums are all-reduced, and one process
     per node writes the file. The statistics stay on the model's device."""
     every = statistics_batches(tokenizer, examples, seq_len, batch_size)  # all ranks name the file from all data
+    if every.truncated and distributed.is_main_process():
+        warnings.warn(f"{label} statistics: {every.truncated} of {every.examples} examples are longer than seq_len="
+                      f"{seq_len} tokens and were cut to it.", stacklevel=2)
     path = statistics_path(folder, label, model, every,
                            target_modules=target_modules, normalize=normalize, side=side)
     device = str(next(model.parameters()).device)
