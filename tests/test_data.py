@@ -140,3 +140,16 @@ def test_too_few_rows_a_missing_file_and_unknown_names(tmp_path):
     with pytest.raises(DataError, match="no installed package knows this name"):
         resolve_data("no-such-dataset-name")
     assert resolve_data(str(path)) == [{"prompt": "a", "response": "b"}]
+
+
+def test_token_ids_ignore_and_keep_the_padding_a_previous_call_left_on_the_tokenizer():
+    from sclora.statistics_cache import token_ids
+
+    tok = tiny_tokenizer()
+    texts = ["what is paris", "one two three four five six seven eight nine ten"]
+    alone = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    tok(texts, padding=True, truncation=True, max_length=4)  # transformers leaves this set on the backend
+    padding, truncation = tok.backend_tokenizer.padding, tok.backend_tokenizer.truncation
+    assert padding is not None and truncation is not None
+    assert token_ids(tok, texts) == alone
+    assert (tok.backend_tokenizer.padding, tok.backend_tokenizer.truncation) == (padding, truncation)

@@ -8,11 +8,42 @@ __all__ = ["build_prompt", "example_segments", "render_example"]
 
 def build_prompt(tokenizer, user: str, *, chat: bool = True, system: str | None = None) -> str:
     """The text the model sees: the tokenizer's chat template around ``user`` (when it has one and
-    ``chat`` is set), else ``user`` unchanged."""
-    if not chat or getattr(tokenizer, "chat_template", None) is None:
+    ``chat`` is set), else ``user`` unchanged.
+
+    Most templates place the message verbatim between a fixed prefix and suffix; for those the two are rendered
+    once (checked with two probe messages that must come back verbatim, whitespace and control characters
+    included) and reused, which is ~20x faster than rendering Jinja for every example. A template that
+    changes the message (trims it, branches on it) fails the check and is rendered every time."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not chat or template is None:
         return user
+    parts = _fixed_parts(tokenizer, template, system)
+    if parts is not None:
+        return parts[0] + user + parts[1]
+    return _render(tokenizer, user, system)
+
+
+def _render(tokenizer, user: str, system: str | None) -> str:
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+_PROBES = ("\n  probe-A \t\x01 {{ x }} ", " Probe b\r\n\n")
+_PARTS: dict = {}
+
+
+def _fixed_parts(tokenizer, template: str, system: str | None) -> tuple[str, str] | None:
+    """(prefix, suffix) when the template renders every message as prefix + message + suffix, else None."""
+    key = (template, system, getattr(tokenizer, "bos_token", None), getattr(tokenizer, "eos_token", None))
+    if key not in _PARTS:
+        first, second = (_render(tokenizer, probe, system) for probe in _PROBES)
+        parts = None
+        if first.count(_PROBES[0]) == 1:
+            prefix, suffix = first.split(_PROBES[0])
+            if second == prefix + _PROBES[1] + suffix:
+                parts = (prefix, suffix)
+        _PARTS[key] = parts
+    return _PARTS[key]
 
 
 def example_segments(tokenizer, example, *, chat: bool = True) -> list[tuple[str, bool]]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import torch
+
 from . import distributed
 from .chat import render_example
 from .fileio import digest, safe_name
@@ -24,7 +26,7 @@ from .statistics import (
 )
 from .targets import resolve_targets
 
-__all__ = ["NEEDS_DATA", "Batches", "cached_statistics", "statistics_batches", "statistics_path", "statistics_side"]
+__all__ = ["NEEDS_DATA", "Batches", "token_ids", "cached_statistics", "statistics_batches", "statistics_path", "statistics_side"]
 
 
 class Batches(list):
@@ -32,6 +34,27 @@ class Batches(list):
 
     examples: int = 0
     truncated: int = 0
+
+
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of ``texts`` without special tokens: the Rust tokenizer's batch encoder without offsets when the
+    tokenizer has one (the same ids as ``tokenizer(texts)``, about twice as fast), else ``tokenizer(texts)``."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    # transformers leaves the padding / truncation of its last call set on the backend: off for this call only
+    padding, truncation = backend.padding, backend.truncation
+    backend.no_padding()
+    backend.no_truncation()
+    try:
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    finally:
+        if padding is not None:
+            backend.enable_padding(**padding)
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
 
 
 def statistics_batches(tokenizer, examples: list[dict], seq_len: int, batch_size: int) -> Batches:
@@ -43,13 +66,23 @@ def statistics_batches(tokenizer, examples: list[dict], seq_len: int, batch_size
         tokenizer.pad_token = tokenizer.eos_token
     batches = Batches()
     batches.examples = len(texts)
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # one call: the fast path
+    ids = token_ids(tokenizer, texts)
     batches.truncated = sum(len(row) > seq_len for row in ids)
-    left = getattr(tokenizer, "truncation_side", "right") == "left"
-    ids = [row[-seq_len:] if left else row[:seq_len] for row in ids]
+    left_cut = getattr(tokenizer, "truncation_side", "right") == "left"
+    ids = [row[-seq_len:] if left_cut else row[:seq_len] for row in ids]
+    left_pad, pad = tokenizer.padding_side == "left", tokenizer.pad_token_id
     for i in range(0, len(ids), batch_size):
-        enc = tokenizer.pad({"input_ids": ids[i:i + batch_size]}, padding=True, return_tensors="pt")
-        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        rows = ids[i:i + batch_size]
+        width = max(map(len, rows))
+        fill = [[pad] * (width - len(row)) for row in rows]
+        ones = [[1] * len(row) for row in rows]
+        zeros = [[0] * len(f) for f in fill]
+        if left_pad:
+            input_ids, mask = [f + r for f, r in zip(fill, rows)], [z + o for z, o in zip(zeros, ones)]
+        else:
+            input_ids, mask = [r + f for r, f in zip(rows, fill)], [o + z for o, z in zip(ones, zeros)]
+        batches.append({"input_ids": torch.tensor(input_ids, dtype=torch.long),
+                        "attention_mask": torch.tensor(mask, dtype=torch.long)})
     return batches
 
 
