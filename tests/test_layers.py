@@ -1,6 +1,6 @@
 """The library works without the paper-reproduction kit's extra dependencies (`pip install sclora`, no extras):
-collect -> init -> train -> export on the tiny model, with rouge-score, math-verify and matplotlib made
-unimportable and the kit itself never imported."""
+collect -> init -> train -> export on the tiny model, and `sclora finetune` on files, with rouge-score,
+math-verify and matplotlib made unimportable and the kit itself never imported."""
 
 import subprocess
 import sys
@@ -41,6 +41,20 @@ SCRIPT = """
     with torch.no_grad():
         want, got = peft_model(ids).logits, PeftModel.from_pretrained(base, OUT + "/adapter")(ids).logits
     assert torch.allclose(want, got, atol=1e-4), (want - got).abs().max()
+    # the practitioner's command on files, with the kit unavailable
+    import json, os
+    from conftest import save_tiny_model
+    from sclora import cli
+
+    save_tiny_model(OUT + "/model")
+    with open(OUT + "/task.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": f"what is {w}", "response": w}) + "\\n" for w in ("paris", "rome", "one", "two"))
+    with open(OUT + "/keep.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": f"the capital of france is {w}"}) + "\\n" for w in ("paris", "rome"))
+    assert cli.main(["finetune", "--model", OUT + "/model", "--data", OUT + "/task.jsonl", "--preserve",
+                     OUT + "/keep.jsonl", "--r", "2", "--seq-len", "16", "--output", OUT + "/ft", "--quiet",
+                     "--set", "batch_size=2", "--set", "micro_batch_size=2"]) == 0
+    assert os.path.exists(OUT + "/ft/adapter/adapter_model.safetensors")
     leaked = sorted(m for m in sys.modules if m.startswith(BLOCKED))
     assert not leaked, leaked
     print("library ok without the kit")

@@ -48,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         raise SystemExit(f"sclora: no commands are registered (entry point group {COMMANDS_GROUP!r}); reinstall the "
                          "package: pip install -e . (or pip install sclora)")
     for point in found:
-        point.load()(sub)
+        try:
+            add = point.load()
+        except ImportError as err:  # a package whose own dependencies are missing: its commands are left out
+            print(f"sclora: the commands of {point.value} are unavailable ({err})", file=sys.stderr)
+            continue
+        add(sub)
     return parser
 
 

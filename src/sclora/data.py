@@ -131,7 +131,11 @@ def resolve_data(value, seed: int = 0) -> list[dict]:
     if is_file_source(value):
         return load_examples(value, seed=seed)
     for point in sorted(entry_points(group=DATA_GROUP), key=lambda e: e.name):
-        examples = point.load()(str(value), seed)
+        try:
+            resolve = point.load()
+        except ImportError:  # a package whose own dependencies are missing knows no names here
+            continue
+        examples = resolve(str(value), seed)
         if examples is not None:
             return examples
     raise DataError(f"data {value!r}: no such file, and no installed package knows this name. Give a .jsonl, "
