@@ -147,3 +147,12 @@ def test_the_readme_your_own_data_commands_run_verbatim(files):
     assert "PeftModel.from_pretrained" in loading
     subprocess.run([sys.executable, "-c", loading + "\nimport sys\nassert 'sclora' not in sys.modules\n"
                     "print(type(model).__name__, type(merged).__name__)"], check=True, cwd=tmp_path)
+
+
+def test_data_with_nothing_to_train_on_is_refused_before_the_statistics(files, monkeypatch):
+    tmp_path, model = files
+    monkeypatch.setattr(commands, "_build_init", lambda *a, **k: pytest.fail("statistics were collected"))
+    argv = finetune_args(tmp_path, model)
+    argv[argv.index("--seq-len") + 1] = "4"  # every prompt fills 4 tokens
+    with pytest.raises(SystemExit, match="no example keeps a trained token within max_length=4"):
+        cli.main(argv)

@@ -127,6 +127,20 @@ def _train_config(overrides: dict, command: str):
         raise SystemExit(f"{command}: --set: {err}") from None
 
 
+def _check_trainable(tokenizer, examples, config, what: str) -> None:
+    """Refuse, before statistics and init, data that leaves nothing to train on at ``config.max_length``."""
+    import warnings
+
+    from .train import tokenize_examples
+
+    with warnings.catch_warnings():  # train() reports the cut and dropped examples itself
+        warnings.simplefilter("ignore")
+        items = tokenize_examples(tokenizer, examples, config.max_length, chat=config.chat)
+    if not items:
+        raise SystemExit(f"{what}: no example keeps a trained token within max_length={config.max_length} "
+                         f"({items.dropped} dropped: their prompts fill it); raise --seq-len / --set max_length=N.")
+
+
 def _export(model, tokenizer, out: Path, merge: bool) -> list[str]:
     """adapter/ (a plain PEFT LoRA adapter for the untouched base model) or model/ (full fine-tuning), and with
     ``merge`` also merged/ (a transformers model with the adapter merged in). Returns what was written."""
@@ -167,6 +181,7 @@ def _train(args) -> int:
     examples = _data(args.data, init_args.seed, "sclora train --data")
     inputs = _init_inputs(init_args)
     model, tokenizer = _load_model(init_args.model)
+    _check_trainable(tokenizer, examples, config, "sclora train --data")
     model, _ = _build_init(init_args, inputs, model, tokenizer, init_dir)  # same stats, same init: resumable
     # Under torchrun / accelerate launch Trainer trains with DDP or FSDP; every process holds the whole data
     # and Trainer gives each its share of every global batch (config batch_size).
@@ -198,6 +213,7 @@ def _finetune(args) -> int:
     inputs = _init_inputs(args, "sclora finetune")
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = _load_model(args.model)
+    _check_trainable(tokenizer, examples, config, "sclora finetune --data")  # before minutes of statistics
     start = time.perf_counter()
     model, stats = _build_init(args, inputs, model, tokenizer, out)
     init_seconds = time.perf_counter() - start
