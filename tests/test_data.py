@@ -153,3 +153,21 @@ def test_token_ids_ignore_and_keep_the_padding_a_previous_call_left_on_the_token
     assert padding is not None and truncation is not None
     assert token_ids(tok, texts) == alone
     assert (tok.backend_tokenizer.padding, tok.backend_tokenizer.truncation) == (padding, truncation)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_statistics_batches_equal_the_straightforward_path(side):
+    """Rendering, tokenizing and padding as statistics_batches does (template parts reused, Rust batch encoder,
+    padding built directly) gives the tensors of Jinja + tokenizer(..., padding, truncation)."""
+    tok = tiny_tokenizer()
+    tok.padding_side = side
+    examples = [{"prompt": "what is " + "one two " * (i % 9), "response": "paris ." * (i % 4)} for i in range(23)]
+    batches = statistics_batches(tok, examples, seq_len=12, batch_size=5)
+    for k, i in enumerate(range(0, len(examples), 5)):
+        texts = [tok.apply_chat_template([{"role": "user", "content": e["prompt"]}], tokenize=False,
+                                         add_generation_prompt=True) + e["response"] for e in examples[i:i + 5]]
+        enc = tok(texts, max_length=12, truncation=True, padding=True, add_special_tokens=False, return_tensors="pt")
+        assert batches[k]["input_ids"].tolist() == enc["input_ids"].tolist()
+        assert batches[k]["attention_mask"].tolist() == enc["attention_mask"].tolist()
+    assert len(batches) == 5 and batches.truncated == sum(len(tok(t, add_special_tokens=False)["input_ids"]) > 12
+                                                           for t in (render_example(tok, e) for e in examples))

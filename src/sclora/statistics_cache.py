@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import distributed
@@ -71,18 +72,20 @@ def statistics_batches(tokenizer, examples: list[dict], seq_len: int, batch_size
     left_cut = getattr(tokenizer, "truncation_side", "right") == "left"
     ids = [row[-seq_len:] if left_cut else row[:seq_len] for row in ids]
     left_pad, pad = tokenizer.padding_side == "left", tokenizer.pad_token_id
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     for i in range(0, len(ids), batch_size):
-        rows = ids[i:i + batch_size]
-        width = max(map(len, rows))
-        fill = [[pad] * (width - len(row)) for row in rows]
-        ones = [[1] * len(row) for row in rows]
-        zeros = [[0] * len(f) for f in fill]
-        if left_pad:
-            input_ids, mask = [f + r for f, r in zip(fill, rows)], [z + o for z, o in zip(zeros, ones)]
-        else:
-            input_ids, mask = [r + f for r, f in zip(rows, fill)], [o + z for o, z in zip(ones, zeros)]
-        batches.append({"input_ids": torch.tensor(input_ids, dtype=torch.long),
-                        "attention_mask": torch.tensor(mask, dtype=torch.long)})
+        rows, n = ids[i:i + batch_size], lengths[i:i + batch_size]
+        width = int(n.max())
+        input_ids = np.full((len(rows), width), pad, dtype=np.int64)
+        for j, row in enumerate(rows):
+            if left_pad:
+                input_ids[j, width - len(row):] = row
+            else:
+                input_ids[j, :len(row)] = row
+        positions = np.arange(width)
+        mask = positions >= width - n[:, None] if left_pad else positions < n[:, None]
+        batches.append({"input_ids": torch.from_numpy(input_ids),
+                        "attention_mask": torch.from_numpy(mask.astype(np.int64))})
     return batches
 
 
