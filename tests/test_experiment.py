@@ -36,6 +36,8 @@ def test_run_writes_results_and_resumes(setup, capsys):
     assert "| sc_lora-beta0.5 | sc_lora | 0.5 |" in (out / "results.md").read_text()
     assert "sc_lora-beta0.5" in capsys.readouterr().out
     assert len(list((out / "stats").glob("plus-output-raw-*.safetensors"))) == 1  # named by what made it
+    # CorDA's statistics are its authors' and PEFT's: inputs, each sample scaled by 1 / |max x|
+    assert len(list((out / "stats").glob("minus-input-abs_of_max-*.safetensors"))) == 1
     assert yaml.safe_load((out / "config.yaml").read_text())["r"] == 2
     diagnostics = json.loads((out / "diagnostics.json").read_text())
     assert set(diagnostics) == {"sc_lora-beta0.5", "corda_kpa"}  # residual inits only; LoRA's B is zero

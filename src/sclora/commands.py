@@ -90,7 +90,7 @@ def _build_init(args, inputs, model, tokenizer, out: Path):
 
     config, examples = inputs
     stats = {label: cached_statistics(out / "stats", label, model, tokenizer, rows, seq_len=args.seq_len,
-                                      batch_size=8, target_modules=config.target_modules, normalize=args.normalize,
+                                      batch_size=8, target_modules=config.target_modules, normalize=config.normalize,
                                       side=statistics_side(args.method), show_progress=not args.quiet)
              for label, rows in examples.items()}
     if distributed.is_main_process():
@@ -273,7 +273,8 @@ def _init_arguments(p) -> None:
     p.add_argument("--r", "--lora-r", dest="r", type=int, default=16, help="LoRA rank (--lora-r under torchrun)")
     p.add_argument("--beta", type=float, default=0.5, help="SC-LoRA: weight of preserving D- against fitting D+ "
                    "(0: only fit, 1: only preserve)")
-    p.add_argument("--normalize", default="none", choices=["none", "max_abs", "trace"])
+    p.add_argument("--normalize", choices=["none", "max_abs", "abs_of_max", "trace"],
+                   help="statistics normalization (default: the method's own: none for SC-LoRA, abs_of_max for CorDA)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per example for the statistics (and training)")
     p.add_argument("--seed", type=int, default=0, help="shuffling of the data")
     p.add_argument("--output", required=True)

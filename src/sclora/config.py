@@ -18,6 +18,8 @@ __all__ = ["LLAMA_TARGET_MODULES", "METHODS", "SCLoRAConfig"]
 
 LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("sc_lora", "lora", "pissa", "corda_ipa", "corda_kpa", "full")
+#: each method's statistics normalization when none is given: CorDA as its authors and PEFT compute it
+METHOD_NORMALIZE = {"corda_ipa": "abs_of_max", "corda_kpa": "abs_of_max"}
 #: "eigh" (full eigendecomposition, the reference), "lobpcg", "mixed", "auto": see sclora.subspace
 EIGEN_SOLVERS = SOLVERS
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -32,7 +34,9 @@ class SCLoRAConfig:
     mean in PEFT's ``LoraConfig``; ``lora_alpha=None`` means ``lora_alpha = r`` (scaling 1, as the
     authors' code). ``beta`` balances fitting D+ (0) against preserving D- (1) (paper, Eq. 1); with
     several knowledge sets D-_1 .. D-_k it is a list of k weights, each >= 0, summing to at most 1.
-    ``normalize`` is the statistics normalization (see :func:`sclora.collect_covariances`),
+    ``normalize`` is the statistics normalization (see :func:`sclora.collect_covariances`); ``None`` means the
+    method's own: ``"none"`` for SC-LoRA (Algorithm 1), ``"abs_of_max"`` for CorDA (each sample divided by the
+    absolute value of its largest activation, as the CorDA authors and PEFT do);
     ``dtype`` the precision of the decomposition, ``eigen_solver`` its algorithm: ``"eigh"`` (full
     eigendecomposition, the default and reference), ``"lobpcg"`` (block LOBPCG on the top r: fastest for
     large modules and small r, e.g. 4096-dim at r=16), ``"mixed"`` (float32 eigh refined in float64: 1.3-1.8x
@@ -47,7 +51,7 @@ class SCLoRAConfig:
     use_rslora: bool = False
     beta: float | list[float] = 0.5
     target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_TARGET_MODULES))
-    normalize: str = "none"
+    normalize: str | None = None  # None: the method's own (METHOD_NORMALIZE)
     dtype: str = "float64"
     eigen_solver: str = "eigh"
 
@@ -73,6 +77,8 @@ class SCLoRAConfig:
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         self._check_target_modules()
+        if self.normalize is None:
+            self.normalize = METHOD_NORMALIZE.get(self.method, "none")
         _choice("normalize", self.normalize, NORMALIZATIONS)
         _choice("dtype", self.dtype, tuple(DTYPES))
         _choice("eigen_solver", self.eigen_solver, EIGEN_SOLVERS,

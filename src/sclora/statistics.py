@@ -35,9 +35,12 @@ from .targets import find_linear_modules, resolve_targets
 
 __all__ = ["CovarianceStats", "ModuleStat", "collect_covariances", "find_linear_modules", "model_fingerprint"]
 
-NORMALIZATIONS = ("none", "max_abs", "trace")
+NORMALIZATIONS = ("none", "max_abs", "abs_of_max", "trace")
 #: normalizations applied at read time: their stored sums are the same, so they convert freely
 RAW_SUM_NORMALIZATIONS = ("none", "trace")
+#: normalizations that scale each sample while collecting: "max_abs" by 1 / max|x|, "abs_of_max" by 1 / |max x|
+#: (the CorDA authors' and PEFT's ``input / torch.max(input).abs()``)
+PER_SAMPLE_NORMALIZATIONS = ("max_abs", "abs_of_max")
 SIDES = ("output", "input")
 FORMAT_VERSION = 1
 _PROBES_PER_MODULE = 8
@@ -217,13 +220,14 @@ class CovarianceStats(Mapping):
 
     def with_normalize(self, normalize: str) -> CovarianceStats:
         """The same statistics read with another normalization, without a new pass over the data: "none"
-        and "trace" store the same raw sums ("trace" divides at read time). "max_abs" scales each sample
-        during collection, so it cannot be converted to or from."""
+        and "trace" store the same raw sums ("trace" divides at read time). "max_abs" and "abs_of_max" scale each
+        sample during collection, so they cannot be converted to or from."""
         if normalize == self.normalize:
             return self
         if {normalize, self.normalize} - set(RAW_SUM_NORMALIZATIONS):
             raise ValueError(f"Statistics collected with normalize={self.normalize!r} cannot be read as "
-                             f"{normalize!r}: 'max_abs' scales each sample during collection. Collect them again.")
+                             f"{normalize!r}: {sorted(PER_SAMPLE_NORMALIZATIONS)} scale each sample during "
+                             "collection. Collect them again.")
         other = CovarianceStats(self.sums, self.modules, n_samples=self.n_samples, n_tokens=self.n_tokens,
                                 normalize=normalize, side=self.side, fingerprint=self.fingerprint)
         other._bound, other._bound_probes = dict(self._bound), dict(self._bound_probes)
@@ -367,8 +371,9 @@ def collect_covariances(
     padding side; padding tokens are excluded). ``target_modules`` follows PEFT: a list of name
     suffixes or one regex; ``None`` means every ``nn.Linear`` but the output head. ``normalize``:
     ``"none"`` (Algorithm 1 literally), ``"max_abs"`` (each sample's activations divided by their
-    max |value|, as CorDA and the authors' code do), ``"trace"`` (each covariance scaled to unit
-    trace). Sums are accumulated in ``dtype`` (float32 or float64), never in the model's dtype.
+    largest absolute value, max|x|), ``"abs_of_max"`` (divided by the absolute value of their largest value,
+    |max x|: exactly what the CorDA authors' code and PEFT's ``preprocess_corda`` do, the default for CorDA),
+    ``"trace"`` (each covariance scaled to unit trace). Sums are accumulated in ``dtype`` (float32 or float64), never in the model's dtype.
     ``autocast`` (``torch.bfloat16`` or ``torch.float16``) runs the forward passes under
     ``torch.autocast`` — faster where the hardware has fast half-precision matmuls — while the
     activations are still summed in ``dtype`` (benchmarks/stats_precision.py measures speed and the
@@ -475,10 +480,13 @@ def _accumulator(key, acc, stored_side, scale_from, normalize, state, dtype):
             )
         # Without padding the tokens are a free view; a boolean gather would copy every activation.
         x = (act.reshape(-1, act.shape[-1]) if state["dense"] else act[mask]).to(dtype)
-        if normalize == "max_abs":
-            source = args[0] if scale_from == "input" else output
-            per_sample = source.detach().abs().amax(dim=-1).masked_fill(~mask, 0).amax(dim=-1).to(dtype)
-            per_sample = per_sample.clamp_min(torch.finfo(dtype).tiny)
+        if normalize in PER_SAMPLE_NORMALIZATIONS:
+            source = (args[0] if scale_from == "input" else output).detach()
+            if normalize == "max_abs":  # the largest |value| of the sample's real tokens
+                per_sample = source.abs().amax(dim=-1).masked_fill(~mask, 0).amax(dim=-1)
+            else:  # |largest value| of the sample's real tokens: CorDA's torch.max(input).abs() at batch size 1
+                per_sample = source.amax(dim=-1).masked_fill(~mask, -torch.inf).amax(dim=-1).abs()
+            per_sample = per_sample.to(dtype).clamp_min(torch.finfo(dtype).tiny)
             token_scale = (1.0 / per_sample)[:, None].expand_as(mask)[mask]
             x = x * token_scale[:, None]
         add_gram_upper(acc, x)
@@ -519,8 +527,8 @@ def _plan(model, targets, side, normalize, batch) -> dict[str, tuple[str, list[s
     Input side: one d_in x d_in matrix per group of siblings. Output side: a bias-free sibling group
     takes its shared input statistic when d_in^2 < the sum of its members' d_out^2 (q/k/v, gate/up),
     otherwise each module keeps its own output one (Cov_out = W Cov_in W^T needs no bias). Under
-    max_abs each module scales by its own output, so nothing is shared."""
-    if side == "output" and normalize == "max_abs":
+    per-sample scaling each module scales by its own output, so nothing is shared."""
+    if side == "output" and normalize in PER_SAMPLE_NORMALIZATIONS:
         return {n: ("input" if m.bias is None and m.in_features < m.out_features else "output", [n])
                 for n, m in targets.items()}
     plan: dict[str, tuple[str, list[str]]] = {}

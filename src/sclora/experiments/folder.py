@@ -20,7 +20,7 @@ import yaml
 
 from ..fileio import atomic_write, digest, locked, parse_yaml, safe_name
 from .evaluate.metrics import EVALUATIONS
-from .spec import ExperimentConfig, as_plain, run_name
+from .spec import ExperimentConfig, as_plain, run_name, run_normalize
 
 __all__ = ["MODEL_FILE", "StaleResultsError", "check_folder", "claim_run", "experiment_key", "paired_metrics",
            "read_results", "release_run", "results_table", "run_fingerprint", "running_elsewhere", "update_results"]
@@ -78,8 +78,11 @@ def experiment_key(config: ExperimentConfig | dict) -> dict:
 def run_fingerprint(config: ExperimentConfig, run: dict | None, model_files: str | None) -> str:
     """Digest of everything a run's row and checkpoints depend on: the experiment's settings, the run's, and
     the model's files (:func:`sclora.models.model_identity`); ``run=None`` is the base model's row."""
-    return digest({"experiment": experiment_key(config), "run": "base" if run is None else run,
-                   "model_files": model_files})
+    key = {"experiment": experiment_key(config), "run": "base" if run is None else run, "model_files": model_files}
+    if run is not None and run["method"].startswith("corda") and not run.get("normalize"):
+        # CorDA's default statistics became its authors' per-sample scaling: rows made before are not these runs
+        key["corda_normalize"] = run_normalize(config, run)
+    return digest(key)
 
 
 def check_folder(config: ExperimentConfig, out: Path, *, archive: bool = False) -> str | None:

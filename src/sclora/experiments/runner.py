@@ -23,7 +23,7 @@ from ..statistics_cache import NEEDS_DATA, cached_statistics, statistics_side
 from .evaluate.core import evaluate_model
 from .examples import build_examples, build_mixture, check_disjoint, trivia_rows
 from .folder import check_folder, claim_run, release_run, run_fingerprint, update_results
-from .spec import ExperimentConfig, as_list, eval_spec, minus_label, run_name
+from .spec import ExperimentConfig, as_list, eval_spec, minus_label, run_name, run_normalize
 
 __all__ = ["diagnose_experiment", "run_experiment"]
 
@@ -74,7 +74,7 @@ class _Experiment:
         model, _ = load_model(c.model, dtype=self.dtype)
         torch.manual_seed(run.get("seed", c.seed))  # vanilla LoRA's random A
         needed, side = NEEDS_DATA.get(method, ()), statistics_side(method)
-        normalize = run.get("normalize") or c.normalize  # a run may compare another normalization
+        normalize = run_normalize(c, run)  # a run may compare another normalization
         plus = self.stats("plus", side, normalize) if "plus" in needed else None
         minus = self.minus_stats(side, normalize) if "minus" in needed else None
         overrides = {"r": c.r, "lora_alpha": c.lora_alpha, "normalize": normalize,

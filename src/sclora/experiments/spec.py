@@ -20,7 +20,7 @@ from .data import HARMFUL_SOURCES
 from .evaluate.metrics import EVALUATIONS
 from .hub_data import HUB_SOURCES
 
-__all__ = ["DataSpec", "ExperimentConfig", "FileSpec", "data_spec", "as_list", "as_plain", "check_int", "eval_spec", "load_config",
+__all__ = ["DataSpec", "ExperimentConfig", "FileSpec", "data_spec", "run_normalize", "as_list", "as_plain", "check_int", "eval_spec", "load_config",
            "minus_label", "plan", "run_name"]
 
 
@@ -197,7 +197,7 @@ class ExperimentConfig:
             names.add(name)
             try:  # the init's own checks (r, lora_alpha, beta range, ...), for this run's values
                 SCLoRAConfig(method=run["method"], r=self.r, lora_alpha=self.lora_alpha,
-                             normalize=run.get("normalize") or self.normalize, target_modules=self.target_modules,
+                             normalize=run_normalize(self, run), target_modules=self.target_modules,
                              **({"beta": beta} if beta is not None else {}))
             except ValueError as err:
                 raise ValueError(f"run {name!r}: {err}") from None
@@ -284,6 +284,14 @@ def eval_spec(spec: dict, name: str) -> tuple[DataSpec | FileSpec, dict]:
         check_int(options["n_choices"], f"evaluate.{name}.n_choices", 2)
     data_part = {k: v for k, v in spec.items() if k not in EVAL_OPTIONS}
     return data_spec(data_part, f"evaluate.{name} (options: {sorted(EVAL_OPTIONS)})"), options
+
+
+def run_normalize(config: ExperimentConfig, run: dict) -> str:
+    """The statistics normalization a run uses: its own ``normalize``, else for CorDA the method's own (its
+    authors' and PEFT's per-sample scaling, ``abs_of_max``), else the experiment's (SC-LoRA's statistics)."""
+    from ..config import METHOD_NORMALIZE
+
+    return run.get("normalize") or METHOD_NORMALIZE.get(run["method"]) or config.normalize
 
 
 def run_name(run: dict) -> str:

@@ -1,0 +1,102 @@
+"""Parity with PEFT itself on a tiny model: the baselines are the methods as PEFT (and their authors) define them.
+CorDA IPA / KPA from the same samples (sclora: batched and padded; PEFT: batch size 1, its only mode) must give the
+same adapter subspaces; PiSSA the same adapter, exactly. These guard any future change of the statistics."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_llama
+
+from sclora import init_model
+
+TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+R = 4
+
+
+def samples(seed: int = 7, n: int = 9) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (1, int(torch.randint(5, 24, (1,), generator=g))), generator=g) for _ in range(n)]
+
+
+def padded_batches(rows: list[torch.Tensor], batch_size: int = 4, left: bool = False) -> list[dict]:
+    batches = []
+    for i in range(0, len(rows), batch_size):
+        part = rows[i:i + batch_size]
+        width = max(r.shape[1] for r in part)
+        ids = torch.zeros(len(part), width, dtype=torch.long)
+        mask = torch.zeros(len(part), width, dtype=torch.long)
+        for j, r in enumerate(part):
+            span = slice(width - r.shape[1], width) if left else slice(0, r.shape[1])
+            ids[j, span], mask[j, span] = r[0], 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def lora_b(peft_model) -> dict[str, torch.Tensor]:
+    return {name.removeprefix("base_model.model.").removesuffix(".lora_B.default.weight"): p.detach().double()
+            for name, p in peft_model.named_parameters() if name.endswith("lora_B.default.weight")}
+
+
+def projector_distance(b1: torch.Tensor, b2: torch.Tensor) -> float:
+    """Spectral norm of the difference of the orthogonal projectors onto the column spaces (0: same space)."""
+    q1, q2 = torch.linalg.qr(b1)[0], torch.linalg.qr(b2)[0]
+    return torch.linalg.matrix_norm(q1 @ q1.T - q2 @ q2.T, ord=2).item()
+
+
+def peft_corda(model, rows, mode: str):
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    config = LoraConfig(r=R, lora_alpha=R, target_modules=TARGETS, init_lora_weights="corda",
+                        corda_config=CordaConfig(corda_method={"ipa": "ipm", "kpa": "kpm"}[mode]))
+
+    @torch.no_grad()
+    def run_model():
+        for ids in rows:
+            model(ids)
+
+    preprocess_corda(model, config, run_model=run_model)
+    return get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("mode", ["ipa", "kpa"])
+@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
+def test_corda_is_peft_corda_from_the_same_samples(mode, left):
+    rows = samples()
+    base = tiny_llama(seed=5)
+    theirs = lora_b(peft_corda(copy.deepcopy(base), rows, mode))
+    ours = lora_b(init_model(copy.deepcopy(base), method=f"corda_{mode}", r=R, lora_alpha=R, target_modules=TARGETS,
+                             **{"plus" if mode == "ipa" else "minus": padded_batches(rows, left=left)},
+                             show_progress=False))
+    assert set(ours) == set(theirs) and len(ours) == 2 * len(TARGETS)
+    distances = torch.tensor([projector_distance(ours[n], theirs[n]) for n in ours])
+    assert distances.median() <= 1e-4, distances
+    assert distances.max() <= 1e-3, distances
+
+
+def test_without_the_authors_scaling_corda_is_not_peft_corda():
+    """The guard can fail: unscaled statistics (sclora's CorDA before) give other subspaces."""
+    rows = samples()
+    base = tiny_llama(seed=5)
+    theirs = lora_b(peft_corda(copy.deepcopy(base), rows, "kpa"))
+    ours = lora_b(init_model(copy.deepcopy(base), method="corda_kpa", r=R, lora_alpha=R, target_modules=TARGETS,
+                             normalize="none", minus=padded_batches(rows), show_progress=False))
+    distances = torch.tensor([projector_distance(ours[n], theirs[n]) for n in ours])
+    assert distances.median() > 1e-2, distances
+
+
+def test_pissa_is_peft_pissa_exactly():
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama(seed=6)
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=R, lora_alpha=2 * R, target_modules=TARGETS,
+                                                           init_lora_weights="pissa"))
+    ours = init_model(copy.deepcopy(base), method="pissa", r=R, lora_alpha=2 * R, target_modules=TARGETS)
+    mine, peft_params = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    assert set(mine) == set(peft_params)
+    for name, p in peft_params.items():
+        assert torch.equal(mine[name], p), name
