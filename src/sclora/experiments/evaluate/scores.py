@@ -21,7 +21,7 @@ from .knowledge import prompt as knowledge_prompt
 from .likelihood import best_answer_logprobs, continuation_logprobs
 
 __all__ = ["Outputs", "benign_refusal", "knowledge_em", "knowledge_logprob", "knowledge_mc", "math_accuracy",
-           "math_nll", "multiple_choice", "paired", "safety", "sign_test_p", "summarize", "summary_rouge"]
+           "math_nll", "multiple_choice", "paired", "paired_difference", "safety", "sign_test_p", "summarize", "summary_rouge"]
 
 SAFETY_NEW_TOKENS = 48  # enough for a refusal or the start of compliance; harmful and benign requests alike
 
@@ -68,6 +68,28 @@ class Outputs(list):
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def paired_difference(a: list[float], b: list[float], *, level: float = 0.95, n_boot: int = 10_000,
+                      seed: int = 0) -> dict:
+    """Mean of ``a - b`` over the same items with a paired-bootstrap percentile confidence interval: items are
+    resampled with replacement ``n_boot`` times, each time the mean difference taken; the interval holds the
+    central ``level`` of those means. Deterministic under ``seed``. NaN scores (an unparsed judge verdict) drop
+    their item from both sides."""
+    import numpy as np
+
+    if len(a) != len(b):
+        raise ValueError(f"A paired difference needs the same items: {len(a)} scores against {len(b)}.")
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        raise ValueError("No item has a finite score on both sides: nothing to compare.")
+    rng = np.random.default_rng(seed)
+    means = np.concatenate([d[rng.integers(0, d.size, (min(1000, n_boot - i), d.size))].mean(axis=1)
+                            for i in range(0, n_boot, 1000)])
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return {"diff": float(d.mean()), "low": float(low), "high": float(high), "n": int(d.size), "level": level}
 
 
 def _greedy(model, tokenizer, prompts: list[str], outputs: list | None, **kwargs) -> list[str]:

@@ -24,10 +24,11 @@ from ..evaluate.metrics import Metric, metric
 from .claims import Answer, answers
 from .figures import write_figures
 from .groups import Group, Layout, group_runs, infer_layout
+from .paired import paired_comparisons, paired_markdown
 from .tables import report_tables
 
 __all__ = ["Answer", "Group", "Layout", "Metric", "ReportError", "answers", "build_report", "group_runs", "infer_layout",
-           "load_experiment", "report_tables", "write_figures", "write_report"]
+           "load_experiment", "paired_comparisons", "report_tables", "write_figures", "write_report"]
 
 
 class ReportError(Exception):
@@ -35,8 +36,9 @@ class ReportError(Exception):
 
 
 def build_report(rows: list[dict], config: dict | None = None, diagnostics: dict | None = None,
-                 figures: list[tuple[str, str]] = ()) -> str:
-    """report.md's text; ``figures`` are (file name under figures/, caption) pairs already written."""
+                 figures: list[tuple[str, str]] = (), paired: list[dict] | None = None) -> str:
+    """report.md's text; ``figures`` are (file name under figures/, caption) pairs already written; ``paired`` the
+    paired differences (:func:`paired_comparisons`), None when the per-item scores were not kept."""
     config = config or {}
     title = (config.get("report") or {}).get("title") or f"SC-LoRA experiment: {config.get('name', 'results')}"
     parts = [f"# {title}", report_tables(rows, config, diagnostics)]
@@ -47,6 +49,8 @@ def build_report(rows: list[dict], config: dict | None = None, diagnostics: dict
                                                                          ("main utility", layout.utility)) if keys]
     parts += ["## Answers", f"Computed from the numbers above (means over seeds); {'; '.join(mains) or 'no metrics'}.",
               "\n".join(a.markdown(i) for i, a in enumerate(answers(rows, config), 1))]
+    if paired is not None:
+        parts.append(paired_markdown(paired))
     return "\n\n".join(parts) + "\n"
 
 
@@ -84,6 +88,22 @@ def write_report(directory: str | os.PathLike) -> Path:
     folder = Path(directory)
     rows, config, diagnostics = load_experiment(folder)
     figures = write_figures(rows, config, diagnostics, folder / "figures")
+    paired = _paired(folder, rows, config)
     path = folder / "report.md"
-    atomic_write(path, build_report(rows, config, diagnostics, figures))
+    atomic_write(path, build_report(rows, config, diagnostics, figures, paired))
     return path
+
+
+def _paired(folder: Path, rows: list[dict], config: dict) -> list[dict] | None:
+    """Paired differences from samples/<run>.json, stored in paired.json; read back from paired.json when the
+    samples are gone (a committed results folder); None when neither exists (older folders)."""
+    samples = {}
+    for row in rows:
+        path = folder / "samples" / f"{row['run']}.json"
+        if path.is_file():
+            samples[row["run"]] = _read_json(path)
+    if samples:
+        paired = paired_comparisons(rows, config, samples)
+        atomic_write(folder / "paired.json", json.dumps(paired, indent=1) + "\n")
+        return paired
+    return _read_json(folder / "paired.json") if (folder / "paired.json").is_file() else None
