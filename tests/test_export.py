@@ -32,8 +32,8 @@ def train_a_little(peft_model, steps=3):
 @pytest.mark.parametrize(
     "method,kwargs",
     [("sc_lora", {}), ("sc_lora", {"use_rslora": True, "lora_alpha": 6}), ("pissa", {"lora_alpha": 8}),
-     ("corda_kpa", {}), ("lora", {"lora_alpha": 8})],
-    ids=["sc_lora", "sc_lora-rslora", "pissa", "corda_kpa", "lora"],
+     ("corda_kpa", {}), ("lora", {"lora_alpha": 8}), ("olora", {}), ("eva", {})],
+    ids=["sc_lora", "sc_lora-rslora", "pissa", "corda_kpa", "lora", "olora", "eva"],
 )
 def test_exported_adapter_reproduces_finetuned_logits_on_untouched_base(tmp_path, method, kwargs):
     peft_model = sclora.init_model(tiny_llama(seed=4), method=method, r=4, plus=random_batches(2, seed=1),
@@ -44,7 +44,7 @@ def test_exported_adapter_reproduces_finetuned_logits_on_untouched_base(tmp_path
     sclora.export_lora(peft_model, tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(tiny_llama(seed=4), tmp_path / "adapter")
     torch.testing.assert_close(logits(reloaded), tuned, atol=1e-4, rtol=1e-4)
-    expected_rank = 4 if method == "lora" else 8
+    expected_rank = 4 if method in ("lora", "eva") else 8  # residual inits export [A; A0], [B | -B0]
     assert reloaded.peft_config["default"].r == expected_rank
 
 

@@ -16,7 +16,7 @@ def logits(model):
         return model(IDS).logits
 
 
-@pytest.mark.parametrize("method", ["sc_lora", "lora", "pissa", "corda_ipa", "corda_kpa"])
+@pytest.mark.parametrize("method", ["sc_lora", "lora", "pissa", "olora", "eva", "corda_ipa", "corda_kpa"])
 def test_every_adapter_method_keeps_the_model_function_at_init(method):
     model = tiny_llama(seed=2)
     ref = logits(model)

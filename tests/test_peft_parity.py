@@ -100,3 +100,39 @@ def test_pissa_is_peft_pissa_exactly():
     assert set(mine) == set(peft_params)
     for name, p in peft_params.items():
         assert torch.equal(mine[name], p), name
+
+
+def test_olora_is_peft_olora_exactly_and_keeps_the_function():
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama(seed=6)
+    ids = torch.tensor([[3, 9, 27, 40, 11]])
+    with torch.no_grad():
+        before = base(ids).logits
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=R, lora_alpha=R, target_modules=TARGETS,
+                                                           init_lora_weights="olora"))
+    ours = init_model(copy.deepcopy(base), method="olora", r=R, lora_alpha=R, target_modules=TARGETS)
+    mine, peft_params = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    assert set(mine) == set(peft_params) and all(torch.equal(mine[n], p) for n, p in peft_params.items())
+    with torch.no_grad():
+        assert (ours(ids).logits - before).abs().max() < 1e-4
+
+
+def test_eva_is_peft_eva_from_the_same_batches():
+    from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
+
+    base = tiny_llama(seed=6)
+    batches = padded_batches(samples(n=16), batch_size=4)
+    config = LoraConfig(r=R, lora_alpha=R, target_modules=TARGETS, init_lora_weights="eva", eva_config=EvaConfig())
+    theirs = get_peft_model(copy.deepcopy(base), config, low_cpu_mem_usage=True)
+    with torch.no_grad():
+        initialize_lora_eva_weights(theirs, dataloader=batches, show_progress_bar=False)
+    ours = init_model(copy.deepcopy(base), method="eva", r=R, lora_alpha=R, target_modules=TARGETS, plus=batches,
+                      show_progress=False)
+    mine, peft_params = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    assert set(mine) == set(peft_params)
+    for name, p in peft_params.items():
+        torch.testing.assert_close(mine[name], p, atol=1e-6, rtol=1e-5)
+    a = [p for n, p in mine.items() if "lora_A" in n]
+    assert a and any(p.abs().sum() > 0 for p in a)  # A holds the inputs' singular vectors
+    assert all(p.abs().sum() == 0 for n, p in mine.items() if "lora_B" in n)  # B = 0: the function is the base's

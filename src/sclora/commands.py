@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from .cli import yaml_overrides
+from .config import METHODS
 from .fileio import atomic_dir, atomic_write_json, digest
 
 __all__ = ["add_commands"]
 
-METHOD_CHOICES = ["sc_lora", "lora", "pissa", "corda_ipa", "corda_kpa", "full"]
 
 
 def _data(value, seed: int, what: str) -> list[dict]:
@@ -52,7 +52,7 @@ def _init_inputs(args, command: str = "sclora init"):
     _check_int(args.seq_len, "--seq-len", 2)
     _check_int(args.seed, "--seed", 0)
     examples = {}
-    for label in NEEDS_DATA.get(args.method, ()):
+    for label in {**NEEDS_DATA, "eva": ("plus",)}.get(args.method, ()):  # EVA: D+ batches, not statistics
         value = getattr(args, label)
         flag = {"plus": "--plus", "minus": "--minus"}[label] if command == "sclora init" else \
             {"plus": "--data", "minus": "--preserve"}[label]
@@ -89,13 +89,21 @@ def _build_init(args, inputs, model, tokenizer, out: Path):
     from .statistics_cache import cached_statistics, statistics_side
 
     config, examples = inputs
-    stats = {label: cached_statistics(out / "stats", label, model, tokenizer, rows, seq_len=args.seq_len,
-                                      batch_size=8, target_modules=config.target_modules, normalize=config.normalize,
-                                      side=statistics_side(args.method), show_progress=not args.quiet)
-             for label, rows in examples.items()}
+    if args.method == "eva":  # EVA runs PEFT's incremental SVD over D+ batches itself
+        from .statistics_cache import statistics_batches
+
+        stats = {}
+        data = {"plus": statistics_batches(tokenizer, examples["plus"], args.seq_len, 8)}
+    else:
+        stats = {label: cached_statistics(out / "stats", label, model, tokenizer, rows, seq_len=args.seq_len,
+                                          batch_size=8, target_modules=config.target_modules,
+                                          normalize=config.normalize, side=statistics_side(args.method),
+                                          show_progress=not args.quiet)
+                 for label, rows in examples.items()}
+        data = stats
     if distributed.is_main_process():
         config.save_pretrained(out)
-    model = init_model(model, config, plus=stats.get("plus"), minus=stats.get("minus"), show_progress=not args.quiet)
+    model = init_model(model, config, plus=data.get("plus"), minus=data.get("minus"), show_progress=not args.quiet)
     return model, stats
 
 
@@ -268,7 +276,7 @@ def _summary_text(s: dict) -> str:
 def _init_arguments(p) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="local model folder, hub id, or the embedded "
                    "default")
-    p.add_argument("--method", default="sc_lora", choices=METHOD_CHOICES)
+    p.add_argument("--method", default="sc_lora", choices=list(METHODS))
     # --lora-r: torchrun's own parser rejects "--r" anywhere on its command line (an ambiguous prefix of its options)
     p.add_argument("--r", "--lora-r", dest="r", type=int, default=16, help="LoRA rank (--lora-r under torchrun)")
     p.add_argument("--beta", type=float, default=0.5, help="SC-LoRA: weight of preserving D- against fitting D+ "

@@ -17,7 +17,7 @@ from .subspace import SOLVERS, check_betas
 __all__ = ["LLAMA_TARGET_MODULES", "METHODS", "SCLoRAConfig"]
 
 LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ("sc_lora", "lora", "pissa", "corda_ipa", "corda_kpa", "full")
+METHODS = ("sc_lora", "lora", "pissa", "olora", "eva", "corda_ipa", "corda_kpa", "full")
 #: each method's statistics normalization when none is given: CorDA as its authors and PEFT compute it
 METHOD_NORMALIZE = {"corda_ipa": "abs_of_max", "corda_kpa": "abs_of_max"}
 #: "eigh" (full eigendecomposition, the reference), "lobpcg", "mixed", "auto": see sclora.subspace
@@ -107,7 +107,8 @@ class SCLoRAConfig:
         """PEFT's adapter scaling: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
         return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
 
-    def to_lora_config(self, init_lora_weights: bool | str = False) -> LoraConfig:
+    def to_lora_config(self, init_lora_weights: bool | str = False, **extra) -> LoraConfig:
+        """PEFT's LoraConfig for these values; ``extra`` are further LoraConfig fields (e.g. ``eva_config``)."""
         return LoraConfig(
             r=self.r,
             lora_alpha=self.lora_alpha,
@@ -116,6 +117,7 @@ class SCLoRAConfig:
             target_modules=self.target_modules,
             init_lora_weights=init_lora_weights,
             task_type="CAUSAL_LM",
+            **extra,
         )
 
     # --- HF-style persistence -------------------------------------------------------------------

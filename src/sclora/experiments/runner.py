@@ -76,6 +76,10 @@ class _Experiment:
         needed, side = NEEDS_DATA.get(method, ()), statistics_side(method)
         normalize = run_normalize(c, run)  # a run may compare another normalization
         plus = self.stats("plus", side, normalize) if "plus" in needed else None
+        if method == "eva":  # PEFT's EVA runs its own incremental SVD over D+ batches
+            from ..statistics_cache import statistics_batches
+
+            plus = statistics_batches(self.tokenizer, self.sets["plus"], c.stats_seq_len, c.stats_batch_size)
         minus = self.minus_stats(side, normalize) if "minus" in needed else None
         overrides = {"r": c.r, "lora_alpha": c.lora_alpha, "normalize": normalize,
                      "target_modules": c.target_modules, "beta": run.get("beta")}
@@ -93,7 +97,7 @@ class _Experiment:
 
 
 #: methods whose initial adapter spans a data-chosen subspace (the others start from zero or train everything)
-RESIDUAL_METHODS = ("sc_lora", "pissa", "corda_ipa", "corda_kpa")
+RESIDUAL_METHODS = ("sc_lora", "pissa", "olora", "corda_ipa", "corda_kpa")
 
 
 def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,

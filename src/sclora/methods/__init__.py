@@ -9,11 +9,11 @@ from torch import nn
 
 from ..config import SCLoRAConfig
 from ..statistics import CovarianceStats, collect_covariances
-from .builtin import get_lora_model, prepare_full_finetuning
+from .builtin import get_eva_model, get_lora_model, prepare_full_finetuning
 from .corda import corda_factors, get_corda_model
 from .sc_lora import get_sclora_model
 
-__all__ = ["corda_factors", "get_corda_model", "get_lora_model", "get_sclora_model", "init_model", "prepare_full_finetuning"]
+__all__ = ["corda_factors", "get_corda_model", "get_eva_model", "get_lora_model", "get_sclora_model", "init_model", "prepare_full_finetuning"]
 
 Data = CovarianceStats | Iterable[Mapping[str, torch.Tensor]] | None
 #: D- may also be several knowledge sets: a list of statistics (or of batch lists), one beta each.
@@ -77,6 +77,11 @@ def init_model(
         return get_corda_model(model, config, stats(data, label, "input"), config.method[-3:], show_progress=show_progress)
     if config.method == "lora":
         return get_lora_model(model, config)
-    if config.method == "pissa":
-        return get_lora_model(model, config, init_lora_weights="pissa")
+    if config.method in ("pissa", "olora"):  # PEFT's own: SVD / QR of W, the residual left in the base weight
+        return get_lora_model(model, config, init_lora_weights=config.method)
+    if config.method == "eva":  # PEFT's EVA: A from the SVD of D+'s layer inputs, B = 0, ranks redistributed
+        if plus is None or isinstance(plus, CovarianceStats):
+            raise ValueError("method='eva' needs plus= batches (dicts of input_ids, attention_mask): EVA runs its own "
+                             "incremental SVD over the inputs, not over covariance statistics.")
+        return get_eva_model(model, config, plus, show_progress=show_progress)
     return prepare_full_finetuning(model)
