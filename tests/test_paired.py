@@ -86,3 +86,15 @@ def test_the_report_keeps_its_paired_section_without_the_samples(tmp_path):
     for path in (tmp_path / "samples").iterdir():
         path.unlink()
     assert write_report(tmp_path).read_text() == report  # regenerated from paired.json
+
+
+def test_runs_without_kept_scores_are_left_out_and_unequal_items_refused():
+    rows, config, samples = rows_and_samples(True)
+    rows.append({"run": "sc_lora-beta0.8-seed1", "method": "sc_lora", "beta": 0.8, "learning_rate": 1e-3, "seed": 1,
+                 "knowledge_mc": 50.0, "math_nll": 1.3})  # an older row: no samples
+    entries = paired_comparisons(rows, config, samples)
+    sc_vs_lora = [e for e in entries if e["comparison"] == "SC-LoRA vs LoRA" and e["metric"] == "knowledge_mc"]
+    assert [tuple(p) for p in sc_vs_lora[0]["pairs"]] == [("sc_lora-beta0.8", "lora")] and sc_vs_lora[0]["n"] == 300
+    samples["lora"]["knowledge_mc"] = samples["lora"]["knowledge_mc"][:10]
+    with pytest.raises(ValueError, match="not the same items"):
+        paired_comparisons(rows, config, samples)

@@ -29,7 +29,8 @@ def _pairs(groups: list[Group]) -> list[tuple[Group, Group, str]]:
 def paired_comparisons(rows: list[dict], config: dict | None, samples: dict[str, dict]) -> list[dict]:
     """Paired differences for every comparison of :func:`_pairs` and every preservation / utility metric of the
     report's layout whose per-item scores both sides kept. Runs are matched by seed (a side without that seed
-    contributes its first run); the items of all matched pairs are pooled."""
+    contributes its first run); the items of all matched pairs are pooled. Runs without kept scores (rows from
+    before the scores were kept) are left out; the entry lists the runs it used."""
     groups = group_runs(rows)
     layout = infer_layout(rows, config)
     seeds = {r["run"]: r.get("seed") for r in rows}
@@ -39,15 +40,17 @@ def paired_comparisons(rows: list[dict], config: dict | None, samples: dict[str,
         keys = layout.preservation if why.startswith("forgetting") else [*layout.preservation, *layout.utility]
         for key in keys:
             m = metric(key)
-            first, second = [], []
-            for run in a.runs:
-                match = next((r for r in b.runs if seeds.get(r) == seeds.get(run)), b.runs[0])
-                x, y = samples.get(run, {}).get(key), samples.get(match, {}).get(key)
-                if x is None or y is None or len(x) != len(y):
-                    first = None
+            kept_b = [r for r in b.runs if key in samples.get(r, {})]
+            first, second, used = [], [], []
+            for run in (r for r in a.runs if key in samples.get(r, {})):
+                if not kept_b:
                     break
-                first += x
-                second += y
+                match = next((r for r in kept_b if seeds.get(r) == seeds.get(run)), kept_b[0])
+                x, y = samples[run][key], samples[match][key]
+                if len(x) != len(y):
+                    raise ValueError(f"Runs {run!r} and {match!r} scored {key} on {len(x)} and {len(y)} items: "
+                                     "not the same items, so they cannot be compared pairwise.")
+                first, second, used = first + x, second + y, [*used, (run, match)]
             if not first:
                 continue
             d = paired_difference(first, second)
@@ -55,7 +58,7 @@ def paired_comparisons(rows: list[dict], config: dict | None, samples: dict[str,
             gain = sorted((sign * d["low"], sign * d["high"]))
             verdict = "A better" if gain[0] > 0 else "B better" if gain[1] < 0 else "undecided"
             out.append({"comparison": why, "a": label(a, lr_methods), "b": label(b, lr_methods), "metric": key,
-                        "runs_a": a.runs, "runs_b": b.runs, **d, "verdict": verdict})
+                        "pairs": used, **d, "verdict": verdict})
     return out
 
 
