@@ -121,7 +121,8 @@ def _plot_tradeoff(groups: list[Group], utility: Metric | None, preservation: Me
     points = [g for g in groups if g.value(utility.key) is not None and g.value(preservation.key) is not None]
     if len(points) < 2:
         return None
-    fig, ax = _new_axes((7.0, 5.0))
+    fig, ax = _new_axes((8.2, 5.0))
+    markers = "osD^vPX<>p"
     for i, g in enumerate(points):
         color = "0.35" if g.is_base else f"C{i % 10}"
         x, y = g.value(utility.key), g.value(preservation.key)
@@ -129,13 +130,16 @@ def _plot_tradeoff(groups: list[Group], utility: Metric | None, preservation: Me
                 if utility.key in c and preservation.key in c]
         if path:  # where the run went during training, ending at its final evaluation
             ax.plot([p[0] for p in path] + [x], [p[1] for p in path] + [y], color=color, alpha=0.5, marker=".")
-        ax.scatter([x], [y], color=color, marker="*" if g.is_base else "o", s=70, zorder=3)
-        ax.annotate(label(g, lr_methods, model), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        # standard errors as error bars; names in the legend, never as text on top of each other
+        ax.errorbar([x], [y], xerr=g.se(utility.key), yerr=g.se(preservation.key), color=color, capsize=3,
+                    marker="*" if g.is_base else markers[(i // 10) % len(markers)], markersize=9 if g.is_base else 6,
+                    linestyle="none", zorder=3, label=label(g, lr_methods, model))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.set_xlabel(_axis_label(utility, "→"))
     ax.set_ylabel(_axis_label(preservation, "↑"))
     _orient(ax, utility, "x")
     _orient(ax, preservation, "y")
-    ax.set_title("Trade-off: better is up and to the right")
+    ax.set_title("Trade-off: better is up and to the right (bars: ±1 SE)")
     ax.grid(alpha=0.3)
     return fig
 
