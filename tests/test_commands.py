@@ -156,3 +156,14 @@ def test_data_with_nothing_to_train_on_is_refused_before_the_statistics(files, m
     argv[argv.index("--seq-len") + 1] = "4"  # every prompt fills 4 tokens
     with pytest.raises(SystemExit, match="no example keeps a trained token within max_length=4"):
         cli.main(argv)
+
+
+def test_finetune_with_beta_auto_meets_its_budget(files, capsys):
+    tmp_path, model = files
+    argv = finetune_args(tmp_path, model)
+    argv[argv.index("--beta") + 1] = "auto"
+    assert cli.main([*argv, "--budget", "0.05"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert 0 <= summary["beta"] <= 1 and summary["beta_chosen_for_budget"] == 0.05
+    assert summary["initial_subspace_energy"]["minus"] <= 0.05 + 1e-9  # measured on the adapter itself
+    assert "chosen for a D- budget of 5.0%" in capsys.readouterr().out

@@ -4,7 +4,7 @@ from . import models
 from .config import LLAMA_TARGET_MODULES, METHODS, SCLoRAConfig
 from .diagnostics import subspace_energy, summarize_energy
 from .export import export_lora, merge_and_save, remember_initial_adapter, save_initial_adapter
-from .methods import get_corda_model, get_lora_model, get_sclora_model, init_model
+from .methods import BetaChoice, choose_beta, get_corda_model, get_lora_model, get_sclora_model, init_model
 from .statistics import CovarianceStats, collect_covariances
 from .subspace import (
     NonUniqueSubspaceWarning,
@@ -20,10 +20,12 @@ __version__ = "0.1.0"
 __all__ = [
     "LLAMA_TARGET_MODULES",
     "METHODS",
+    "BetaChoice",
     "CovarianceStats",
     "NonUniqueSubspaceWarning",
     "SCLoRAConfig",
     "captured_energy",
+    "choose_beta",
     "collect_covariances",
     "delta_covariance",
     "export_lora",

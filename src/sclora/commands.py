@@ -46,7 +46,8 @@ def _init_inputs(args, command: str = "sclora init"):
     from .statistics_cache import NEEDS_DATA
 
     try:
-        config = SCLoRAConfig(method=args.method, r=args.r, beta=args.beta, normalize=args.normalize)
+        config = SCLoRAConfig(method=args.method, r=args.r, beta=args.beta, normalize=args.normalize,
+                              preserve_budget=getattr(args, "budget", None))
     except ValueError as err:
         raise SystemExit(f"{command}: {err}") from None
     _check_int(args.seq_len, "--seq-len", 2)
@@ -225,6 +226,7 @@ def _finetune(args) -> int:
     start = time.perf_counter()
     model, stats = _build_init(args, inputs, model, tokenizer, out)
     init_seconds = time.perf_counter() - start
+    choice = getattr(model, "sclora_beta_choice", None)
     energy = {}
     if hasattr(model, "peft_config") and "plus" in stats:
         energy = summarize_energy(subspace_energy(model, stats["plus"], stats.get("minus")))["overall"]
@@ -238,7 +240,9 @@ def _finetune(args) -> int:
     if not distributed.is_main_process():
         return 0
     summary = {
-        "method": args.method, "r": args.r, "beta": args.beta if args.method == "sc_lora" else None,
+        "method": args.method, "r": args.r,
+        "beta": (choice.beta if choice else args.beta) if args.method == "sc_lora" else None,
+        "beta_chosen_for_budget": choice.budget if choice else None,
         "examples": {"data": len(examples), **{k: len(v) for k, v in inputs[1].items()}},
         "initial_subspace_energy": energy, "init_seconds": round(init_seconds, 1),
         "steps": result.steps, "final_loss": result.final_loss, "train_seconds": round(result.train_seconds, 1),
@@ -252,7 +256,8 @@ def _finetune(args) -> int:
 
 
 def _summary_text(s: dict) -> str:
-    lines = [f"sclora finetune: {s['method']}" + (f" (beta {s['beta']})" if s["beta"] is not None else "")
+    chosen = f", chosen for a D- budget of {s['beta_chosen_for_budget']:.1%}" if s.get("beta_chosen_for_budget") else ""
+    lines = [f"sclora finetune: {s['method']}" + (f" (beta {s['beta']:.4g}{chosen})" if s["beta"] is not None else "")
              + f", rank {s['r']}, {s['examples']['data']} training examples"]
     energy = s["initial_subspace_energy"]
     if energy:
@@ -273,14 +278,25 @@ def _summary_text(s: dict) -> str:
     return "\n".join(lines)
 
 
+def _beta(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"beta must be a number in [0, 1] or auto, got {text!r}") from None
+
+
 def _init_arguments(p) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="local model folder, hub id, or the embedded "
                    "default")
     p.add_argument("--method", default="sc_lora", choices=list(METHODS))
     # --lora-r: torchrun's own parser rejects "--r" anywhere on its command line (an ambiguous prefix of its options)
     p.add_argument("--r", "--lora-r", dest="r", type=int, default=16, help="LoRA rank (--lora-r under torchrun)")
-    p.add_argument("--beta", type=float, default=0.5, help="SC-LoRA: weight of preserving D- against fitting D+ "
-                   "(0: only fit, 1: only preserve)")
+    p.add_argument("--beta", type=_beta, default=0.5, help="SC-LoRA: weight of preserving D- against fitting D+ "
+                   "(0: only fit, 1: only preserve), or auto: the smallest beta meeting --budget")
+    p.add_argument("--budget", type=float, help="with --beta auto: the share of D-'s output energy the initial "
+                   "subspace may keep, e.g. 0.05")
     p.add_argument("--normalize", choices=["none", "max_abs", "abs_of_max", "trace"],
                    help="statistics normalization (default: the method's own: none for SC-LoRA, abs_of_max for CorDA)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per example for the statistics (and training)")

@@ -33,7 +33,9 @@ class SCLoRAConfig:
     ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora`` and ``target_modules`` mean what they
     mean in PEFT's ``LoraConfig``; ``lora_alpha=None`` means ``lora_alpha = r`` (scaling 1, as the
     authors' code). ``beta`` balances fitting D+ (0) against preserving D- (1) (paper, Eq. 1); with
-    several knowledge sets D-_1 .. D-_k it is a list of k weights, each >= 0, summing to at most 1.
+    several knowledge sets D-_1 .. D-_k it is a list of k weights, each >= 0, summing to at most 1;
+    ``beta="auto"`` with ``preserve_budget=b`` takes the smallest β whose initial subspace keeps at most a share
+    b of D-'s output energy (:func:`sclora.choose_beta`, one knowledge set).
     ``normalize`` is the statistics normalization (see :func:`sclora.collect_covariances`); ``None`` means the
     method's own: ``"none"`` for SC-LoRA (Algorithm 1), ``"abs_of_max"`` for CorDA (each sample divided by the
     absolute value of its largest activation, as the CorDA authors and PEFT do);
@@ -49,7 +51,8 @@ class SCLoRAConfig:
     lora_alpha: float | None = None
     lora_dropout: float = 0.0
     use_rslora: bool = False
-    beta: float | list[float] = 0.5
+    beta: float | list[float] | str = 0.5  # "auto": the smallest β meeting preserve_budget (choose_beta)
+    preserve_budget: float | None = None  # with beta="auto": the share of D-'s output energy the subspace may keep
     target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_TARGET_MODULES))
     normalize: str | None = None  # None: the method's own (METHOD_NORMALIZE)
     dtype: str = "float64"
@@ -64,7 +67,17 @@ class SCLoRAConfig:
             raise ValueError(f"r must be a positive integer, got {self.r!r}.")
         if isinstance(self.beta, tuple):
             self.beta = list(self.beta)
-        check_betas(self.beta)
+        if self.beta == "auto":
+            if (isinstance(self.preserve_budget, bool) or not isinstance(self.preserve_budget, (int, float))
+                    or not 0 <= self.preserve_budget <= 1):
+                raise ValueError("beta='auto' needs preserve_budget, the share of D-'s output energy the initial "
+                                 f"subspace may keep, a number in [0, 1] such as 0.05; got {self.preserve_budget!r}.")
+            if self.method != "sc_lora":
+                raise ValueError(f"beta='auto' applies to method 'sc_lora', not {self.method!r}.")
+        else:
+            if self.preserve_budget is not None:
+                raise ValueError("preserve_budget applies with beta='auto' (it chooses β); drop it or set beta='auto'.")
+            check_betas(self.beta)
         if self.lora_alpha is None:
             self.lora_alpha = self.r
         if not _real(self.lora_alpha) or self.lora_alpha <= 0:

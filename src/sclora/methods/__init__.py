@@ -11,9 +11,9 @@ from ..config import SCLoRAConfig
 from ..statistics import CovarianceStats, collect_covariances
 from .builtin import get_eva_model, get_lora_model, prepare_full_finetuning
 from .corda import corda_factors, get_corda_model
-from .sc_lora import get_sclora_model
+from .sc_lora import BetaChoice, choose_beta, get_sclora_model
 
-__all__ = ["corda_factors", "get_corda_model", "get_eva_model", "get_lora_model", "get_sclora_model", "init_model", "prepare_full_finetuning"]
+__all__ = ["BetaChoice", "choose_beta", "corda_factors", "get_corda_model", "get_eva_model", "get_lora_model", "get_sclora_model", "init_model", "prepare_full_finetuning"]
 
 Data = CovarianceStats | Iterable[Mapping[str, torch.Tensor]] | None
 #: D- may also be several knowledge sets: a list of statistics (or of batch lists), one beta each.
