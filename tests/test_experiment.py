@@ -342,3 +342,17 @@ def test_an_experiment_on_a_users_files_and_a_changed_file_is_stale(tmp_path, mo
         f.write(json.dumps({"question": "what is ten plus ten", "answer": "ten ten ."}) + "\n")
     with pytest.raises(StaleResultsError, match="sha256"):
         cli.main(["run", str(path), "--output", str(out), "--quiet"])
+
+
+def test_a_run_with_beta_auto_records_the_beta_it_chose(setup):
+    config_path, out = setup
+    config = yaml.safe_load(config_path.read_text())
+    config["runs"] = [{"method": "sc_lora", "beta": "auto", "preserve_budget": 0.3}]
+    config_path.write_text(yaml.safe_dump(config))
+    assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0
+    row = json.loads((out / "results.json").read_text())[1]
+    assert row["run"] == "sc_lora-betaauto-budget0.3" and 0 <= row["beta"] <= 1
+    assert row["beta_auto_budget"] == 0.3 and row["beta_auto_minus_energy"] <= 0.3
+    config["runs"] = [{"method": "sc_lora", "beta": "auto"}]
+    with pytest.raises(ValueError, match="needs preserve_budget"):
+        load_config_from(config)

@@ -82,7 +82,8 @@ class _Experiment:
             plus = statistics_batches(self.tokenizer, self.sets["plus"], c.stats_seq_len, c.stats_batch_size)
         minus = self.minus_stats(side, normalize) if "minus" in needed else None
         overrides = {"r": c.r, "lora_alpha": c.lora_alpha, "normalize": normalize,
-                     "target_modules": c.target_modules, "beta": run.get("beta")}
+                     "target_modules": c.target_modules, "beta": run.get("beta"),
+                     "preserve_budget": run.get("preserve_budget")}
         return init_model(model, method=method, plus=plus, minus=minus, show_progress=self.show_progress,
                           **{k: v for k, v in overrides.items() if v is not None})
 
@@ -174,7 +175,8 @@ def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, o
     metrics, items = evaluate(model)
     atomic_write(out / "samples" / f"{name}.json", json.dumps(items) + "\n")
     row = {
-        "run": name, "method": method, "beta": run.get("beta"), "learning_rate": train_config.learning_rate,
+        "run": name, "method": method, "learning_rate": train_config.learning_rate,
+        **_beta_fields(run, getattr(model, "sclora_beta_choice", None)),
         "seed": seed, **({"normalize": run["normalize"]} if run.get("normalize") else {}),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "init_seconds": round(init_seconds, 1), "train_seconds": round(result.train_seconds, 1),
@@ -184,6 +186,14 @@ def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, o
     if config.evaluate_steps:
         row["checkpoints"] = along.rows
     return row
+
+
+def _beta_fields(run: dict, choice) -> dict:
+    """A row's beta: the run's, or for beta: auto the one chosen, with its budget and what the subspace keeps."""
+    if choice is None:
+        return {"beta": run.get("beta")}
+    return {"beta": choice.beta, "beta_auto_budget": choice.budget, "beta_auto_minus_energy": choice.minus_energy,
+            "beta_auto_plus_energy": choice.plus_energy}
 
 
 def diagnose_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *, show_progress: bool = True,

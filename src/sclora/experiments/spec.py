@@ -198,7 +198,8 @@ class ExperimentConfig:
             try:  # the init's own checks (r, lora_alpha, beta range, ...), for this run's values
                 SCLoRAConfig(method=run["method"], r=self.r, lora_alpha=self.lora_alpha,
                              normalize=run_normalize(self, run), target_modules=self.target_modules,
-                             **({"beta": beta} if beta is not None else {}))
+                             **({"beta": beta} if beta is not None else {}),
+                             **({"preserve_budget": run["preserve_budget"]} if "preserve_budget" in run else {}))
             except ValueError as err:
                 raise ValueError(f"run {name!r}: {err}") from None
             try:
@@ -240,7 +241,7 @@ def _check_judge(judge: dict) -> None:
                                 "causal LM (a folder with config.json).")
 
 
-RUN_KEYS = {"method", "beta", "learning_rate", "name", "seed", "normalize"}
+RUN_KEYS = {"method", "beta", "learning_rate", "name", "seed", "normalize", "preserve_budget"}
 
 
 def _strict(cls, data: dict, what: str):
@@ -299,6 +300,8 @@ def run_name(run: dict) -> str:
     if "name" not in run and run.get("beta") is not None:
         beta = run["beta"]
         name += "-beta" + ("+".join(str(b) for b in beta) if isinstance(beta, list) else str(beta))
+        if beta == "auto":
+            name += f"-budget{run.get('preserve_budget')}"
     if "name" not in run and run.get("learning_rate") is not None:
         name += f"-lr{run['learning_rate']}"
     if "name" not in run and run.get("normalize") is not None:
