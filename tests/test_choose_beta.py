@@ -3,6 +3,8 @@ against the adapter it gives (diagnostics measure the real B), minimal within it
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 from conftest import random_batches, tiny_llama
 
@@ -38,7 +40,7 @@ def test_the_chosen_beta_meets_the_budget_and_a_step_less_misses_it(setup):
     assert minus_share(plus, minus, choice.beta - 1 / 512) > budget  # minimal within the tolerance
     assert len(choice.tried) <= 10
     ordered = sorted(choice.tried)
-    assert all(a[1] >= b[1] - 1e-9 for a, b in zip(ordered, ordered[1:]))  # D-'s share never rises with β
+    assert all(a[1] >= b[1] - 1e-9 for a, b in pairwise(ordered))  # D-'s share never rises with β
 
 
 def test_loose_and_impossible_budgets(setup):

@@ -368,3 +368,42 @@ def test_residual_weights_are_written_in_place_without_a_second_copy():
         assert weight.data_ptr() == pointer, name  # the same storage: no second copy of the weights
         rebuilt = weight + layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
         torch.testing.assert_close(rebuilt, w0, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_a_locked_subspace_stays_put_while_the_model_learns(tmp_path):
+    """lock_subspace: after optimizer steps B is unchanged (so is its column space, span(Q)), A moved, the
+    outputs changed, only A was trainable, and the export still reproduces the trained model."""
+    from conftest import tiny_tokenizer
+
+    from sclora.train import TrainConfig, train
+
+    targets = ["q_proj", "down_proj"]
+    base = tiny_llama(seed=9)
+    plus = sclora.collect_covariances(base, random_batches(seed=1), targets, show_progress=False)
+    minus = sclora.collect_covariances(base, random_batches(seed=2), targets, show_progress=False)
+    config = sclora.SCLoRAConfig(r=2, beta=0.6, target_modules=targets, lock_subspace=True)
+    model = sclora.get_sclora_model(tiny_llama(seed=9), config, plus, minus, show_progress=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n for n in trainable)
+    b0 = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_B." in n}
+    a0 = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_A." in n}
+    ids = torch.tensor([[3, 14, 15, 16, 17]])
+    with torch.no_grad():
+        before = model(ids).logits
+    examples = [{"prompt": "what is the capital of france", "response": "paris"}] * 8
+    train(model, tiny_tokenizer(), examples, TrainConfig(learning_rate=5e-2, batch_size=4, micro_batch_size=4,
+          max_steps=3, max_length=32), tmp_path / "ckpt", show_progress=False)
+    for n, p in model.named_parameters():
+        if n in b0:
+            assert torch.equal(p, b0[n]), n  # B, hence span(B) = span(Q), exactly unchanged
+    assert any(not torch.equal(p, a0[n]) for n, p in model.named_parameters() if n in a0)
+    model.eval()
+    with torch.no_grad():
+        after = model(ids).logits
+    assert (after - before).abs().max() > 1e-3
+    sclora.export_lora(model, tmp_path / "adapter")
+    with torch.no_grad():
+        plain = PeftModel.from_pretrained(tiny_llama(seed=9), tmp_path / "adapter")(ids).logits
+    assert (plain - after).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="lock_subspace applies"):
+        sclora.SCLoRAConfig(method="lora", lock_subspace=True)

@@ -35,7 +35,9 @@ class SCLoRAConfig:
     authors' code). ``beta`` balances fitting D+ (0) against preserving D- (1) (paper, Eq. 1); with
     several knowledge sets D-_1 .. D-_k it is a list of k weights, each >= 0, summing to at most 1;
     ``beta="auto"`` with ``preserve_budget=b`` takes the smallest β whose initial subspace keeps at most a share
-    b of D-'s output energy (:func:`sclora.choose_beta`, one knowledge set).
+    b of D-'s output energy (:func:`sclora.choose_beta`, one knowledge set). ``lock_subspace=True`` keeps
+    the constraint through training, not only at initialization: B stays Q (frozen) and only A trains, so the
+    adapter's output B A x stays in span(Q) at every step (half the trainable parameters; export stays exact).
     ``normalize`` is the statistics normalization (see :func:`sclora.collect_covariances`); ``None`` means the
     method's own: ``"none"`` for SC-LoRA (Algorithm 1), ``"abs_of_max"`` for CorDA (each sample divided by the
     absolute value of its largest activation, as the CorDA authors and PEFT do);
@@ -53,6 +55,7 @@ class SCLoRAConfig:
     use_rslora: bool = False
     beta: float | list[float] | str = 0.5  # "auto": the smallest β meeting preserve_budget (choose_beta)
     preserve_budget: float | None = None  # with beta="auto": the share of D-'s output energy the subspace may keep
+    lock_subspace: bool = False  # SC-LoRA: B stays Q (frozen), only A trains: the output stays in span(Q)
     target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_TARGET_MODULES))
     normalize: str | None = None  # None: the method's own (METHOD_NORMALIZE)
     dtype: str = "float64"
@@ -85,6 +88,10 @@ class SCLoRAConfig:
                              f"got {self.lora_alpha!r}.")
         if not _real(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}.")
+        if not isinstance(self.lock_subspace, bool):
+            raise ValueError(f"lock_subspace must be True or False, got {self.lock_subspace!r}.")  # noqa: TRY004
+        if self.lock_subspace and self.method != "sc_lora":
+            raise ValueError(f"lock_subspace applies to method 'sc_lora', not {self.method!r}.")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora must be True or False, got {self.use_rslora!r}.")  # noqa: TRY004
         if isinstance(self.target_modules, tuple):

@@ -13,7 +13,7 @@ from .residual import check_rank, remember_initial_adapter
 def get_lora_model(model: nn.Module, config: SCLoRAConfig, init_lora_weights: bool | str = True) -> PeftModel:
     """Vanilla LoRA (Kaiming A, zero B) or any PEFT init given by name, e.g. ``"pissa"``."""
     if isinstance(model, PeftModel):
-        raise ValueError("The model already carries a PEFT adapter; initialize the untouched base model.")
+        raise ValueError("The model already carries a PEFT adapter; initialize the untouched base model.")  # noqa: TRY004
     check_rank(resolve_targets(model, config.target_modules), config.r)
     peft_model = get_peft_model(model, config.to_lora_config(init_lora_weights=init_lora_weights))
     remember_initial_adapter(peft_model)
@@ -28,7 +28,7 @@ def get_eva_model(model: nn.Module, config: SCLoRAConfig, batches, *, show_progr
     from peft import EvaConfig, initialize_lora_eva_weights
 
     if isinstance(model, PeftModel):
-        raise ValueError("The model already carries a PEFT adapter; initialize the untouched base model.")
+        raise ValueError("The model already carries a PEFT adapter; initialize the untouched base model.")  # noqa: TRY004
     check_rank(resolve_targets(model, config.target_modules), config.r)
     batches = [{k: batch[k] for k in ("input_ids", "attention_mask")} for batch in batches]
     lora_config = config.to_lora_config(init_lora_weights="eva", eva_config=EvaConfig())

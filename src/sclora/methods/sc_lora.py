@@ -82,6 +82,10 @@ def get_sclora_model(
     sparse = _sparse_negative_modules(model, config, minus)
     peft_model = build_residual_adapter(model, config, factors, show_progress=show_progress, desc="SC-LoRA init")
     peft_model.sclora_beta_choice = choice  # what beta="auto" chose (None for a given beta)
+    if config.lock_subspace:  # B = Q frozen: every update of A keeps B A x in span(Q) (paper's limitation, lifted)
+        for name, parameter in peft_model.named_parameters():
+            if ".lora_B." in name:
+                parameter.requires_grad_(False)
     if sparse:
         name, d_out, d_in = sparse[0]
         tokens = _active_tokens(betas, minus)
