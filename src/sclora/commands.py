@@ -47,7 +47,8 @@ def _init_inputs(args, command: str = "sclora init"):
 
     try:
         config = SCLoRAConfig(method=args.method, r=args.r, beta=args.beta, normalize=args.normalize,
-                              preserve_budget=getattr(args, "budget", None))
+                              preserve_budget=getattr(args, "budget", None),
+                              quantize_residual=getattr(args, "quantize", None))
     except ValueError as err:
         raise SystemExit(f"{command}: {err}") from None
     _check_int(args.seq_len, "--seq-len", 2)
@@ -295,6 +296,8 @@ def _init_arguments(p) -> None:
     p.add_argument("--r", "--lora-r", dest="r", type=int, default=16, help="LoRA rank (--lora-r under torchrun)")
     p.add_argument("--beta", type=_beta, default=0.5, help="SC-LoRA: weight of preserving D- against fitting D+ "
                    "(0: only fit, 1: only preserve), or auto: the smallest beta meeting --budget")
+    p.add_argument("--quantize", choices=["nf4", "fp4"], help="after the init, store the frozen base (W_res) in "
+                   "4-bit, QLoRA-style (needs bitsandbytes); the adapter trains in full precision")
     p.add_argument("--budget", type=float, help="with --beta auto: the share of D-'s output energy the initial "
                    "subspace may keep, e.g. 0.05")
     p.add_argument("--normalize", choices=["none", "max_abs", "abs_of_max", "trace"],

@@ -38,6 +38,8 @@ class SCLoRAConfig:
     b of D-'s output energy (:func:`sclora.choose_beta`, one knowledge set). ``lock_subspace=True`` keeps
     the constraint through training, not only at initialization: B stays Q (frozen) and only A trains, so the
     adapter's output B A x stays in span(Q) at every step (half the trainable parameters; export stays exact).
+    ``quantize_residual="nf4"`` stores the frozen base in 4-bit after the (full-precision) initialization, as
+    QLoRA does (:mod:`sclora.quantize`; needs bitsandbytes).
     ``normalize`` is the statistics normalization (see :func:`sclora.collect_covariances`); ``None`` means the
     method's own: ``"none"`` for SC-LoRA (Algorithm 1), ``"abs_of_max"`` for CorDA (each sample divided by the
     absolute value of its largest activation, as the CorDA authors and PEFT do);
@@ -56,6 +58,7 @@ class SCLoRAConfig:
     beta: float | list[float] | str = 0.5  # "auto": the smallest β meeting preserve_budget (choose_beta)
     preserve_budget: float | None = None  # with beta="auto": the share of D-'s output energy the subspace may keep
     lock_subspace: bool = False  # SC-LoRA: B stays Q (frozen), only A trains: the output stays in span(Q)
+    quantize_residual: str | None = None  # "nf4" / "fp4": the frozen base (W_res) in 4-bit after init (QLoRA-style)
     target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_TARGET_MODULES))
     normalize: str | None = None  # None: the method's own (METHOD_NORMALIZE)
     dtype: str = "float64"
@@ -92,6 +95,13 @@ class SCLoRAConfig:
             raise ValueError(f"lock_subspace must be True or False, got {self.lock_subspace!r}.")  # noqa: TRY004
         if self.lock_subspace and self.method != "sc_lora":
             raise ValueError(f"lock_subspace applies to method 'sc_lora', not {self.method!r}.")
+        if self.quantize_residual is not None:
+            from .quantize import QUANT_TYPES
+
+            _choice("quantize_residual", self.quantize_residual, QUANT_TYPES)
+            if self.method == "full":
+                raise ValueError("quantize_residual needs an adapter method: full fine-tuning trains the weights "
+                                 "it would quantize.")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora must be True or False, got {self.use_rslora!r}.")  # noqa: TRY004
         if isinstance(self.target_modules, tuple):

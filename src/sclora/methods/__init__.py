@@ -46,7 +46,16 @@ def init_model(
     Returns a PEFT model, or the model itself for ``method="full"``.
     """
     config = SCLoRAConfig(**{**(config.to_dict() if config else {}), **overrides})
+    if config.quantize_residual is not None:  # after the full-precision init, the frozen base in 4-bit
+        from ..quantize import quantize_frozen_linears
 
+        peft_model = _init(model, config, plus, minus, show_progress)
+        peft_model.sclora_quantization = quantize_frozen_linears(peft_model, config.quantize_residual)
+        return peft_model
+    return _init(model, config, plus, minus, show_progress)
+
+
+def _init(model: nn.Module, config: SCLoRAConfig, plus, minus, show_progress: bool) -> nn.Module:
     def stats(data: Data, label: str, side: str) -> CovarianceStats:
         if data is None:
             raise ValueError(f"method={config.method!r} needs {label} data: pass {label}=batches or statistics.")
