@@ -1,5 +1,12 @@
 """sclora: Subspace-Constrained LoRA initialization (SC-LoRA) for Hugging Face models and PEFT."""
 
+import logging as _logging
+
+# PEFT imports bitsandbytes when it is installed; on CPUs with AVX512-BF16 bitsandbytes then logs, at import, that an
+# optional faster kernel package is missing. Not an error, and not actionable for most commands (the README's 4-bit
+# section says it); keep it out of every command's output.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+
 from . import models
 from .config import LLAMA_TARGET_MODULES, METHODS, SCLoRAConfig
 from .diagnostics import subspace_energy, summarize_energy
