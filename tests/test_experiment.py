@@ -356,3 +356,14 @@ def test_a_run_with_beta_auto_records_the_beta_it_chose(setup):
     config["runs"] = [{"method": "sc_lora", "beta": "auto"}]
     with pytest.raises(ValueError, match="needs preserve_budget"):
         load_config_from(config)
+
+
+def test_a_locked_run_trains_half_the_parameters_and_is_named_so(setup):
+    config_path, out = setup
+    config = yaml.safe_load(config_path.read_text())
+    config["runs"] = [{"method": "sc_lora", "beta": 0.5}, {"method": "sc_lora", "beta": 0.5, "lock_subspace": True}]
+    config_path.write_text(yaml.safe_dump(config))
+    assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0
+    rows = {r["run"]: r for r in json.loads((out / "results.json").read_text())}
+    free, locked = rows["sc_lora-beta0.5"], rows["sc_lora-beta0.5-locked"]
+    assert 0 < locked["trainable_params"] < free["trainable_params"]  # A only (B frozen at Q)

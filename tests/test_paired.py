@@ -98,3 +98,18 @@ def test_runs_without_kept_scores_are_left_out_and_unequal_items_refused():
     samples["lora"]["knowledge_mc"] = samples["lora"]["knowledge_mc"][:10]
     with pytest.raises(ValueError, match="not the same items"):
         paired_comparisons(rows, config, samples)
+
+
+def test_a_locked_run_is_its_own_row_and_is_paired_with_the_plain_one():
+    from sclora.experiments.report import group_runs
+
+    rows, config, samples = rows_and_samples(True)
+    rows.append({"run": "sc_lora-beta0.8-locked", "method": "sc_lora", "beta": 0.8, "learning_rate": 1e-3,
+                 "lock_subspace": True, "knowledge_mc": 60.0, "math_nll": 1.4})
+    samples["sc_lora-beta0.8-locked"] = {"knowledge_mc": samples["base"]["knowledge_mc"],
+                                         "math_nll": [x + 0.1 for x in samples["sc_lora-beta0.8"]["math_nll"]]}
+    groups = {g.runs[0]: g for g in group_runs(rows)}
+    assert groups["sc_lora-beta0.8-locked"].locked and not groups["sc_lora-beta0.8"].locked  # not merged as seeds
+    entries = [e for e in paired_comparisons(rows, config, samples) if e["comparison"] == "locked vs plain SC-LoRA"]
+    nll = next(e for e in entries if e["metric"] == "math_nll")
+    assert nll["a"] == "SC-LoRA β=0.8 (locked)" and nll["diff"] == pytest.approx(0.1) and nll["verdict"] == "B better"

@@ -83,7 +83,7 @@ class _Experiment:
         minus = self.minus_stats(side, normalize) if "minus" in needed else None
         overrides = {"r": c.r, "lora_alpha": c.lora_alpha, "normalize": normalize,
                      "target_modules": c.target_modules, "beta": run.get("beta"),
-                     "preserve_budget": run.get("preserve_budget")}
+                     "preserve_budget": run.get("preserve_budget"), "lock_subspace": run.get("lock_subspace")}
         return init_model(model, method=method, plus=plus, minus=minus, show_progress=self.show_progress,
                           **{k: v for k, v in overrides.items() if v is not None})
 
@@ -178,6 +178,7 @@ def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, o
         "run": name, "method": method, "learning_rate": train_config.learning_rate,
         **_beta_fields(run, getattr(model, "sclora_beta_choice", None)),
         "seed": seed, **({"normalize": run["normalize"]} if run.get("normalize") else {}),
+        **({"lock_subspace": True} if run.get("lock_subspace") else {}),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "init_seconds": round(init_seconds, 1), "train_seconds": round(result.train_seconds, 1),
         "train_tokens_per_second": round(result.tokens_per_second, 1), "final_loss": result.final_loss,

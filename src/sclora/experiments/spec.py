@@ -199,7 +199,8 @@ class ExperimentConfig:
                 SCLoRAConfig(method=run["method"], r=self.r, lora_alpha=self.lora_alpha,
                              normalize=run_normalize(self, run), target_modules=self.target_modules,
                              **({"beta": beta} if beta is not None else {}),
-                             **({"preserve_budget": run["preserve_budget"]} if "preserve_budget" in run else {}))
+                             **({"preserve_budget": run["preserve_budget"]} if "preserve_budget" in run else {}),
+                             **({"lock_subspace": run["lock_subspace"]} if "lock_subspace" in run else {}))
             except ValueError as err:
                 raise ValueError(f"run {name!r}: {err}") from None
             try:
@@ -241,7 +242,7 @@ def _check_judge(judge: dict) -> None:
                                 "causal LM (a folder with config.json).")
 
 
-RUN_KEYS = {"method", "beta", "learning_rate", "name", "seed", "normalize", "preserve_budget"}
+RUN_KEYS = {"method", "beta", "learning_rate", "name", "seed", "normalize", "preserve_budget", "lock_subspace"}
 
 
 def _strict(cls, data: dict, what: str):
@@ -304,6 +305,8 @@ def run_name(run: dict) -> str:
             name += f"-budget{run.get('preserve_budget')}"
     if "name" not in run and run.get("learning_rate") is not None:
         name += f"-lr{run['learning_rate']}"
+    if "name" not in run and run.get("lock_subspace"):
+        name += "-locked"
     if "name" not in run and run.get("normalize") is not None:
         name += f"-{run['normalize']}"
     if "name" not in run and run.get("seed") is not None:

@@ -41,9 +41,9 @@ def answers(rows: list[dict], config: dict | None = None) -> list[Answer]:
     utility = metric(layout.utility[0]) if layout.utility else None
     lr_methods = _several_lrs(groups)
     sc = [g for g in groups if g.method == "sc_lora" and g.beta is not None]
-    # The β trend compares like with like: runs that override the experiment's normalize are left out of it.
+    # The β trend compares like with like: runs that override the experiment's normalize (or lock B) are left out.
     return [
-        _answer_trend([g for g in sc if not g.normalize], preservation, utility),
+        _answer_trend([g for g in sc if not g.normalize and not g.locked], preservation, utility),
         _answer_versus(QUESTIONS[1], sc, [g for g in groups if g.method == "lora"], "LoRA", preservation, utility,
                        lambda a, b: _combined_se(a, b, utility) or 0.0,
                        "Equal utility: within 1 combined standard error, or exactly equal without standard errors",

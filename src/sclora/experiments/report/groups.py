@@ -80,6 +80,7 @@ class Group:
     loss: list[tuple[int, float]]  # mean over seeds at each logged step
     checkpoints: list[dict]
     normalize: str | None = None  # set when the run overrode the experiment's normalize
+    locked: bool = False  # SC-LoRA with lock_subspace (B frozen at Q)
 
     @property
     def n(self) -> int:
@@ -110,9 +111,9 @@ def group_runs(rows: list[dict]) -> list[Group]:
     buckets: dict[tuple, list[dict]] = {}
     for row in rows:
         beta = row.get("beta")
-        key = ("base", None, None, None) if _is_base(row) else (
+        key = ("base", None, None, None, False) if _is_base(row) else (
             row.get("method"), tuple(beta) if isinstance(beta, list) else beta, row.get("learning_rate"),
-            row.get("normalize"))  # a run with its own normalize is another method variant, not another seed
+            row.get("normalize"), bool(row.get("lock_subspace")))  # own normalize / locked: a variant, not a seed
         buckets.setdefault(key, []).append(row)
     return sorted((_merge(key, members) for key, members in buckets.items()), key=_paper_position)
 
@@ -134,7 +135,8 @@ def _merge(key: tuple, members: list[dict]) -> Group:
         se = _pooled_se(values, [m[f"{name}_se"] for m in members if _is_number(m.get(f"{name}_se"))])
         if se is not None:
             ses[name] = se
-    return Group(method=key[0], beta=key[1], lr=key[2], normalize=key[3], runs=[str(m.get("run")) for m in members],
+    return Group(method=key[0], beta=key[1], lr=key[2], normalize=key[3], locked=key[4],
+                 runs=[str(m.get("run")) for m in members],
                  samples=samples, ses=ses, loss=_mean_by_step([m.get("loss_history") or [] for m in members]),
                  checkpoints=_mean_checkpoints([m.get("checkpoints") or [] for m in members]))
 
@@ -234,8 +236,8 @@ def label(group: Group, lr_methods: frozenset[str] = frozenset(), model: str | N
 
 
 def _variant(group: Group) -> str:
-    """' (normalize none)' for a run that overrode the experiment's normalize, else ''."""
-    return f" (normalize {group.normalize})" if group.normalize else ""
+    """' (normalize none)' for a run that overrode the experiment's normalize, ' (locked)' for lock_subspace."""
+    return (f" (normalize {group.normalize})" if group.normalize else "") + (" (locked)" if group.locked else "")
 
 
 def _with_se(group: Group, m: Metric) -> str:

@@ -21,6 +21,8 @@ def _pairs(groups: list[Group]) -> list[tuple[Group, Group, str]]:
     by = {m: [g for g in groups if g.method == m] for m in ("sc_lora", "lora", "corda_kpa", "full", "base")}
     sc = [g for g in by["sc_lora"] if g.beta is not None and not g.normalize]
     out = [(a, b, "SC-LoRA vs LoRA") for a in sc for b in by["lora"]]
+    out += [(a, b, "locked vs plain SC-LoRA") for a in sc if a.locked for b in sc
+            if not b.locked and b.beta == a.beta and b.lr == a.lr]
     out += [(a, b, "SC-LoRA vs CorDA KPA") for a in sc for b in by["corda_kpa"]]
     out += [(a, b, "forgetting (calibration)") for a in by["full"] + by["lora"] for b in by["base"]]
     return out
