@@ -39,8 +39,9 @@ def _check_int(value, name: str, minimum: int) -> None:
         raise SystemExit(f"{name} must be a whole number >= {minimum}, got {value!r}")
 
 
-def _init_inputs(args, command: str = "sclora init"):
-    """The init's config and data from ``args``, all checked before any model is loaded."""
+def _init_inputs(args, command: str = "sclora init", loaded: dict | None = None):
+    """The init's config and data from ``args``, all checked before any model is loaded; ``loaded`` maps data
+    values already read to their examples (finetune's --data, which is also D+ by default)."""
     from . import SCLoRAConfig
     from .models import check_model
     from .statistics_cache import NEEDS_DATA
@@ -61,7 +62,7 @@ def _init_inputs(args, command: str = "sclora init"):
         if value is None:
             raise SystemExit(f"--method {args.method} needs {flag} DATA (a .jsonl/.csv/.parquet file, a saved "
                              "dataset, or with the kit a name such as safety or trivia:256)")
-        examples[label] = _data(value, args.seed, f"{command} {flag}")
+        examples[label] = (loaded or {}).get(value) or _data(value, args.seed, f"{command} {flag}")
         limit = getattr(args, "stats_samples", None)
         if limit is not None:
             _check_int(limit, "--stats-samples", 1)
@@ -143,12 +144,12 @@ def _check_trainable(tokenizer, examples, config, what: str) -> None:
 
     from .train import tokenize_examples
 
-    with warnings.catch_warnings():  # train() reports the cut and dropped examples itself
+    with warnings.catch_warnings():  # train() tokenizes them all and reports the cut and dropped examples itself
         warnings.simplefilter("ignore")
-        items = tokenize_examples(tokenizer, examples, config.max_length, chat=config.chat)
-    if not items:
-        raise SystemExit(f"{what}: no example keeps a trained token within max_length={config.max_length} "
-                         f"({items.dropped} dropped: their prompts fill it); raise --seq-len / --set max_length=N.")
+        if any(tokenize_examples(tokenizer, [example], config.max_length, chat=config.chat) for example in examples):
+            return  # usually the first example: no second pass over the data
+    raise SystemExit(f"{what}: no example keeps a trained token within max_length={config.max_length} (their "
+                     "prompts fill it); raise --seq-len / --set max_length=N.")
 
 
 def _export(model, tokenizer, out: Path, merge: bool) -> list[str]:
@@ -220,7 +221,7 @@ def _finetune(args) -> int:
     args.plus, args.minus = args.plus or args.data, args.preserve
     config = _train_config({"max_length": args.seq_len, **yaml_overrides(args.set)}, "sclora finetune")
     examples = _data(args.data, args.seed, "sclora finetune --data")
-    inputs = _init_inputs(args, "sclora finetune")
+    inputs = _init_inputs(args, "sclora finetune", loaded={args.data: examples})
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = _load_model(args.model)
     _check_trainable(tokenizer, examples, config, "sclora finetune --data")  # before minutes of statistics

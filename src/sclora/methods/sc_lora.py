@@ -153,15 +153,13 @@ def choose_beta(model: nn.Module, plus_stats: CovarianceStats, minus_stats: Cova
     _check_comparable(plus_stats, [minus_stats], ["D-"])
     plus, minus = plus_stats.bind(model), minus_stats.bind(model)
     targets = resolve_targets(model, LLAMA_TARGET_MODULES if target_modules is None else target_modules)
-    modules = []
     for name, linear in targets.items():
         require_finite_weight(name, linear.weight)
-        covs, args = _module_covariances(plus, [minus], name, linear.weight.detach())
-        modules.append((covs, args))
 
     def shares(beta: float) -> tuple[float, float]:
         kept = {"minus": [], "plus": []}
-        for covs, args in modules:
+        for name, linear in targets.items():  # one module's covariances at a time: no copy of every module held
+            covs, args = _module_covariances(plus, [minus], name, linear.weight.detach())
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NonUniqueSubspaceWarning)  # ties do not change the kept energy
                 q = sc_subspace(covs[0], [covs[1]], [beta], r, dtype=dtype, solver=solver, **args)
