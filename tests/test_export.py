@@ -32,8 +32,9 @@ def train_a_little(peft_model, steps=3):
 @pytest.mark.parametrize(
     "method,kwargs",
     [("sc_lora", {}), ("sc_lora", {"use_rslora": True, "lora_alpha": 6}), ("pissa", {"lora_alpha": 8}),
-     ("corda_kpa", {}), ("lora", {"lora_alpha": 8}), ("olora", {}), ("eva", {})],
-    ids=["sc_lora", "sc_lora-rslora", "pissa", "corda_kpa", "lora", "olora", "eva"],
+     ("corda_kpa", {}), ("lora", {"lora_alpha": 8}), ("olora", {}), ("eva", {}),
+     ("salora", {"lora_alpha": 8, "salora_safety_rank": 3, "salora_task_rank": 5})],
+    ids=["sc_lora", "sc_lora-rslora", "pissa", "corda_kpa", "lora", "olora", "eva", "salora"],
 )
 def test_exported_adapter_reproduces_finetuned_logits_on_untouched_base(tmp_path, method, kwargs):
     peft_model = sclora.init_model(tiny_llama(seed=4), method=method, r=4, plus=random_batches(2, seed=1),

@@ -16,7 +16,7 @@ def logits(model):
         return model(IDS).logits
 
 
-@pytest.mark.parametrize("method", ["sc_lora", "lora", "pissa", "olora", "eva", "corda_ipa", "corda_kpa"])
+@pytest.mark.parametrize("method", ["sc_lora", "lora", "pissa", "olora", "eva", "corda_ipa", "corda_kpa", "salora"])
 def test_every_adapter_method_keeps_the_model_function_at_init(method):
     model = tiny_llama(seed=2)
     ref = logits(model)
@@ -35,7 +35,8 @@ def test_full_finetuning_has_no_adapter_and_everything_trainable():
     assert out is model and all(p.requires_grad for p in out.parameters())
 
 
-@pytest.mark.parametrize("method,needs", [("sc_lora", "plus"), ("corda_ipa", "plus"), ("corda_kpa", "minus")])
+@pytest.mark.parametrize("method,needs", [("sc_lora", "plus"), ("corda_ipa", "plus"), ("corda_kpa", "minus"),
+                                                ("salora", "plus")])
 def test_methods_that_need_data_say_so(method, needs):
     with pytest.raises(ValueError, match=f"needs {needs} data"):
         init_model(tiny_llama(), method=method, r=2, minus=random_batches(1) if needs == "plus" else None)

@@ -113,3 +113,16 @@ def test_a_locked_run_is_its_own_row_and_is_paired_with_the_plain_one():
     entries = [e for e in paired_comparisons(rows, config, samples) if e["comparison"] == "locked vs plain SC-LoRA"]
     nll = next(e for e in entries if e["metric"] == "math_nll")
     assert nll["a"] == "SC-LoRA β=0.8 (locked)" and nll["diff"] == pytest.approx(0.1) and nll["verdict"] == "B better"
+
+
+def test_salora_rows_are_paired_with_every_sc_lora_beta():
+    rows, config, samples = rows_and_samples(True)
+    rows.append({"run": "salora", "method": "salora", "beta": None, "learning_rate": 1e-3, "knowledge_mc": 40.0,
+                 "math_nll": 1.6})
+    samples["salora"] = {"knowledge_mc": samples["lora"]["knowledge_mc"],
+                         "math_nll": [x + 0.3 for x in samples["sc_lora-beta0.8"]["math_nll"]]}
+    entries = [e for e in paired_comparisons(rows, config, samples) if e["comparison"] == "SC-LoRA vs SaLoRA"]
+    assert {(e["a"], e["b"], e["metric"]) for e in entries} == {("SC-LoRA β=0.8", "SaLoRA", "knowledge_mc"),
+                                                                ("SC-LoRA β=0.8", "SaLoRA", "math_nll")}
+    nll = next(e for e in entries if e["metric"] == "math_nll")
+    assert nll["diff"] == pytest.approx(-0.3) and nll["verdict"] == "A better"

@@ -17,7 +17,7 @@ from .subspace import SOLVERS, check_betas
 __all__ = ["LLAMA_TARGET_MODULES", "METHODS", "SCLoRAConfig"]
 
 LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ("sc_lora", "lora", "pissa", "olora", "eva", "corda_ipa", "corda_kpa", "full")
+METHODS = ("sc_lora", "lora", "pissa", "olora", "eva", "corda_ipa", "corda_kpa", "salora", "full")
 #: each method's statistics normalization when none is given: CorDA as its authors and PEFT compute it
 METHOD_NORMALIZE = {"corda_ipa": "abs_of_max", "corda_kpa": "abs_of_max"}
 #: "eigh" (full eigendecomposition, the reference), "lobpcg", "mixed", "auto": see sclora.subspace
@@ -38,6 +38,7 @@ class SCLoRAConfig:
     b of D-'s output energy (:func:`sclora.choose_beta`, one knowledge set). ``lock_subspace=True`` keeps
     the constraint through training, not only at initialization: B stays Q (frozen) and only A trains, so the
     adapter's output B A x stays in span(Q) at every step (half the trainable parameters; export stays exact).
+    ``salora_safety_rank`` / ``salora_task_rank`` are SaLoRA's r_s and r_t (:mod:`sclora.methods.salora`).
     ``quantize_residual="nf4"`` stores the frozen base in 4-bit after the (full-precision) initialization, as
     QLoRA does (:mod:`sclora.quantize`; needs bitsandbytes).
     ``normalize`` is the statistics normalization (see :func:`sclora.collect_covariances`); ``None`` means the
@@ -58,6 +59,8 @@ class SCLoRAConfig:
     beta: float | list[float] | str = 0.5  # "auto": the smallest β meeting preserve_budget (choose_beta)
     preserve_budget: float | None = None  # with beta="auto": the share of D-'s output energy the subspace may keep
     lock_subspace: bool = False  # SC-LoRA: B stays Q (frozen), only A trains: the output stays in span(Q)
+    salora_safety_rank: int = 32  # SaLoRA: directions of D-'s outputs its fixed module C removes (authors' r_s = 32)
+    salora_task_rank: int = 32  # SaLoRA: directions of D+'s outputs its B0 is projected on (authors' 32)
     quantize_residual: str | None = None  # "nf4" / "fp4": the frozen base (W_res) in 4-bit after init (QLoRA-style)
     target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_TARGET_MODULES))
     normalize: str | None = None  # None: the method's own (METHOD_NORMALIZE)
@@ -91,6 +94,10 @@ class SCLoRAConfig:
                              f"got {self.lora_alpha!r}.")
         if not _real(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}.")
+        for name in ("salora_safety_rank", "salora_task_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if not isinstance(self.lock_subspace, bool):
             raise ValueError(f"lock_subspace must be True or False, got {self.lock_subspace!r}.")  # noqa: TRY004
         if self.lock_subspace and self.method != "sc_lora":

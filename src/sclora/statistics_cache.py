@@ -90,7 +90,7 @@ def statistics_batches(tokenizer, examples: list[dict], seq_len: int, batch_size
 
 
 #: Which statistics each init method needs, and on which side of the layers.
-NEEDS_DATA = {"sc_lora": ("plus", "minus"), "corda_ipa": ("plus",), "corda_kpa": ("minus",)}
+NEEDS_DATA = {"sc_lora": ("plus", "minus"), "salora": ("plus", "minus"), "corda_ipa": ("plus",), "corda_kpa": ("minus",)}
 
 
 def statistics_side(method: str) -> str:

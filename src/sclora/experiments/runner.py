@@ -98,7 +98,7 @@ class _Experiment:
 
 
 #: methods whose initial adapter spans a data-chosen subspace (the others start from zero or train everything)
-RESIDUAL_METHODS = ("sc_lora", "pissa", "olora", "corda_ipa", "corda_kpa")
+RESIDUAL_METHODS = ("sc_lora", "pissa", "olora", "corda_ipa", "corda_kpa", "salora")
 
 
 def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,

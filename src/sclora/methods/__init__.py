@@ -11,9 +11,11 @@ from ..config import SCLoRAConfig
 from ..statistics import CovarianceStats, collect_covariances
 from .builtin import get_eva_model, get_lora_model, prepare_full_finetuning
 from .corda import corda_factors, get_corda_model
+from .salora import get_salora_model, salora_factors
 from .sc_lora import BetaChoice, choose_beta, get_sclora_model
 
-__all__ = ["BetaChoice", "choose_beta", "corda_factors", "get_corda_model", "get_eva_model", "get_lora_model", "get_sclora_model", "init_model", "prepare_full_finetuning"]
+__all__ = ["BetaChoice", "choose_beta", "corda_factors", "get_corda_model", "get_eva_model", "get_lora_model",
+           "get_salora_model", "get_sclora_model", "init_model", "prepare_full_finetuning", "salora_factors"]
 
 Data = CovarianceStats | Iterable[Mapping[str, torch.Tensor]] | None
 #: D- may also be several knowledge sets: a list of statistics (or of batch lists), one beta each.
@@ -39,7 +41,7 @@ def init_model(
     """Initialize ``model`` for fine-tuning by ``config.method``.
 
     ``plus`` / ``minus`` are the fine-tuning data D+ and the knowledge to preserve D-, each either
-    statistics from :func:`sclora.collect_covariances` or batches to collect them from. SC-LoRA needs
+    statistics from :func:`sclora.collect_covariances` or batches to collect them from. SC-LoRA and SaLoRA need
     both, CorDA IPA ``plus`` and CorDA KPA ``minus`` (input-side statistics), the others neither.
     SC-LoRA can preserve several knowledge sets: ``minus=[stats_a, stats_b], beta=[0.4, 0.4]``.
     Keyword overrides build or amend the config: ``init_model(model, method="pissa", r=8)``.
@@ -76,6 +78,12 @@ def _init(model: nn.Module, config: SCLoRAConfig, plus, minus, show_progress: bo
         minus_stats = ([stats(m, f"minus[{i}]", "output") for i, m in enumerate(minus)] if several
                        else stats(minus, "minus", "output"))
         return get_sclora_model(model, config, plus_stats, minus_stats, show_progress=show_progress)
+    if config.method == "salora":  # fixed safety module from D-, B0 from D+ (output-side statistics)
+        if several:
+            raise ValueError(f"SaLoRA builds its safety module from one set but minus holds {len(minus)}; pass one "
+                             "(e.g. statistics collected over their union).")
+        return get_salora_model(model, config, stats(plus, "plus", "output"), stats(minus, "minus", "output"),
+                                show_progress=show_progress)
     if several and config.method == "corda_kpa":
         raise ValueError(
             f"CorDA KPA preserves one knowledge set but minus holds {len(minus)}; pass one (e.g. statistics collected "

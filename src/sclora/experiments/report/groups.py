@@ -57,11 +57,11 @@ def infer_layout(rows: list[dict], config: dict | None = None) -> Layout:
     return layout
 
 
-PAPER_ORDER = ("base", "full", "lora", "pissa", "olora", "eva", "corda_ipa", "corda_kpa", "sc_lora")
+PAPER_ORDER = ("base", "full", "lora", "pissa", "olora", "eva", "corda_ipa", "corda_kpa", "salora", "sc_lora")
 
 
 METHOD_NAMES = {"base": "Base model", "full": "Full fine-tuning", "lora": "LoRA", "pissa": "PiSSA", "olora": "OLoRA", "eva": "EVA",
-                "corda_ipa": "CorDA IPA", "corda_kpa": "CorDA KPA", "sc_lora": "SC-LoRA"}
+                "corda_ipa": "CorDA IPA", "corda_kpa": "CorDA KPA", "salora": "SaLoRA", "sc_lora": "SC-LoRA"}
 
 
 NOT_METRICS = {"seed", "beta", "learning_rate"}

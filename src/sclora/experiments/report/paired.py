@@ -16,14 +16,16 @@ __all__ = ["paired_comparisons", "paired_markdown"]
 
 
 def _pairs(groups: list[Group]) -> list[tuple[Group, Group, str]]:
-    """(A, B, why): SC-LoRA (each β) against LoRA and CorDA KPA (claims 2 and 3), and full fine-tuning against
+    """(A, B, why): SC-LoRA (each β) against LoRA and CorDA KPA (claims 2 and 3) and SaLoRA (the closest published
+    competitor for safety), and full fine-tuning against
     the base model (is there forgetting to prevent at all: the calibration)."""
-    by = {m: [g for g in groups if g.method == m] for m in ("sc_lora", "lora", "corda_kpa", "full", "base")}
+    by = {m: [g for g in groups if g.method == m] for m in ("sc_lora", "lora", "corda_kpa", "salora", "full", "base")}
     sc = [g for g in by["sc_lora"] if g.beta is not None and not g.normalize]
     out = [(a, b, "SC-LoRA vs LoRA") for a in sc for b in by["lora"]]
     out += [(a, b, "locked vs plain SC-LoRA") for a in sc if a.locked for b in sc
             if not b.locked and b.beta == a.beta and b.lr == a.lr]
     out += [(a, b, "SC-LoRA vs CorDA KPA") for a in sc for b in by["corda_kpa"]]
+    out += [(a, b, "SC-LoRA vs SaLoRA") for a in sc for b in by["salora"]]
     out += [(a, b, "forgetting (calibration)") for a in by["full"] + by["lora"] for b in by["base"]]
     return out
 
