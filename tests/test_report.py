@@ -286,3 +286,25 @@ def test_a_run_with_its_own_normalize_is_named_and_kept_out_of_the_beta_trend():
     assert result[0].verdict == "yes"
     assert "1.161 at β=0.5 → 1.097 at β=0.9" in result[0].evidence and "over 3 β values" in result[0].evidence
     assert "SC-LoRA β=0.9 (normalize none)" in result[3].evidence  # listed under its own name
+
+
+def test_steps_to_reach_uses_a_trailing_mean_and_efficiency_divides_by_the_reference_steps():
+    from sclora.experiments.evaluate.metrics import metric
+    from sclora.experiments.report.claims import efficiency, steps_to_reach
+    from sclora.experiments.report.groups import group_runs
+
+    # a single lucky batch does not count: the trailing mean of 5 steps must get there
+    spiky = [(1, 2.0), (2, 0.1), (3, 2.0), (4, 2.0), (5, 2.0), (6, 1.0), (7, 1.0), (8, 1.0), (9, 1.0), (10, 1.0)]
+    assert steps_to_reach(spiky, 1.0) == 10 and steps_to_reach(spiky, 0.5) is None
+    assert steps_to_reach([(1, 3.0), (2, 1.0)], 2.0, window=2) == 2
+    lora = [(s, 2.0 - 0.05 * s) for s in range(1, 21)]  # final trailing mean: 2 - 0.05 * 18 = 1.1
+    fast = [(s, 2.0 - 0.1 * s) for s in range(1, 21)]  # trailing mean (s - 2 centred) <= 1.1 from s = 11
+    rows = [{"run": "lora", "method": "lora", "learning_rate": 1e-3, "loss_history": lora, "math_nll": 1.0},
+            {"run": "sc_lora-beta0.5", "method": "sc_lora", "beta": 0.5, "learning_rate": 1e-3, "loss_history": fast,
+             "math_nll": 0.9, "checkpoints": [{"step": 10, "math_nll": 0.99}]}]
+    groups = {g.method: g for g in group_runs(rows)}
+    e = efficiency(groups["sc_lora"], groups["lora"], metric("math_nll"))
+    assert e["loss_step"] == 11 and e["loss_ratio"] == pytest.approx(11 / 20)
+    assert e["utility_step"] == 10 and e["utility_ratio"] == pytest.approx(0.5)  # 0.99 <= LoRA's final 1.0 at step 10
+    slow = efficiency(groups["lora"], groups["sc_lora"], metric("math_nll"))
+    assert slow["loss_ratio"] is None and slow["utility_step"] is None  # LoRA never gets to SC-LoRA's final values

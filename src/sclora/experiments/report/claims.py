@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..evaluate.metrics import Metric, metric
 from .groups import Group, _beta_text, _beta_x, _several_lrs, _variant, _with_se, group_runs, infer_layout, label
 
-__all__ = ["Answer", "QUESTIONS", "SIMILAR_FRACTION", "answers", "spearman"]
+__all__ = ["Answer", "QUESTIONS", "SIMILAR_FRACTION", "SMOOTHING", "answers", "efficiency", "spearman", "steps_to_reach"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def answers(rows: list[dict], config: dict | None = None) -> list[Answer]:
                        preservation, lambda a, b: _similar_tolerance(groups, a, b, preservation),
                        "Similar preservation: within 1 combined standard error, or without standard errors within "
                        f"{SIMILAR_FRACTION:.0%} of the metric's range over all rows", lr_methods),
-        _answer_loss(sc, [g for g in groups if g.method == "lora"], lr_methods),
+        _answer_loss(sc, [g for g in groups if g.method == "lora"], lr_methods, utility),
     ]
 
 
@@ -167,7 +167,42 @@ def _early_mean(loss: list[tuple[int, float]], horizon: float) -> float:
     return sum(early) / len(early) if early else loss[0][1]
 
 
-def _answer_loss(sc: list[Group], loras: list[Group], lr_methods: frozenset[str]) -> Answer:
+SMOOTHING = 5  # training losses are per batch: compared as trailing means over this many steps
+
+
+def steps_to_reach(loss: list[tuple[int, float]], target: float, window: int = SMOOTHING) -> int | None:
+    """The first step at which the trailing mean of ``window`` step losses is at or below ``target``."""
+    for i, (step, _) in enumerate(loss):
+        recent = [v for _, v in loss[max(0, i - window + 1): i + 1]]
+        if sum(recent) / len(recent) <= target:
+            return step
+    return None
+
+
+def efficiency(a: Group, ref: Group, utility: Metric | None = None) -> dict:
+    """The paper's "efficient fine-tuning" as figures: the steps ``a`` needs to reach ``ref``'s final training loss
+    (trailing mean of :data:`SMOOTHING` steps), divided by ``ref``'s steps; and the same for the held-out utility
+    metric, from the evaluations along training (``evaluate_steps``) and at the end (the row's value). None where
+    ``a`` never gets there (or nothing was measured)."""
+    out = {"loss_ratio": None, "utility_ratio": None, "utility_step": None, "steps": None}
+    if a.loss and ref.loss:
+        total = ref.loss[-1][0]
+        final = sum(v for _, v in ref.loss[-SMOOTHING:]) / len(ref.loss[-SMOOTHING:])
+        reached = steps_to_reach(a.loss, final)
+        out.update(steps=total, loss_target=final, loss_step=reached,
+                   loss_ratio=None if reached is None else reached / total)
+    if utility is not None and a.loss and ref.value(utility.key) is not None:
+        sign = 1 if utility.higher_is_better else -1
+        goal = ref.value(utility.key)
+        points = [(p["step"], p[utility.key]) for p in a.checkpoints if utility.key in p]
+        points.append((a.loss[-1][0], a.value(utility.key)))
+        step = next((st for st, v in points if v is not None and sign * (v - goal) >= 0), None)
+        total = ref.loss[-1][0]
+        out.update(utility_step=step, utility_ratio=None if step is None else step / total)
+    return out
+
+
+def _answer_loss(sc: list[Group], loras: list[Group], lr_methods: frozenset[str], utility: Metric | None = None) -> Answer:
     sc, loras = [g for g in sc if g.loss], [g for g in loras if g.loss]
     if not sc or not loras:
         return Answer(QUESTIONS[3], "not measured", "Needs loss histories of SC-LoRA and LoRA runs.")
@@ -178,7 +213,17 @@ def _answer_loss(sc: list[Group], loras: list[Group], lr_methods: frozenset[str]
         horizon = min(g.loss[-1][0], ref.loss[-1][0]) / 2
         mine, theirs = _early_mean(g.loss, horizon), _early_mean(ref.loss, horizon)
         faster += mine < theirs
+        e = efficiency(g, ref, utility)
+        reach = ("never reaches its final training loss" if e["loss_ratio"] is None else
+                 f"reaches its final training loss ({e['loss_target']:.4f}, mean of the last {SMOOTHING} steps) at "
+                 f"step {e['loss_step']} of {e['steps']} (ratio {e['loss_ratio']:.2f})")
+        if utility is not None and e["utility_step"] is not None:
+            reach += (f"; its final {utility.label} at step {e['utility_step']} (ratio {e['utility_ratio']:.2f}, at the "
+                      "steps evaluated)")
+        elif utility is not None:
+            reach += f"; never matches its final {utility.label}"
         findings.append(f"{label(g, lr_methods)}: {'yes' if mine < theirs else 'no'} — mean training loss over steps "
-                        f"≤ {horizon:g} (first half) is {mine:.4f} vs {theirs:.4f} for {label(ref, lr_methods)}.")
+                        f"≤ {horizon:g} (first half) is {mine:.4f} vs {theirs:.4f} for {label(ref, lr_methods)}; "
+                        f"{reach}.")
     verdict = "yes" if faster == len(sc) else "no" if faster == 0 else "partly"
     return Answer(QUESTIONS[3], verdict, " ".join(findings))
