@@ -167,3 +167,38 @@ def test_finetune_with_beta_auto_meets_its_budget(files, capsys):
     assert 0 <= summary["beta"] <= 1 and summary["beta_chosen_for_budget"] == 0.05
     assert summary["initial_subspace_energy"]["minus"] <= 0.05 + 1e-9  # measured on the adapter itself
     assert "chosen for a D- budget of 5.0%" in capsys.readouterr().out
+
+
+def test_finetune_with_salora_exports_an_adapter_that_keeps_the_safety_features(files):
+    """`--method salora` from the same files: the fixed safety module comes from --preserve; after training the
+    exported plain adapter changes no layer's output along those directions."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sclora.methods.salora import safety_directions
+
+    tmp_path, model = files
+    argv = finetune_args(tmp_path, model, "--method", "salora")
+    argv[argv.index("--beta"):argv.index("--beta") + 2] = []
+    kept = {}
+    export = commands._export
+
+    def recording_export(peft_model, tokenizer, out, merge):
+        kept["u"] = {k: v.detach().clone() for k, v in safety_directions(peft_model).items()}
+        return export(peft_model, tokenizer, out, merge)
+
+    commands._export = recording_export
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        commands._export = export
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["method"] == "salora" and summary["steps"] == 3
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), tmp_path / "out" / "adapter")
+    moved = changed = 0.0
+    for name, u in kept["u"].items():
+        layer = adapter.base_model.model.get_submodule(name)
+        delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
+        moved = max(moved, (u.T @ delta).abs().max().item())
+        changed = max(changed, delta.abs().max().item())
+    assert kept["u"] and changed > 1e-3 and moved < 1e-5 * changed
