@@ -183,3 +183,13 @@ def test_salora_needs_both_sets_and_one_knowledge_set():
     with pytest.raises(ValueError, match="one set"):
         sclora.init_model(tiny_llama(seed=9), method="salora", r=2, target_modules=TARGETS, plus=plus,
                           minus=[minus, minus])
+
+
+def test_too_few_directions_in_the_data_get_a_salora_warning_not_sc_loras():
+    base = tiny_llama(seed=9)
+    few = random_batches(n_batches=1, batch_size=1, seq_len=4, seed=5)  # at most 4 tokens: rank <= 4 < 20
+    minus = sclora.collect_covariances(base, few, TARGETS, show_progress=False)
+    plus, _ = _stats()
+    with pytest.warns(sclora.NonUniqueSubspaceWarning, match="salora_safety_rank=20") as caught:
+        _salora(plus, minus, salora_safety_rank=20)
+    assert not any("beta" in str(w.message) for w in caught)

@@ -23,6 +23,8 @@ depend on a covariance's scale, so ``normalize="trace"`` gives the same SaLoRA a
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from peft import PeftModel
 from torch import nn
@@ -30,7 +32,7 @@ from torch.nn.utils import parametrize
 
 from ..config import SCLoRAConfig
 from ..statistics import CovarianceStats, require_finite_weight
-from ..subspace import sc_subspace
+from ..subspace import NonUniqueSubspaceWarning, sc_subspace
 from ..targets import resolve_targets
 from .residual import ADAPTER, adapter_layers, build_residual_adapter, remember_initial_adapter, require_coverage
 
@@ -86,19 +88,26 @@ def get_salora_model(
     for name, linear in targets.items():  # before any layer is rewritten
         require_finite_weight(name, linear.weight)
 
-    def directions(stats: CovarianceStats, name: str, weight: torch.Tensor, k: int) -> torch.Tensor:
+    tied: dict[str, list[str]] = {"safety": [], "task": []}
+
+    def directions(stats: CovarianceStats, name: str, weight: torch.Tensor, k: int, which: str) -> torch.Tensor:
         cov, w = stats.factor(name)  # w: None for output-side statistics, else the layer's W0
         w = None if w is None else weight
         k = min(k, weight.shape[0] if w is None else min(w.shape))  # a module cannot offer more directions than its rank
-        return top_directions(cov, k, weight=w, dtype=config.torch_dtype, solver=config.eigen_solver)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", NonUniqueSubspaceWarning)
+            u = top_directions(cov, k, weight=w, dtype=config.torch_dtype, solver=config.eigen_solver)
+        if any(issubclass(c.category, NonUniqueSubspaceWarning) for c in caught):
+            tied[which].append(name)
+        return u
 
     # Every process finds every layer's safety directions (under torch.distributed a layer's factors come from
     # one process, but each needs C for its own copy of the layer).
-    safety = {name: directions(minus, name, linear.weight.detach(), config.salora_safety_rank)
+    safety = {name: directions(minus, name, linear.weight.detach(), config.salora_safety_rank, "safety")
               for name, linear in targets.items()}
 
     def factors(name, weight, scaling):
-        u_t = directions(plus, name, weight, config.salora_task_rank)
+        u_t = directions(plus, name, weight, config.salora_task_rank, "task")
         return salora_factors(weight, safety[name], u_t, config.r, scaling, config.torch_dtype)
 
     peft_model = build_residual_adapter(model, config, factors, show_progress=show_progress, desc="SaLoRA init")
@@ -107,6 +116,17 @@ def get_salora_model(
         u = safety[name].to(device=lora_b.weight.device, dtype=torch.float32)
         parametrize.register_parametrization(lora_b, "weight", SafetyProjection(u))
     remember_initial_adapter(peft_model)
+    for which, names in tied.items():
+        if names:
+            field = f"salora_{which}_rank"
+            warnings.warn(
+                f"In {len(names)} module(s), e.g. {names[0]!r}, the {'D-' if which == 'safety' else 'D+'} data has fewer "
+                f"than {field}={getattr(config, field)} output directions with distinct energy, so SaLoRA's last "
+                f"{which} directions are an arbitrary pick among equal (usually zero-energy) ones. Use more / longer "
+                f"samples or a smaller {field}.",
+                NonUniqueSubspaceWarning,
+                stacklevel=2,
+            )
     return peft_model
 
 
