@@ -49,10 +49,12 @@ def main() -> None:
     print(f"{folder}: steps to reach LoRA's final value / LoRA's steps (target <= {TARGET})")
     for e in entries:
         loss = "never" if e["loss_ratio"] is None else f"{e['loss_ratio']:.2f} (step {e['loss_step']} of {e['steps']})"
-        held = "never" if e["utility_ratio"] is None else f"{e['utility_ratio']:.2f} (step {e['utility_step']})"
+        held = ("not evaluated along training" if not e["utility_steps_evaluated"] else "never"
+                if e["utility_ratio"] is None else f"{e['utility_ratio']:.2f} (step {e['utility_step']})")
         verdict = lambda r: "pass" if r is not None and r <= TARGET else "miss"  # noqa: E731
+        held_verdict = verdict(e["utility_ratio"]) if e["utility_steps_evaluated"] else "-"
         print(f"  {e['run']:<34} training loss {loss:<22} {verdict(e['loss_ratio'])}   held-out "
-              f"{utility.key if utility else '-'} {held:<16} {verdict(e['utility_ratio'])}")
+              f"{utility.key if utility else '-'} {held:<16} {held_verdict}")
     write_json(args.json, {"results": str(folder), "target": TARGET, "utility_metric": utility.key if utility else None,
                            "entries": entries})
 

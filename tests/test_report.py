@@ -308,3 +308,4 @@ def test_steps_to_reach_uses_a_trailing_mean_and_efficiency_divides_by_the_refer
     assert e["utility_step"] == 10 and e["utility_ratio"] == pytest.approx(0.5)  # 0.99 <= LoRA's final 1.0 at step 10
     slow = efficiency(groups["lora"], groups["sc_lora"], metric("math_nll"))
     assert slow["loss_ratio"] is None and slow["utility_step"] is None  # LoRA never gets to SC-LoRA's final values
+    assert slow["utility_steps_evaluated"] == []  # and no evaluation along its training: no held-out figure at all

@@ -191,10 +191,11 @@ def efficiency(a: Group, ref: Group, utility: Metric | None = None) -> dict:
         reached = steps_to_reach(a.loss, final)
         out.update(steps=total, loss_target=final, loss_step=reached,
                    loss_ratio=None if reached is None else reached / total)
-    if utility is not None and a.loss and ref.value(utility.key) is not None:
+    points = [(p["step"], p[utility.key]) for p in a.checkpoints if utility is not None and utility.key in p]
+    out["utility_steps_evaluated"] = [st for st, _ in points]
+    if points and a.loss and ref.value(utility.key) is not None:  # only with evaluations along training
         sign = 1 if utility.higher_is_better else -1
         goal = ref.value(utility.key)
-        points = [(p["step"], p[utility.key]) for p in a.checkpoints if utility.key in p]
         points.append((a.loss[-1][0], a.value(utility.key)))
         step = next((st for st, v in points if v is not None and sign * (v - goal) >= 0), None)
         total = ref.loss[-1][0]
@@ -217,10 +218,12 @@ def _answer_loss(sc: list[Group], loras: list[Group], lr_methods: frozenset[str]
         reach = ("never reaches its final training loss" if e["loss_ratio"] is None else
                  f"reaches its final training loss ({e['loss_target']:.4f}, mean of the last {SMOOTHING} steps) at "
                  f"step {e['loss_step']} of {e['steps']} (ratio {e['loss_ratio']:.2f})")
-        if utility is not None and e["utility_step"] is not None:
-            reach += (f"; its final {utility.label} at step {e['utility_step']} (ratio {e['utility_ratio']:.2f}, at the "
-                      "steps evaluated)")
-        elif utility is not None:
+        if utility is not None and not e["utility_steps_evaluated"]:
+            pass  # held-out utility only measured at the end (no evaluate_steps): nothing to say about speed
+        elif e["utility_step"] is not None:
+            reach += (f"; its final {utility.label} at step {e['utility_step']} (ratio {e['utility_ratio']:.2f}; "
+                      f"evaluated at steps {', '.join(map(str, e['utility_steps_evaluated']))} and the end)")
+        else:
             reach += f"; never matches its final {utility.label}"
         findings.append(f"{label(g, lr_methods)}: {'yes' if mine < theirs else 'no'} — mean training loss over steps "
                         f"≤ {horizon:g} (first half) is {mine:.4f} vs {theirs:.4f} for {label(ref, lr_methods)}; "
