@@ -15,15 +15,18 @@ import torch.multiprocessing as mp
 from conftest import random_batches, tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file
 
+import sclora
 from sclora import CovarianceStats, SCLoRAConfig, collect_covariances, export_lora, get_sclora_model
 from sclora import distributed as sd
 from sclora.methods.residual import ADAPTER, adapter_layers
+from sclora.methods.salora import safety_directions
 from sclora.train import TrainConfig, train
 
 WORLD = 2
 #: (normalize, side): raw sums, per-sample scaling inside the hook, read-time trace on input-side sums
 SETTINGS = [("none", "output"), ("max_abs", "output"), ("trace", "input")]
 CONFIG = SCLoRAConfig(r=4, beta=0.6)
+SALORA = SCLoRAConfig(method="salora", r=4, salora_safety_rank=3, salora_task_rank=5)
 TRAIN = TrainConfig(learning_rate=1e-2, batch_size=4, micro_batch_size=2, warmup_ratio=0.0, max_length=64,
                     max_steps=3, save_steps=100)
 # Different lengths, so that micro-batches hold different token counts: the loss must be normalized by the
@@ -97,6 +100,8 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         # (b) SC-LoRA: each rank decomposes half of the modules, then the factors are broadcast.
         plus = CovarianceStats.load(os.path.join(tmp, "plus.safetensors"))
         minus = CovarianceStats.load(os.path.join(tmp, "minus.safetensors"))
+        salora = sclora.init_model(tiny_llama(seed=3, dtype=DTYPE), SALORA, plus=plus, minus=minus, show_progress=False)
+        out["salora"] = {**adapter_state(salora), **{f"{n}.U_s": u.clone() for n, u in safety_directions(salora).items()}}
         peft_model = get_sclora_model(tiny_llama(seed=3, dtype=DTYPE), CONFIG, plus, minus, show_progress=False)
         out["adapter"] = adapter_state(peft_model)
 
@@ -174,6 +179,9 @@ def runs(tmp_path_factory):
                                       CovarianceStats.load(tmp / "plus.safetensors"),
                                       CovarianceStats.load(tmp / "minus.safetensors"), show_progress=False)
         ref["adapter"] = adapter_state(peft_model)
+        salora = sclora.init_model(tiny_llama(seed=3, dtype=DTYPE), SALORA, plus=CovarianceStats.load(tmp / "plus.safetensors"),
+                                   minus=CovarianceStats.load(tmp / "minus.safetensors"), show_progress=False)
+        ref["salora"] = {**adapter_state(salora), **{f"{n}.U_s": u.clone() for n, u in safety_directions(salora).items()}}
         ref["initial"] = trainable_state(peft_model)
         result = train(peft_model, tiny_tokenizer(), EXAMPLES, TRAIN, tmp / "single", show_progress=False)
         ref["trained"] = trainable_state(peft_model)
@@ -228,6 +236,18 @@ def test_sclora_adapters_identical_across_ranks_and_equal_single_process(runs):
         for key, value in expected.items():
             # bit-identical: the owner computes what one process computes, the others receive its bits
             assert torch.equal(got["adapter"][key], value), key
+
+
+def test_salora_adapters_and_safety_modules_identical_across_ranks_and_equal_single_process(runs):
+    """Every rank finds every layer's safety directions itself (it needs C for its own copy of the layer) and receives
+    the factors of the layers another rank decomposed: all bit-identical to one process."""
+    ref, ranks, _ = runs
+    expected = ref["salora"]
+    assert len(expected) == 4 * 14  # A, effective B, W_res and U_s of 2 layers x 7 modules
+    for got in ranks:
+        assert got["salora"].keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(got["salora"][key], value), key
 
 
 def test_ddp_training_matches_single_process_with_same_global_batch(runs):
