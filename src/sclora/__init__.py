@@ -11,7 +11,15 @@ from . import models
 from .config import LLAMA_TARGET_MODULES, METHODS, SCLoRAConfig
 from .diagnostics import subspace_energy, summarize_energy
 from .export import export_lora, merge_and_save, remember_initial_adapter, save_initial_adapter
-from .methods import BetaChoice, choose_beta, get_corda_model, get_lora_model, get_sclora_model, init_model
+from .methods import (
+    BetaChoice,
+    choose_beta,
+    get_corda_model,
+    get_lora_model,
+    get_salora_model,
+    get_sclora_model,
+    init_model,
+)
 from .statistics import CovarianceStats, collect_covariances
 from .subspace import (
     NonUniqueSubspaceWarning,
@@ -38,6 +46,7 @@ __all__ = [
     "export_lora",
     "get_corda_model",
     "get_lora_model",
+    "get_salora_model",
     "get_sclora_model",
     "init_model",
     "merge_and_save",
