@@ -34,7 +34,7 @@ from ..config import SCLoRAConfig
 from ..statistics import CovarianceStats, require_finite_weight
 from ..subspace import NonUniqueSubspaceWarning, sc_subspace
 from ..targets import resolve_targets
-from .residual import ADAPTER, adapter_layers, build_residual_adapter, remember_initial_adapter, require_coverage
+from .residual import ADAPTER, adapter_layers, build_residual_adapter, require_coverage
 
 
 class SafetyProjection(nn.Module):
@@ -91,8 +91,7 @@ def get_salora_model(
     tied: dict[str, list[str]] = {"safety": [], "task": []}
 
     def directions(stats: CovarianceStats, name: str, weight: torch.Tensor, k: int, which: str) -> torch.Tensor:
-        cov, w = stats.factor(name)  # w: None for output-side statistics, else the layer's W0
-        w = None if w is None else weight
+        cov, w = stats.factor(name, weight)  # w: None for output-side statistics, else the layer's W0
         k = min(k, weight.shape[0] if w is None else min(w.shape))  # a module cannot offer more directions than its rank
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", NonUniqueSubspaceWarning)
@@ -115,7 +114,7 @@ def get_salora_model(
         lora_b = layer.lora_B[ADAPTER]
         u = safety[name].to(device=lora_b.weight.device, dtype=torch.float32)
         parametrize.register_parametrization(lora_b, "weight", SafetyProjection(u))
-    remember_initial_adapter(peft_model)
+    # (the initial adapter build_residual_adapter remembered is already the effective one: B0 was stored as C B0)
     for which, names in tied.items():
         if names:
             field = f"salora_{which}_rank"
