@@ -126,3 +126,25 @@ def test_salora_rows_are_paired_with_every_sc_lora_beta():
                                                                 ("SC-LoRA β=0.8", "SaLoRA", "math_nll")}
     nll = next(e for e in entries if e["metric"] == "math_nll")
     assert nll["diff"] == pytest.approx(-0.3) and nll["verdict"] == "A better"
+
+
+def test_seeds_of_the_same_items_are_averaged_per_item_not_counted_as_more_items():
+    # a second seed that repeats the first item by item adds no evidence: the interval must not shrink (pooling the
+    # pairs as if they were 2n independent items would narrow it by about 1/sqrt(2))
+    rows, config, samples = rows_and_samples(False)
+    one = next(e for e in paired_comparisons(rows, config, samples)
+               if e["comparison"] == "SC-LoRA vs LoRA" and e["metric"] == "knowledge_mc")
+    rows += [{**r, "run": r["run"] + "-seed1", "seed": 1} for r in rows if r["run"] != "base"]
+    for run in ("lora", "sc_lora-beta0.8"):
+        samples[run + "-seed1"] = dict(samples[run])
+    two = next(e for e in paired_comparisons(rows, config, samples)
+               if e["comparison"] == "SC-LoRA vs LoRA" and e["metric"] == "knowledge_mc")
+    assert len(two["pairs"]) == 2 and two["n"] == one["n"] == 300
+    assert (two["diff"], two["low"], two["high"]) == pytest.approx((one["diff"], one["low"], one["high"]))
+    # a seed that differs moves the item means: NaN in one seed leaves the item its other seed
+    samples["sc_lora-beta0.8-seed1"]["knowledge_mc"] = [math.nan] + [100.0] * 299
+    three = next(e for e in paired_comparisons(rows, config, samples)
+                 if e["comparison"] == "SC-LoRA vs LoRA" and e["metric"] == "knowledge_mc")
+    lora, sc = samples["lora"]["knowledge_mc"], samples["sc_lora-beta0.8"]["knowledge_mc"]
+    expected = (sc[0] - lora[0] + sum((x + 100.0) / 2 - y for x, y in zip(sc[1:], lora[1:]))) / 300
+    assert three["n"] == 300 and three["diff"] == pytest.approx(expected)

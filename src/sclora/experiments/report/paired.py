@@ -33,8 +33,10 @@ def _pairs(groups: list[Group]) -> list[tuple[Group, Group, str]]:
 def paired_comparisons(rows: list[dict], config: dict | None, samples: dict[str, dict]) -> list[dict]:
     """Paired differences for every comparison of :func:`_pairs` and every preservation / utility metric of the
     report's layout whose per-item scores both sides kept. Runs are matched by seed (a side without that seed
-    contributes its first run); the items of all matched pairs are pooled. Runs without kept scores (rows from
-    before the scores were kept) are left out; the entry lists the runs it used."""
+    contributes its first run). All seeds score the same evaluation items, so several matched pairs are averaged
+    item by item (a run's seeds are not independent items: the bootstrap resamples items, each carrying its mean
+    over the seeds). Runs without kept scores (rows from before the scores were kept) are left out; the entry
+    lists the runs it used."""
     groups = group_runs(rows)
     layout = infer_layout(rows, config)
     seeds = {r["run"]: r.get("seed") for r in rows}
@@ -45,19 +47,20 @@ def paired_comparisons(rows: list[dict], config: dict | None, samples: dict[str,
         for key in keys:
             m = metric(key)
             kept_b = [r for r in b.runs if key in samples.get(r, {})]
-            first, second, used = [], [], []
+            firsts, seconds, used = [], [], []
             for run in (r for r in a.runs if key in samples.get(r, {})):
                 if not kept_b:
                     break
                 match = next((r for r in kept_b if seeds.get(r) == seeds.get(run)), kept_b[0])
                 x, y = samples[run][key], samples[match][key]
-                if len(x) != len(y):
-                    raise ValueError(f"Runs {run!r} and {match!r} scored {key} on {len(x)} and {len(y)} items: "
-                                     "not the same items, so they cannot be compared pairwise.")
-                first, second, used = first + x, second + y, [*used, (run, match)]
-            if not first:
+                if len(x) != len(y) or (firsts and len(x) != len(firsts[0])):
+                    raise ValueError(f"Runs {run!r} and {match!r} scored {key} on {len(x)} and {len(y)} items"
+                                     + (f" (earlier pairs: {len(firsts[0])})" if firsts else "")
+                                     + ": not the same items, so they cannot be compared pairwise.")
+                firsts, seconds, used = [*firsts, x], [*seconds, y], [*used, (run, match)]
+            if not firsts:
                 continue
-            d = paired_difference(first, second)
+            d = paired_difference(*_item_means(firsts, seconds))
             sign = 1 if m.higher_is_better else -1
             gain = sorted((sign * d["low"], sign * d["high"]))
             verdict = "A better" if gain[0] > 0 else "B better" if gain[1] < 0 else "undecided"
@@ -66,16 +69,34 @@ def paired_comparisons(rows: list[dict], config: dict | None, samples: dict[str,
     return out
 
 
+def _item_means(firsts: list[list[float]], seconds: list[list[float]]) -> tuple[list[float], list[float]]:
+    """Per item, the mean of A's and of B's scores over the matched pairs where both are finite (NaN where none)."""
+    import numpy as np
+
+    x, y = np.asarray(firsts, dtype=np.float64), np.asarray(seconds, dtype=np.float64)
+    both = np.isfinite(x) & np.isfinite(y)
+    count = both.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mx = np.where(both, x, 0.0).sum(axis=0) / count
+        my = np.where(both, y, 0.0).sum(axis=0) / count
+    return mx.tolist(), my.tolist()
+
+
+def _count(entry: dict) -> str:
+    pairs = len(entry.get("pairs") or [])
+    return f"{entry['n']} × {pairs}" if pairs > 1 else str(entry["n"])
+
+
 def paired_markdown(entries: list[dict] | None) -> str:
     """The "Paired differences" section of report.md."""
-    head = ("## Paired differences\n\nEach line compares two methods on the same items (runs matched by seed): "
-            "the mean of A − B with a 95% paired-bootstrap interval (10,000 resamples of the items); a verdict "
-            "only when the interval excludes 0.")
+    head = ("## Paired differences\n\nEach line compares two methods on the same items (runs matched by seed; "
+            "with several seeds, each item's mean over them: n = items × seed pairs): the mean of A − B with a 95% "
+            "paired-bootstrap interval (10,000 resamples of the items); a verdict only when the interval excludes 0.")
     if not entries:
         return head + "\n\nNot measured: the per-item scores (samples/) of these runs were not kept."
     lines = ["| comparison | A | B | metric | n | A − B [95% CI] | verdict |", "|---|---|---|---|---|---|---|"]
     for e in entries:
         m = metric(e["metric"])
-        lines.append(f"| {e['comparison']} | {e['a']} | {e['b']} | {m.header} | {e['n']} | "
+        lines.append(f"| {e['comparison']} | {e['a']} | {e['b']} | {m.header} | {_count(e)} | "
                      f"{m.fmt(e['diff'])} [{m.fmt(e['low'])}, {m.fmt(e['high'])}] | {e['verdict']} |")
     return head + "\n\n" + "\n".join(lines)
