@@ -148,3 +148,69 @@ def test_seeds_of_the_same_items_are_averaged_per_item_not_counted_as_more_items
     lora, sc = samples["lora"]["knowledge_mc"], samples["sc_lora-beta0.8"]["knowledge_mc"]
     expected = (sc[0] - lora[0] + sum((x + 100.0) / 2 - y for x, y in zip(sc[1:], lora[1:]))) / 300
     assert three["n"] == 300 and three["diff"] == pytest.approx(expected)
+
+
+def test_the_block_bootstrap_widens_the_interval_of_a_correlated_series_and_checks_its_block():
+    rng = random.Random(3)
+    walk, level = [], 0.0
+    for _ in range(60):  # neighbouring differences strongly correlated, as successive training losses are
+        level = 0.95 * level + rng.gauss(0, 1)
+        walk.append(level)
+    zeros = [0.0] * 60
+    iid, blocked = paired_difference(walk, zeros), paired_difference(walk, zeros, block=5)
+    assert iid == paired_difference(walk, zeros, block=1) and blocked["diff"] == pytest.approx(iid["diff"])
+    assert blocked["high"] - blocked["low"] > 1.3 * (iid["high"] - iid["low"])
+    assert paired_difference([2.0] * 7, [1.0] * 7, block=5)["low"] == 1.0  # constant: zero width, any block
+    with pytest.raises(ValueError, match="block"):
+        paired_difference([1.0], [0.0], block=0)
+
+
+def test_the_beta_trend_and_the_training_loss_are_paired_too():
+    rows, config, samples = rows_and_samples(True)
+    rows.append({"run": "sc_lora-beta0.2", "method": "sc_lora", "beta": 0.2, "learning_rate": 1e-3,
+                 "knowledge_mc": 50.0, "math_nll": 1.2})
+    samples["sc_lora-beta0.2"] = {"knowledge_mc": samples["lora"]["knowledge_mc"], "math_nll": samples["sc_lora-beta0.8"]["math_nll"]}
+    loss = [(step, 2.0 - 0.02 * step + 0.05 * math.sin(step)) for step in range(1, 31)]
+    for row in rows:
+        if row["run"] == "lora":
+            row["loss_history"] = [[st, v] for st, v in loss] + [[31, 0.1]]  # a step the other side never logged
+        elif row["run"] == "sc_lora-beta0.8":
+            row["loss_history"] = [[st, v - 0.1] for st, v in loss]
+    entries = paired_comparisons(rows, config, samples)
+    trend = {e["metric"]: e for e in entries if e["comparison"].startswith("β trend")}
+    assert trend["knowledge_mc"]["a"] == "SC-LoRA β=0.8" and trend["knowledge_mc"]["b"] == "SC-LoRA β=0.2"
+    assert trend["knowledge_mc"]["verdict"] == "A better" and trend["math_nll"]["diff"] == pytest.approx(0.0)
+    loss_entry = next(e for e in entries if e["metric"] == "train_loss")
+    assert loss_entry["a"] == "SC-LoRA β=0.8" and loss_entry["n"] == 30  # only the steps both logged
+    assert loss_entry["diff"] == pytest.approx(-0.1) and loss_entry["verdict"] == "A better"
+
+
+def _entry(comparison, a, b, key, low, high):
+    return {"comparison": comparison, "a": a, "b": b, "metric": key, "diff": (low + high) / 2, "low": low,
+            "high": high, "n": 100, "pairs": [[a, b]],
+            "verdict": "undecided" if low <= 0 <= high else "A better" if (low > 0) == (key != "math_nll") else "B better"}
+
+
+def test_claims_are_decided_from_the_paired_intervals():
+    from sclora.experiments.report.claims import decided
+
+    vs = "SC-LoRA vs LoRA"
+    # beta 0.8 keeps more knowledge than both LoRA rows with NLL no worse: the claim holds
+    entries = [_entry(vs, "β0.8", lora, "knowledge_mc", 1.0, 5.0) for lora in ("lora1", "lora2")]
+    entries += [_entry(vs, "β0.8", "lora1", "math_nll", -0.1, 0.1), _entry(vs, "β0.8", "lora2", "math_nll", -0.3, -0.1)]
+    entries += [_entry(vs, "β0.2", lora, "knowledge_mc", -5.0, -1.0) for lora in ("lora1", "lora2")]
+    verdicts = [a.verdict for a in decided(entries, "knowledge_mc", "math_nll")]
+    assert verdicts == ["not measured", "holds", "not measured", "not measured"]
+    # significantly worse utility against one LoRA row breaks beta 0.8's case; beta 0.2 fails too: does not hold
+    entries[3] = _entry(vs, "β0.8", "lora2", "math_nll", 0.1, 0.3)
+    assert decided(entries, "knowledge_mc", "math_nll")[1].verdict == "does not hold"
+    # an interval containing 0 for beta 0.8 leaves it undecided
+    entries[3] = _entry(vs, "β0.8", "lora2", "math_nll", -0.1, 0.1)
+    entries[1] = _entry(vs, "β0.8", "lora2", "knowledge_mc", -1.0, 5.0)
+    answer = decided(entries, "knowledge_mc", "math_nll")[1]
+    assert answer.verdict == "undecided" and "β0.8 − lora2" in answer.evidence
+    # the trend: preservation up, utility cost reported
+    trend = [_entry("β trend (highest vs lowest β)", "β0.8", "β0.2", "knowledge_mc", 2.0, 6.0),
+             _entry("β trend (highest vs lowest β)", "β0.8", "β0.2", "math_nll", 0.05, 0.1)]
+    first = decided(trend, "knowledge_mc", "math_nll")[0]
+    assert first.verdict == "holds" and "a cost" in first.evidence

@@ -53,6 +53,7 @@ METRICS = {m.key: m for m in (
     Metric("rougeL", "ROUGE-L", True, 2),
     Metric("benign_refusal_rate", "Benign refusal (%)", False, 1),
     Metric("final_loss", "Final train loss", False, 4),
+    Metric("train_loss", "Train loss (mean over steps)", False, 4),
 )}
 
 

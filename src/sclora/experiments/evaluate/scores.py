@@ -71,22 +71,34 @@ class Outputs(list):
 
 
 def paired_difference(a: list[float], b: list[float], *, level: float = 0.95, n_boot: int = 10_000,
-                      seed: int = 0) -> dict:
+                      seed: int = 0, block: int = 1) -> dict:
     """Mean of ``a - b`` over the same items with a paired-bootstrap percentile confidence interval: items are
     resampled with replacement ``n_boot`` times, each time the mean difference taken; the interval holds the
     central ``level`` of those means. Deterministic under ``seed``. NaN scores (an unparsed judge verdict) drop
-    their item from both sides."""
+    their item from both sides. ``block`` > 1 resamples runs of that many consecutive items (circular block
+    bootstrap), for series whose neighbours are correlated, such as the losses of successive training steps."""
     import numpy as np
 
     if len(a) != len(b):
         raise ValueError(f"A paired difference needs the same items: {len(a)} scores against {len(b)}.")
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive number of consecutive items, got {block!r}.")
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     d = d[np.isfinite(d)]
     if d.size == 0:
         raise ValueError("No item has a finite score on both sides: nothing to compare.")
     rng = np.random.default_rng(seed)
-    means = np.concatenate([d[rng.integers(0, d.size, (min(1000, n_boot - i), d.size))].mean(axis=1)
-                            for i in range(0, n_boot, 1000)])
+    block = min(block, d.size)
+    starts_per_draw = -(-d.size // block)
+    offsets = np.arange(block)
+
+    def draw(count: int):
+        if block == 1:
+            return rng.integers(0, d.size, (count, d.size))
+        starts = rng.integers(0, d.size, (count, starts_per_draw))
+        return ((starts[:, :, None] + offsets) % d.size).reshape(count, -1)[:, :d.size]
+
+    means = np.concatenate([d[draw(min(1000, n_boot - i))].mean(axis=1) for i in range(0, n_boot, 1000)])
     tail = (1 - level) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return {"diff": float(d.mean()), "low": float(low), "high": float(high), "n": int(d.size), "level": level}

@@ -21,7 +21,7 @@ import yaml
 
 from ...fileio import atomic_write
 from ..evaluate.metrics import Metric, metric
-from .claims import Answer, answers
+from .claims import Answer, answers, decided
 from .figures import write_figures
 from .groups import Group, Layout, group_runs, infer_layout
 from .paired import paired_comparisons, paired_markdown
@@ -50,7 +50,12 @@ def build_report(rows: list[dict], config: dict | None = None, diagnostics: dict
     parts += ["## Answers", f"Computed from the numbers above (means over seeds); {'; '.join(mains) or 'no metrics'}.",
               "\n".join(a.markdown(i) for i, a in enumerate(answers(rows, config), 1))]
     if paired is not None:
-        parts.append(paired_markdown(paired))
+        main = [keys[0] if keys else None for keys in (layout.preservation, layout.utility)]
+        parts += ["## Claims decided by paired differences",
+                  "The same claims, each decided by paired differences on the same items (95% intervals, next "
+                  "section): holds / does not hold / undecided.",
+                  "\n".join(a.markdown(i) for i, a in enumerate(decided(paired, *main), 1)),
+                  paired_markdown(paired)]
     return "\n\n".join(parts) + "\n"
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..evaluate.metrics import Metric, metric
 from .groups import Group, _beta_text, _beta_x, _several_lrs, _variant, _with_se, group_runs, infer_layout, label
 
-__all__ = ["Answer", "QUESTIONS", "SIMILAR_FRACTION", "SMOOTHING", "answers", "efficiency", "spearman", "steps_to_reach"]
+__all__ = ["Answer", "PAIRED_QUESTIONS", "QUESTIONS", "TREND", "decided", "SIMILAR_FRACTION", "SMOOTHING", "answers", "efficiency", "spearman", "steps_to_reach"]
 
 
 @dataclass(frozen=True)
@@ -230,3 +230,69 @@ def _answer_loss(sc: list[Group], loras: list[Group], lr_methods: frozenset[str]
                         f"{reach}.")
     verdict = "yes" if faster == len(sc) else "no" if faster == 0 else "partly"
     return Answer(QUESTIONS[3], verdict, " ".join(findings))
+
+
+# --- the same claims decided by paired differences (paired.py's entries): holds / does not hold / undecided ------
+
+TREND = "β trend (highest vs lowest β)"  # the comparison name paired.py gives highest-vs-lowest-β pairs
+
+PAIRED_QUESTIONS = (
+    "Does preservation improve from the lowest to the highest SC-LoRA β (and what does utility do)?",
+    "Does some SC-LoRA β beat every LoRA row on preservation, with utility not worse?",
+    "Does some SC-LoRA β beat every CorDA KPA row on utility, with preservation not worse?",
+    "Is some SC-LoRA β's training loss lower than every LoRA row's on the same batches (faster convergence)?",
+)
+
+
+def decided(entries: list[dict] | None, preservation: str | None, utility: str | None) -> list[Answer]:
+    """The claims decided from paired differences on the same items (95% intervals): a pair "holds" when the claim's
+    metric is better with an interval that excludes 0 and the other metric is not significantly worse, "does not
+    hold" when the claim's metric or the other one is significantly worse, "undecided" otherwise; a claim holds when
+    some SC-LoRA row holds against every reference row, does not hold when every SC-LoRA row fails against some
+    reference row, and is undecided otherwise."""
+    entries = entries or []
+    find = {(e["comparison"], e["a"], e["b"], e["metric"]): e for e in entries}
+
+    def pair(comparison: str, a: str, b: str, win: str | None, hold: str | None) -> tuple[str, str]:
+        w = find.get((comparison, a, b, win)) if win else None
+        h = find.get((comparison, a, b, hold)) if hold else None
+        if w is None:
+            return "not measured", ""
+        verdict = ("does not hold" if w["verdict"] == "B better" or (h and h["verdict"] == "B better") else
+                   "holds" if w["verdict"] == "A better" else "undecided")
+        return verdict, f"{a} − {b}: {_ci(w)}" + (f", {_ci(h)}" if h else "") + f" → {verdict}"
+
+    def claim(number: int, comparison: str, win: str | None, hold: str | None) -> Answer:
+        question = PAIRED_QUESTIONS[number]
+        pairs = list(dict.fromkeys((e["a"], e["b"]) for e in entries if e["comparison"] == comparison))
+        results = {ab: pair(comparison, *ab, win, hold) for ab in pairs}
+        results = {ab: r for ab, r in results.items() if r[0] != "not measured"}
+        if not results:
+            return Answer(question, "not measured", "No paired scores for this comparison.")
+        by_a: dict[str, list[str]] = {}
+        for (a, _), (verdict, _) in results.items():
+            by_a.setdefault(a, []).append(verdict)
+        if any(all(v == "holds" for v in vs) for vs in by_a.values()):
+            verdict = "holds"
+        elif all(any(v == "does not hold" for v in vs) for vs in by_a.values()):
+            verdict = "does not hold"
+        else:
+            verdict = "undecided"
+        return Answer(question, verdict, "; ".join(text for _, text in results.values()) + ".")
+
+    if preservation is None:
+        return [Answer(q, "not measured", "No preservation metric.") for q in PAIRED_QUESTIONS]
+    trend = claim(0, TREND, preservation, None)
+    if trend.verdict != "not measured" and utility:
+        costs = [e for e in entries if e["comparison"] == TREND and e["metric"] == utility]
+        trend = Answer(trend.question, trend.verdict, trend.evidence.rstrip(".") + "; utility " +
+                       "; ".join(f"{_ci(e)} ({'no cost' if e['verdict'] != 'B better' else 'a cost'})"
+                                 for e in costs) + ".")
+    return [trend, claim(1, "SC-LoRA vs LoRA", preservation, utility),
+            claim(2, "SC-LoRA vs CorDA KPA", utility, preservation),
+            claim(3, "SC-LoRA vs LoRA", "train_loss", None)]
+
+
+def _ci(e: dict) -> str:
+    m = metric(e["metric"])
+    return f"{m.label} {m.fmt(e['diff'])} [{m.fmt(e['low'])}, {m.fmt(e['high'])}]"

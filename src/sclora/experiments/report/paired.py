@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..evaluate.metrics import metric
 from ..evaluate.scores import paired_difference
+from .claims import SMOOTHING, TREND
 from .groups import Group, _several_lrs, group_runs, infer_layout, label
 
 __all__ = ["paired_comparisons", "paired_markdown"]
@@ -17,8 +18,8 @@ __all__ = ["paired_comparisons", "paired_markdown"]
 
 def _pairs(groups: list[Group]) -> list[tuple[Group, Group, str]]:
     """(A, B, why): SC-LoRA (each β) against LoRA and CorDA KPA (claims 2 and 3) and SaLoRA (the closest published
-    competitor for safety), and full fine-tuning against
-    the base model (is there forgetting to prevent at all: the calibration)."""
+    competitor for safety); SC-LoRA's highest β against its lowest at the same learning rate (claim 1); full
+    fine-tuning against the base model (is there forgetting to prevent at all: the calibration)."""
     by = {m: [g for g in groups if g.method == m] for m in ("sc_lora", "lora", "corda_kpa", "salora", "full", "base")}
     sc = [g for g in by["sc_lora"] if g.beta is not None and not g.normalize]
     out = [(a, b, "SC-LoRA vs LoRA") for a in sc for b in by["lora"]]
@@ -26,47 +27,72 @@ def _pairs(groups: list[Group]) -> list[tuple[Group, Group, str]]:
             if not b.locked and b.beta == a.beta and b.lr == a.lr]
     out += [(a, b, "SC-LoRA vs CorDA KPA") for a in sc for b in by["corda_kpa"]]
     out += [(a, b, "SC-LoRA vs SaLoRA") for a in sc for b in by["salora"]]
+    for lr in dict.fromkeys(g.lr for g in sc):
+        plain = sorted((g for g in sc if g.lr == lr and not g.locked and isinstance(g.beta, (int, float))),
+                       key=lambda g: g.beta)
+        if len(plain) >= 2 and plain[-1].beta > plain[0].beta:
+            out.append((plain[-1], plain[0], TREND))
     out += [(a, b, "forgetting (calibration)") for a in by["full"] + by["lora"] for b in by["base"]]
     return out
 
 
 def paired_comparisons(rows: list[dict], config: dict | None, samples: dict[str, dict]) -> list[dict]:
     """Paired differences for every comparison of :func:`_pairs` and every preservation / utility metric of the
-    report's layout whose per-item scores both sides kept. Runs are matched by seed (a side without that seed
-    contributes its first run). All seeds score the same evaluation items, so several matched pairs are averaged
-    item by item (a run's seeds are not independent items: the bootstrap resamples items, each carrying its mean
-    over the seeds). Runs without kept scores (rows from before the scores were kept) are left out; the entry
-    lists the runs it used."""
+    report's layout whose per-item scores both sides kept; and for SC-LoRA vs LoRA the training loss step by step
+    (both see the same batches in the same order under the same seed; a block bootstrap over steps, as neighbouring
+    steps are correlated). Runs are matched by seed (a side without that seed contributes its first run). All
+    seeds score the same evaluation items, so several matched pairs are averaged item by item (a run's seeds are
+    not independent items: the bootstrap resamples items, each carrying its mean over the seeds). Runs without kept
+    scores (rows from before the scores were kept) are left out; the entry lists the runs it used."""
     groups = group_runs(rows)
     layout = infer_layout(rows, config)
     seeds = {r["run"]: r.get("seed") for r in rows}
+    losses = {r["run"]: {int(st): float(v) for st, v in r.get("loss_history") or []} for r in rows}
     lr_methods = _several_lrs(groups)
     out = []
     for a, b, why in _pairs(groups):
         keys = layout.preservation if why.startswith("forgetting") else [*layout.preservation, *layout.utility]
         for key in keys:
-            m = metric(key)
-            kept_b = [r for r in b.runs if key in samples.get(r, {})]
-            firsts, seconds, used = [], [], []
-            for run in (r for r in a.runs if key in samples.get(r, {})):
-                if not kept_b:
-                    break
-                match = next((r for r in kept_b if seeds.get(r) == seeds.get(run)), kept_b[0])
-                x, y = samples[run][key], samples[match][key]
-                if len(x) != len(y) or (firsts and len(x) != len(firsts[0])):
-                    raise ValueError(f"Runs {run!r} and {match!r} scored {key} on {len(x)} and {len(y)} items"
-                                     + (f" (earlier pairs: {len(firsts[0])})" if firsts else "")
-                                     + ": not the same items, so they cannot be compared pairwise.")
-                firsts, seconds, used = [*firsts, x], [*seconds, y], [*used, (run, match)]
-            if not firsts:
-                continue
-            d = paired_difference(*_item_means(firsts, seconds))
-            sign = 1 if m.higher_is_better else -1
-            gain = sorted((sign * d["low"], sign * d["high"]))
-            verdict = "A better" if gain[0] > 0 else "B better" if gain[1] < 0 else "undecided"
-            out.append({"comparison": why, "a": label(a, lr_methods), "b": label(b, lr_methods), "metric": key,
-                        "pairs": used, **d, "verdict": verdict})
+            scores = {run: s[key] for run, s in samples.items() if key in s}
+            entry = _compare(a, b, key, scores, seeds)
+            if entry is not None:
+                out.append({"comparison": why, "a": label(a, lr_methods), "b": label(b, lr_methods), **entry})
+        if why == "SC-LoRA vs LoRA":
+            entry = _compare(a, b, "train_loss", _loss_series(a.runs + b.runs, losses), seeds, block=SMOOTHING)
+            if entry is not None:
+                out.append({"comparison": why, "a": label(a, lr_methods), "b": label(b, lr_methods), **entry})
     return out
+
+
+def _loss_series(runs: list[str], losses: dict[str, dict[int, float]]) -> dict[str, list[float]]:
+    """Each run's training loss at the steps every one of ``runs`` logged (the same steps on both sides)."""
+    logged = [losses.get(run) or {} for run in runs]
+    steps = sorted(set.intersection(*(set(h) for h in logged))) if all(logged) else []
+    return {run: [losses[run][st] for st in steps] for run in runs} if steps else {}
+
+
+def _compare(a: Group, b: Group, key: str, scores: dict[str, list[float]], seeds: dict, block: int = 1) -> dict | None:
+    """A − B on ``key`` over the runs of both that have scores, matched by seed, averaged item by item."""
+    kept_b = [r for r in b.runs if r in scores]
+    firsts, seconds, used = [], [], []
+    for run in (r for r in a.runs if r in scores):
+        if not kept_b:
+            break
+        match = next((r for r in kept_b if seeds.get(r) == seeds.get(run)), kept_b[0])
+        x, y = scores[run], scores[match]
+        if len(x) != len(y) or (firsts and len(x) != len(firsts[0])):
+            raise ValueError(f"Runs {run!r} and {match!r} scored {key} on {len(x)} and {len(y)} items"
+                             + (f" (earlier pairs: {len(firsts[0])})" if firsts else "")
+                             + ": not the same items, so they cannot be compared pairwise.")
+        firsts, seconds, used = [*firsts, x], [*seconds, y], [*used, (run, match)]
+    if not firsts:
+        return None
+    d = paired_difference(*_item_means(firsts, seconds), block=block)
+    m = metric(key)
+    sign = 1 if m.higher_is_better else -1
+    gain = sorted((sign * d["low"], sign * d["high"]))
+    verdict = "A better" if gain[0] > 0 else "B better" if gain[1] < 0 else "undecided"
+    return {"metric": key, "pairs": used, **d, "verdict": verdict}
 
 
 def _item_means(firsts: list[list[float]], seconds: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -90,7 +116,8 @@ def _count(entry: dict) -> str:
 def paired_markdown(entries: list[dict] | None) -> str:
     """The "Paired differences" section of report.md."""
     head = ("## Paired differences\n\nEach line compares two methods on the same items (runs matched by seed; "
-            "with several seeds, each item's mean over them: n = items × seed pairs): the mean of A − B with a 95% "
+            "with several seeds, each item's mean over them: n = items × seed pairs; for the training loss the items are "
+            "the steps, resampled in blocks of 5): the mean of A − B with a 95% "
             "paired-bootstrap interval (10,000 resamples of the items); a verdict only when the interval excludes 0.")
     if not entries:
         return head + "\n\nNot measured: the per-item scores (samples/) of these runs were not kept."
