@@ -52,8 +52,8 @@ def build_report(rows: list[dict], config: dict | None = None, diagnostics: dict
     if paired is not None:
         main = [keys[0] if keys else None for keys in (layout.preservation, layout.utility)]
         parts += ["## Claims decided by paired differences",
-                  "The same claims, each decided by paired differences on the same items (95% intervals, next "
-                  "section): holds / does not hold / undecided.",
+                  ("The same claims, each decided by paired differences on the same items (95% intervals, next "
+                   "section): holds / does not hold / undecided."),
                   "\n".join(a.markdown(i) for i, a in enumerate(decided(paired, *main), 1)),
                   paired_markdown(paired)]
     return "\n\n".join(parts) + "\n"

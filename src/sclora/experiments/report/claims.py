@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..evaluate.metrics import Metric, metric
 from .groups import Group, _beta_text, _beta_x, _several_lrs, _variant, _with_se, group_runs, infer_layout, label
 
-__all__ = ["Answer", "PAIRED_QUESTIONS", "QUESTIONS", "TREND", "decided", "SIMILAR_FRACTION", "SMOOTHING", "answers", "efficiency", "spearman", "steps_to_reach"]
+__all__ = ["PAIRED_QUESTIONS", "QUESTIONS", "SIMILAR_FRACTION", "SMOOTHING", "TREND", "Answer", "answers", "decided", "efficiency", "spearman", "steps_to_reach"]
 
 
 @dataclass(frozen=True)
