@@ -9,8 +9,20 @@ from dataclasses import dataclass
 
 from ..evaluate.metrics import Metric
 
-__all__ = ["Group", "HARM", "KNOWLEDGE", "Layout", "MATH", "METHOD_NAMES", "NOT_METRICS", "PAPER_ORDER", "group_runs",
-           "infer_layout", "label", "method_name"]
+__all__ = [
+    "HARM",
+    "KNOWLEDGE",
+    "MATH",
+    "METHOD_NAMES",
+    "NOT_METRICS",
+    "PAPER_ORDER",
+    "Group",
+    "Layout",
+    "group_runs",
+    "infer_layout",
+    "label",
+    "method_name",
+]
 
 
 KNOWLEDGE = ("knowledge_em", "knowledge_mc", "knowledge_kept", "knowledge_logprob")
