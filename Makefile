@@ -41,6 +41,10 @@ bench: $(VENV)/.demo
 bench-speed: $(VENV)/.demo
 	$(PY) benchmarks/init_speed.py
 
+.PHONY: bench-scaling
+bench-scaling: $(VENV)/.demo
+	$(PY) benchmarks/scaling.py
+
 # The paper's experiments at small scale (hours on 2 CPU cores; resumable: rerun to continue). The safety ones
 # start from the aligned stand-in: `sclora align --output runs/align --install` first.
 SMALL_EXPERIMENTS ?= safety-benign-small safety-poison-small knowledge-math-small multi-knowledge-small
