@@ -126,12 +126,17 @@ def phase_sclora(args) -> dict:
     config, out = sclora.SCLoRAConfig(r=args.r, beta=0.5, eigen_solver=args.eigen_solver), {}
     out["loaded_rss_mb"] = current_rss_mb()
     log(f"(a) SC-LoRA statistics over {len(plus)} + {len(minus)} samples, then decomposition; (e) {len(BETAS)} betas")
-    with timed(out, "statistics_s"):
-        stats = [sclora.collect_covariances(model, batches(rows, args.batch_size), config.target_modules,
-                                            autocast=AUTOCAST[args.precision], show_progress=False)
-                 for rows in (plus, minus)]
-    with timed(out, "decomposition_s"):
-        sclora.get_sclora_model(model, config, *stats, show_progress=False)
+    with tempfile.TemporaryDirectory() as spill:
+        with timed(out, "statistics_s"):
+            stats = []
+            for label, rows in (("plus", plus), ("minus", minus)):
+                part = sclora.collect_covariances(model, batches(rows, args.batch_size), config.target_modules,
+                                                  autocast=AUTOCAST[args.precision], show_progress=False)
+                # --offload: each set written to disk, read back module by module (as `sclora run` / finetune do)
+                stats.append(part.offload(f"{spill}/{label}.safetensors") if args.offload else part)
+        out["statistics_rss_mb"] = current_rss_mb()
+        with timed(out, "decomposition_s"):
+            sclora.get_sclora_model(model, config, *stats, show_progress=False)
     out["init_s"] = out["statistics_s"] + out["decomposition_s"]
     out["peak_rss_mb"] = peak_rss_mb()  # before the sweep below allocates anything
 
@@ -399,6 +404,8 @@ def parse_args():
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--precision", choices=sorted(AUTOCAST), default="fp32",
                         help="forward precision of sclora's statistics and of the floor (sums stay float32)")
+    parser.add_argument("--offload", action="store_true",
+                        help="SC-LoRA phase: CovarianceStats.offload each set after collecting it (as the CLI does)")
     parser.add_argument("--eigen-solver", default="eigh", help="SCLoRAConfig.eigen_solver: eigh, lobpcg, mixed, auto")
     parser.add_argument("--steps", type=int, help="timed training steps per model (default 5, quick 3)")
     parser.add_argument("--warmup", type=int, help="untimed training steps per model (default 2, quick 1)")

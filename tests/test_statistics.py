@@ -200,21 +200,50 @@ DAMAGE = {
 }
 
 
+@pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_load_names_the_file_and_the_problem_of_damaged_statistics(tmp_path, saved, damage):
+def test_load_names_the_file_and_the_problem_of_damaged_statistics(tmp_path, saved, damage, lazy):
     edit, problem = DAMAGE[damage]
     path = rewrite(saved[1], tmp_path / "damaged.safetensors", edit)
     with pytest.raises(ValueError, match=f"damaged.safetensors: .*{problem}.*delete it and collect"):
-        CovarianceStats.load(path, model=saved[0])
+        CovarianceStats.load(path, model=saved[0], lazy=lazy)
 
 
+@pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("keep", [0, 7, 0.5, -1])  # bytes kept: none, part of the header length, half, all but one
-def test_load_names_a_truncated_file(tmp_path, saved, keep):
+def test_load_names_a_truncated_file(tmp_path, saved, keep, lazy):
     data = saved[1].read_bytes()
     path = tmp_path / "cut.safetensors"
     path.write_bytes(data[:int(len(data) * keep) if isinstance(keep, float) else keep])
     with pytest.raises(ValueError, match="cut.safetensors cannot be read.*truncated or corrupt.*Delete it"):
-        CovarianceStats.load(path)
+        CovarianceStats.load(path, lazy=lazy)
+
+
+def test_offloaded_and_lazily_loaded_statistics_read_the_same_matrices_and_build_the_same_adapter(tmp_path):
+    from sclora.statistics import FileSums
+
+    model = tiny_llama(seed=7)
+    plus, minus = (collect_covariances(model, random_batches(2, seed=s), show_progress=False) for s in (1, 2))
+    expected = {name: plus.factor(name) for name in plus}
+    keys = set(plus.sums)
+    assert plus.offload(tmp_path / "plus.safetensors") is plus and isinstance(plus.sums, FileSums)
+    assert set(plus.sums) == keys and len(plus.sums) == len(keys)
+    for name, (cov, weight) in expected.items():
+        got = plus.factor(name)
+        assert torch.equal(got[0], cov) and (weight is None) == (got[1] is None)
+    lazy = CovarianceStats.load(tmp_path / "plus.safetensors", model=model, lazy=True)
+    assert isinstance(lazy.sums, FileSums) and all(torch.equal(lazy[n], plus[n]) for n in plus)
+    # the file replaced afterwards (as an atomic rewrite does): what was offloaded still reads the original
+    minus.save(tmp_path / "plus.safetensors")
+    assert all(torch.equal(plus.factor(n)[0], cov) for n, (cov, _) in expected.items())
+    # the same adapter as from the statistics in memory
+    config = sclora.SCLoRAConfig(r=4, beta=0.5)
+    in_memory = collect_covariances(model, random_batches(2, seed=1), show_progress=False)
+    a = sclora.get_sclora_model(tiny_llama(seed=7), config, in_memory, minus, show_progress=False)
+    b = sclora.get_sclora_model(tiny_llama(seed=7), config, plus, minus.offload(tmp_path / "minus.safetensors"),
+                                show_progress=False)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_load_names_a_file_with_a_corrupt_header(tmp_path, saved):

@@ -18,6 +18,7 @@ import hashlib
 import inspect
 import json
 import os
+import struct
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -33,7 +34,7 @@ from . import distributed
 from .fileio import atomic_path
 from .targets import find_linear_modules, resolve_targets
 
-__all__ = ["CovarianceStats", "ModuleStat", "collect_covariances", "find_linear_modules", "model_fingerprint"]
+__all__ = ["CovarianceStats", "FileSums", "ModuleStat", "collect_covariances", "find_linear_modules", "model_fingerprint"]
 
 NORMALIZATIONS = ("none", "max_abs", "abs_of_max", "trace")
 #: normalizations applied at read time: their stored sums are the same, so they convert freely
@@ -55,6 +56,54 @@ class ModuleStat:
     side: str
     d_in: int
     d_out: int
+
+
+class FileSums(Mapping):
+    """The stored matrices of a statistics file, read from it one at a time on access instead of held in memory
+    (:meth:`CovarianceStats.offload`, ``CovarianceStats.load(..., lazy=True)``). The file stays open, so replacing
+    or deleting it afterwards does not change what these statistics read. Read with ``os.pread`` into a fresh
+    tensor rather than through safetensors' memory map: mapped pages count in the process's resident memory
+    (+180 MB of peak RSS on SmolLM2's init, docs/performance.md), copies are freed as soon as a module is done."""
+
+    _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+    def __init__(self, path: str, device: str = "cpu"):
+        self.path, self.device = path, device
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            (length,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            header = json.loads(os.pread(self._fd, length, 8))
+        except Exception:
+            os.close(self._fd)
+            raise
+        header.pop("__metadata__", None)
+        self._start = 8 + length
+        self._entries = {k: (self._DTYPES[v["dtype"]], tuple(v["shape"]), tuple(v["data_offsets"]))
+                         for k, v in header.items()}
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        dtype, shape, (begin, end) = self._entries[key]
+        data = bytearray(end - begin)
+        if os.preadv(self._fd, [data], self._start + begin) != len(data):
+            raise ValueError(f"{self.path} ended before the tensor {key!r}: the file is truncated.")
+        return torch.frombuffer(data, dtype=dtype).reshape(shape).to(self.device)
+
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key][1]
 
 
 class CovarianceStats(Mapping):
@@ -249,17 +298,29 @@ class CovarianceStats(Mapping):
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={"sclora": json.dumps(header)})
 
+    def offload(self, path: str | os.PathLike) -> CovarianceStats:
+        """Write these statistics to ``path`` (:meth:`save`) and from then on read each stored matrix from it when
+        used, freeing their memory: collect D+, offload it, then collect D- with only one set resident (the
+        statistics of a 7B model are GBs per set). Returns self, still bound to its model."""
+        self.save(path)
+        self.sums = FileSums(os.fspath(path), device=_device_of(self.sums))
+        return self
+
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module | None = None, device: str = "cpu") -> CovarianceStats:
-        """Read statistics written by :meth:`save`; with ``model`` they are also bound to it.
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None, device: str = "cpu",
+             lazy: bool = False) -> CovarianceStats:
+        """Read statistics written by :meth:`save`; with ``model`` they are also bound to it. ``lazy=True``
+        leaves the matrices in the file and reads each when used (:class:`FileSums`): memory for one at a time.
 
         A file that is truncated, corrupt, inconsistent (missing tensors, wrong shapes, a broken header)
-        or holds NaN / inf raises a ValueError naming it, before anything uses the statistics."""
+        or holds NaN / inf raises a ValueError naming it, before anything uses the statistics (a lazy load
+        checks every matrix once, one at a time)."""
         path = os.fspath(path)
         try:
             with safe_open(path, framework="pt", device=device) as f:
                 meta = f.metadata() or {}
-                sums = {k: f.get_tensor(k) for k in f.keys()} if "sclora" in meta else {}
+                sums = ({} if "sclora" not in meta else FileSums(path, device) if lazy
+                        else {k: f.get_tensor(k) for k in f.keys()})
         except FileNotFoundError:
             raise
         except Exception as err:  # safetensors' errors do not name the file
@@ -328,13 +389,14 @@ class CovarianceStats(Mapping):
             if m["key"] not in sums:
                 raise bad(f"the tensor {m['key']!r} of module {name!r} is missing")
             d = m["d_in"] if m["side"] == "input" else m["d_out"]
-            shape = tuple(sums[m["key"]].shape)
+            shape = sums.shape(m["key"]) if isinstance(sums, FileSums) else tuple(sums[m["key"]].shape)
             if shape != (d, d):
                 raise bad(f"the {m['side']}-side tensor {m['key']!r} of module {name!r} has shape {shape}, "
                           f"expected {(d, d)}")
             if name not in fingerprint["probes"]:
                 raise bad(f"the model fingerprint lacks module {name!r}")
-        for key, tensor in sums.items():
+        for key in sums:
+            tensor = sums[key]  # one at a time: a lazy file is checked without holding it all
             if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
                 raise bad(f"the tensor {key!r} holds NaN / inf values or is not floating point")
 
@@ -641,6 +703,12 @@ def _probes_differ(theirs: list[float], ours: list[float]) -> bool:
     """Sampled weights that differ beyond a dtype cast (1% of their largest magnitude)."""
     a, b = torch.tensor(theirs, dtype=torch.float64), torch.tensor(ours, dtype=torch.float64)
     return bool((a - b).abs().max() > 1e-2 * a.abs().max().clamp_min(1e-12))
+
+
+def _device_of(sums: Mapping[str, torch.Tensor]) -> str:
+    if isinstance(sums, FileSums):
+        return sums.device
+    return str(next(iter(sums.values())).device) if sums else "cpu"
 
 
 def _probe(weight: torch.Tensor) -> list[float]:

@@ -120,7 +120,8 @@ def cached_statistics(folder: Path, label: str, model, tokenizer, examples: list
 
     Under torch.distributed every rank takes the same branch: the cache is read only if every rank sees it;
     otherwise each rank collects over its shard of ``examples``, the sums are all-reduced, and one process
-    per node writes the file. The statistics stay on the model's device."""
+    per node writes the file. The statistics stay on the model's device; they are read from the file as each
+    module needs them (:meth:`CovarianceStats.offload`), so only one set is in memory while the next is collected."""
     every = statistics_batches(tokenizer, examples, seq_len, batch_size)  # all ranks name the file from all data
     if every.truncated and distributed.is_main_process():
         warnings.warn(f"{label} statistics: {every.truncated} of {every.examples} examples are longer than seq_len="
@@ -131,7 +132,7 @@ def cached_statistics(folder: Path, label: str, model, tokenizer, examples: list
     stats = None
     if path.exists():
         try:
-            stats = CovarianceStats.load(path, device=device)
+            stats = CovarianceStats.load(path, device=device, lazy=True)  # matrices read when used
         except (ValueError, OSError) as err:  # written by a killed process before atomic writes, or damaged
             warnings.warn(f"{err}; collecting these statistics again.", stacklevel=2)
     if distributed.all_true(stats is not None):
@@ -142,6 +143,6 @@ def cached_statistics(folder: Path, label: str, model, tokenizer, examples: list
                                 desc=f"{label} statistics")
     if distributed.local_rank() == 0:  # one writer per node (on a shared file system they write the same bytes)
         folder.mkdir(parents=True, exist_ok=True)
-        stats.save(path)
+        stats.offload(path)  # saved, and its memory freed: the next set is collected with this one on disk
     distributed.barrier()
     return stats

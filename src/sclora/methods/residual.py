@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..config import SCLoRAConfig
+from ..memory import release_freed_memory
 from ..targets import resolve_targets
 
 ADAPTER = "default"
@@ -77,6 +78,8 @@ def build_residual_adapter(
             # In place: a second copy of every target weight would double their memory (the originals of a
             # memory-mapped checkpoint stay resident until overwritten).
             base.weight.data.copy_(w_res)
+            del a, b, w_res
+            release_freed_memory()  # the module's temporaries: otherwise glibc keeps them resident (memory.py)
     except Exception as err:
         if not spread:
             raise
