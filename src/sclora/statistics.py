@@ -58,14 +58,15 @@ class ModuleStat:
     d_out: int
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
 class FileSums(Mapping):
     """The stored matrices of a statistics file, read from it one at a time on access instead of held in memory
     (:meth:`CovarianceStats.offload`, ``CovarianceStats.load(..., lazy=True)``). The file stays open, so replacing
     or deleting it afterwards does not change what these statistics read. Read with ``os.pread`` into a fresh
     tensor rather than through safetensors' memory map: mapped pages count in the process's resident memory
     (+180 MB of peak RSS on SmolLM2's init, docs/performance.md), copies are freed as soon as a module is done."""
-
-    _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
     def __init__(self, path: str, device: str = "cpu"):
         self.path, self.device = path, device
@@ -78,7 +79,7 @@ class FileSums(Mapping):
             raise
         header.pop("__metadata__", None)
         self._start = 8 + length
-        self._entries = {k: (self._DTYPES[v["dtype"]], tuple(v["shape"]), tuple(v["data_offsets"]))
+        self._entries = {k: (_SAFETENSORS_DTYPES[v["dtype"]], tuple(v["shape"]), tuple(v["data_offsets"]))
                          for k, v in header.items()}
 
     def __del__(self):
@@ -395,7 +396,7 @@ class CovarianceStats(Mapping):
                           f"expected {(d, d)}")
             if name not in fingerprint["probes"]:
                 raise bad(f"the model fingerprint lacks module {name!r}")
-        for key in sums:
+        for key in sums:  # noqa: PLC0206 -- not .items(): a lazy file is read one matrix at a time
             tensor = sums[key]  # one at a time: a lazy file is checked without holding it all
             if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
                 raise bad(f"the tensor {key!r} holds NaN / inf values or is not floating point")
