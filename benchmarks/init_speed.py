@@ -20,7 +20,6 @@ import copy
 import json
 import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from statistics import median
 import peft
 import torch
 import transformers
-from _results import write_json
+from _results import current_rss_mb, peak_rss_mb, write_json
 
 import sclora
 from sclora.models import EMBEDDED_MODEL, load_model
@@ -59,19 +58,6 @@ TARGETS = {
 
 def log(message: str) -> None:
     print(f"[init_speed] {message}", file=sys.stderr, flush=True)
-
-
-def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
-
-
-def current_rss_mb() -> float | None:
-    """Resident memory now (Linux), to tell the init's own memory from the interpreter + model it shares."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 def load(args):

@@ -12,12 +12,12 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _results import peak_rss_mb
 
 import sclora
 from sclora.models import load_model
@@ -30,10 +30,6 @@ def batches(windows, batch_size):
     for i in range(0, len(windows), batch_size):
         ids = torch.tensor(windows[i:i + batch_size])
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main():

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import time
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from _results import write_json
+from _results import current_rss_mb, peak_rss_mb, write_json
 
 import sclora
 
@@ -47,15 +45,10 @@ def llama(width: int, layers: int) -> transformers.LlamaForCausalLM:
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def rss_mb() -> float:
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def measure(width: int, layers: int, tokens: int, r: int) -> dict:
     """One point, in this process: floor, statistics, decomposition, memory and the flop model."""
     model = llama(width, layers)
-    loaded = rss_mb()
+    loaded = current_rss_mb()
     samples = max(1, tokens // SEQ)
     g = torch.Generator().manual_seed(1)
     sets = [torch.randint(lo, hi, (samples, SEQ), generator=g) for lo, hi in ((0, VOCAB // 2), (VOCAB // 2, VOCAB))]
@@ -83,7 +76,7 @@ def measure(width: int, layers: int, tokens: int, r: int) -> dict:
     return {"width": width, "layers": layers, "tokens_per_set": samples * SEQ, "r": r,
             "floor_s": floor, "statistics_s": statistics, "decomposition_s": decomposition,
             "init_s": statistics + decomposition, "loaded_rss_mb": loaded,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "stats_mb": stats_bytes / 2**20, "model_mb": sum(p.numel() * 4 for p in model.parameters()) / 2**20,
             "forward_flops_per_token": forward_flops, "gram_flops_per_token": gram_flops,
             "eig_flops": eig_flops}

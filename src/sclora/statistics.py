@@ -103,9 +103,6 @@ class FileSums(Mapping):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._entries[key][1]
-
 
 class CovarianceStats(Mapping):
     """Second-moment statistics of many modules, collected over one data set.
@@ -377,6 +374,13 @@ class CovarianceStats(Mapping):
             raise bad("the header lists no modules")
         if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("probes"), dict):
             raise bad("the header has no model fingerprint")
+        # One read of each matrix (a lazy file holds one at a time): its shape, and whether it is finite floats.
+        shapes, unusable = {}, []
+        for key in sums:  # noqa: PLC0206 -- not .items(): a lazy file is read one matrix at a time
+            tensor = sums[key]
+            shapes[key] = tuple(tensor.shape)
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                unusable.append(key)
         fields = {"key", "side", "d_in", "d_out"}
         for name, m in modules.items():
             if not isinstance(m, dict) or set(m) != fields:
@@ -387,19 +391,17 @@ class CovarianceStats(Mapping):
             dims = (m["d_in"], m["d_out"])
             if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
                 raise bad(f"module {name!r} has dimensions d_in, d_out = {dims}")
-            if m["key"] not in sums:
+            if m["key"] not in shapes:
                 raise bad(f"the tensor {m['key']!r} of module {name!r} is missing")
             d = m["d_in"] if m["side"] == "input" else m["d_out"]
-            shape = sums.shape(m["key"]) if isinstance(sums, FileSums) else tuple(sums[m["key"]].shape)
+            shape = shapes[m["key"]]
             if shape != (d, d):
                 raise bad(f"the {m['side']}-side tensor {m['key']!r} of module {name!r} has shape {shape}, "
                           f"expected {(d, d)}")
             if name not in fingerprint["probes"]:
                 raise bad(f"the model fingerprint lacks module {name!r}")
-        for key in sums:  # noqa: PLC0206 -- not .items(): a lazy file is read one matrix at a time
-            tensor = sums[key]  # one at a time: a lazy file is checked without holding it all
-            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-                raise bad(f"the tensor {key!r} holds NaN / inf values or is not floating point")
+        if unusable:
+            raise bad(f"the tensor {unusable[0]!r} holds NaN / inf values or is not floating point")
 
 
 def require_finite_weight(name: str, weight: torch.Tensor) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..evaluate.metrics import Metric, metric
 from .groups import Group, _beta_text, _beta_x, _several_lrs, _variant, _with_se, group_runs, infer_layout, label
 
-__all__ = ["PAIRED_QUESTIONS", "QUESTIONS", "SIMILAR_FRACTION", "SMOOTHING", "TREND", "Answer", "answers", "decided", "efficiency", "spearman", "steps_to_reach"]
+__all__ = ["PAIRED_QUESTIONS", "QUESTIONS", "SIMILAR_FRACTION", "SMOOTHING", "TREND", "Answer", "answers", "decided", "efficiency", "interval_text", "spearman", "steps_to_reach"]
 
 
 @dataclass(frozen=True)
@@ -293,6 +293,11 @@ def decided(entries: list[dict] | None, preservation: str | None, utility: str |
             claim(3, "SC-LoRA vs LoRA", "train_loss", None)]
 
 
-def _ci(e: dict) -> str:
+def interval_text(e: dict) -> str:
+    """A paired difference as "diff [low, high]" in its metric's format."""
     m = metric(e["metric"])
-    return f"{m.label} {m.fmt(e['diff'])} [{m.fmt(e['low'])}, {m.fmt(e['high'])}]"
+    return f"{m.fmt(e['diff'])} [{m.fmt(e['low'])}, {m.fmt(e['high'])}]"
+
+
+def _ci(e: dict) -> str:
+    return f"{metric(e['metric']).label} {interval_text(e)}"

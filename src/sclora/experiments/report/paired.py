@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..evaluate.metrics import metric
 from ..evaluate.scores import paired_difference
-from .claims import SMOOTHING, TREND
+from .claims import SMOOTHING, TREND, interval_text
 from .groups import Group, _several_lrs, group_runs, infer_layout, label
 
 __all__ = ["paired_comparisons", "paired_markdown"]
@@ -49,12 +49,13 @@ def paired_comparisons(rows: list[dict], config: dict | None, samples: dict[str,
     seeds = {r["run"]: r.get("seed") for r in rows}
     losses = {r["run"]: {int(st): float(v) for st, v in r.get("loss_history") or []} for r in rows}
     lr_methods = _several_lrs(groups)
+    scores = {key: {run: s[key] for run, s in samples.items() if key in s}
+              for key in (*layout.preservation, *layout.utility)}
     out = []
     for a, b, why in _pairs(groups):
         keys = layout.preservation if why.startswith("forgetting") else [*layout.preservation, *layout.utility]
         for key in keys:
-            scores = {run: s[key] for run, s in samples.items() if key in s}
-            entry = _compare(a, b, key, scores, seeds)
+            entry = _compare(a, b, key, scores[key], seeds)
             if entry is not None:
                 out.append({"comparison": why, "a": label(a, lr_methods), "b": label(b, lr_methods), **entry})
         if why == "SC-LoRA vs LoRA":
@@ -124,6 +125,6 @@ def paired_markdown(entries: list[dict] | None) -> str:
     lines = ["| comparison | A | B | metric | n | A − B [95% CI] | verdict |", "|---|---|---|---|---|---|---|"]
     for e in entries:
         m = metric(e["metric"])
-        lines.append(f"| {e['comparison']} | {e['a']} | {e['b']} | {m.header} | {_count(e)} | "
-                     f"{m.fmt(e['diff'])} [{m.fmt(e['low'])}, {m.fmt(e['high'])}] | {e['verdict']} |")
+        lines.append(f"| {e['comparison']} | {e['a']} | {e['b']} | {m.header} | {_count(e)} | {interval_text(e)} | "
+                     f"{e['verdict']} |")
     return head + "\n\n" + "\n".join(lines)
