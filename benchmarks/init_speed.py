@@ -46,14 +46,22 @@ PHASES = ("sclora", "corda", "eva", "floor", "train")
 BETAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 TRAIN_BATCH = 4
 TINY_VOCAB = 512
-# name: (numerator, denominator, bound); each side is (phase, key)
+# name: (numerator, denominator, bound); each side is (phase, key). Issue 18's targets; init / floor is held to
+# 1.05 instead when the forwards run in bf16 (--precision bf16), see target_bound.
 TARGETS = {
-    "init_vs_corda": (("sclora", "init_s"), ("corda", "preprocess_s"), 0.5),
-    "init_vs_floor": (("sclora", "init_s"), ("floor", "floor_s"), 1.3),
+    "init_vs_corda": (("sclora", "init_s"), ("corda", "preprocess_s"), 0.4),
+    "init_vs_floor": (("sclora", "init_s"), ("floor", "floor_s"), 1.15),
     "mem_vs_corda": (("sclora", "peak_rss_mb"), ("corda", "peak_rss_mb"), 0.5),
-    "extra_beta_vs_init": (("sclora", "extra_beta_mean_s"), ("sclora", "init_s"), 0.05),
-    "train_step_vs_lora": (("train", "sclora_step_s"), ("train", "lora_step_s"), 1.05),
+    "extra_beta_vs_init": (("sclora", "extra_beta_mean_s"), ("sclora", "init_s"), 0.03),
+    "train_step_vs_lora": (("train", "sclora_step_s"), ("train", "lora_step_s"), 1.02),
 }
+BF16_FLOOR_BOUND = 1.05
+#: phases whose times are noisy enough to repeat under --repeats (their ratio is the one the noise moves)
+REPEATED = ("sclora", "floor")
+
+
+def target_bound(name: str, precision: str) -> float:
+    return BF16_FLOOR_BOUND if name == "init_vs_floor" and precision == "bf16" else TARGETS[name][2]
 
 
 def log(message: str) -> None:
@@ -271,7 +279,8 @@ def run_child(args) -> None:
 def run_parent(args) -> None:
     phases = run_phases(args)
     ratios, targets = {}, {}
-    for name, (num, den, bound) in TARGETS.items():
+    for name, (num, den, _) in TARGETS.items():
+        bound = target_bound(name, args.precision)
         a, b = (phases[phase].get(key) if phases[phase].get("ok") else None for phase, key in (num, den))
         ratios[name] = round(a / b, 4) if a is not None and b else None
         targets[name] = {"value": ratios[name], "target": f"<= {bound}",
@@ -301,22 +310,46 @@ def run_parent(args) -> None:
     log(f"wrote {out} and {out.with_suffix('.md')}")
 
 
-def run_phases(args) -> dict:
-    phases = {}
-    for phase in PHASES:
-        if phase in args.skip:
-            phases[phase] = {"ok": False, "skipped": True}
-            continue
-        log(f"--- phase {phase}")
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--phase", phase],
-                              stdout=subprocess.PIPE, text=True, check=False)
-        last = next((line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")), None)
-        # No line: killed (e.g. out of memory) before it could report.
-        phases[phase] = json.loads(last) if last else {"ok": False, "error": f"exit code {proc.returncode}, no result"}
-        phases[phase]["subprocess_wall_s"] = time.perf_counter() - start  # with imports and interpreter start
-    return phases
+def run_phase(phase: str) -> dict:
+    """One phase in a fresh process; its JSON line, or why there is none."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--phase", phase],
+                          stdout=subprocess.PIPE, text=True, check=False)
+    last = next((line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")), None)
+    # No line: killed (e.g. out of memory) before it could report.
+    result = json.loads(last) if last else {"ok": False, "error": f"exit code {proc.returncode}, no result"}
+    result["subprocess_wall_s"] = time.perf_counter() - start  # with imports and interpreter start
+    return result
 
+
+def median_of(repeats: list[dict]) -> dict:
+    """One phase record from its repeats: the median of every number all of them report (the largest peak RSS),
+    the repeats kept under "repeats". A failed repeat fails the phase."""
+    failed = next((r for r in repeats if not r.get("ok")), None)
+    if failed is not None:
+        return {**failed, "repeats": repeats}
+    out = {"ok": True, "repeats": repeats}
+    for key in repeats[0]:
+        values = [r.get(key) for r in repeats]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = max(values) if key == "peak_rss_mb" else median(values)
+    return out
+
+
+def run_phases(args) -> dict:
+    phases = {phase: {"ok": False, "skipped": True} for phase in PHASES if phase in args.skip}
+    repeats = {phase: [] for phase in REPEATED if phase not in args.skip}
+    for i in range(args.repeats):  # interleaved, so that drift of the machine hits both sides of init / floor
+        for phase in repeats:
+            log(f"--- phase {phase}" + (f" (repeat {i + 1} of {args.repeats})" if args.repeats > 1 else ""))
+            repeats[phase].append(run_phase(phase))
+    for phase in PHASES:
+        if phase in repeats:
+            phases[phase] = repeats[phase][0] if args.repeats == 1 else median_of(repeats[phase])
+        elif phase not in phases:
+            log(f"--- phase {phase}")
+            phases[phase] = run_phase(phase)
+    return {phase: phases[phase] for phase in PHASES}
 
 TABLE_ROWS = [("(a) SC-LoRA init: statistics + decomposition", "sclora", "init_s", True),
               ("      statistics (D+ and D-)", "sclora", "statistics_s", False),
@@ -393,6 +426,8 @@ def parse_args():
     parser.add_argument("--offload", action="store_true",
                         help="SC-LoRA phase: CovarianceStats.offload each set after collecting it (as the CLI does)")
     parser.add_argument("--eigen-solver", default="eigh", help="SCLoRAConfig.eigen_solver: eigh, lobpcg, mixed, auto")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the SC-LoRA and floor phases this many times, interleaved; their median counts")
     parser.add_argument("--steps", type=int, help="timed training steps per model (default 5, quick 3)")
     parser.add_argument("--warmup", type=int, help="untimed training steps per model (default 2, quick 1)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()),
@@ -411,6 +446,8 @@ def parse_args():
     unknown = set(args.skip) - set(PHASES)
     if unknown:
         parser.error(f"--skip takes {', '.join(PHASES)}; got {', '.join(sorted(unknown))}")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.samples < TRAIN_BATCH:
         parser.error(f"--samples must be at least {TRAIN_BATCH} (the training batch)")
     return args
