@@ -115,6 +115,21 @@ def test_a_locked_run_is_its_own_row_and_is_paired_with_the_plain_one():
     assert nll["a"] == "SC-LoRA β=0.8 (locked)" and nll["diff"] == pytest.approx(0.1) and nll["verdict"] == "B better"
 
 
+def test_an_auto_beta_is_paired_with_the_hand_picked_betas_and_stays_out_of_the_trend():
+    rows, config, samples = rows_and_samples(True)
+    rows.append({"run": "sc_lora-betaauto", "method": "sc_lora", "beta": 0.3, "beta_auto_budget": 0.1,
+                 "learning_rate": 1e-3, "knowledge_mc": 45.0, "math_nll": 1.3})
+    samples["sc_lora-betaauto"] = {"knowledge_mc": samples["lora"]["knowledge_mc"],
+                                   "math_nll": [x - 0.05 for x in samples["sc_lora-beta0.8"]["math_nll"]]}
+    entries = paired_comparisons(rows, config, samples)
+    auto = [e for e in entries if e["comparison"] == "auto vs hand-picked β"]
+    assert {(e["a"], e["b"]) for e in auto} == {("SC-LoRA β=0.3 (auto, budget 10%)", "SC-LoRA β=0.8")}
+    nll = next(e for e in auto if e["metric"] == "math_nll")
+    assert nll["diff"] == pytest.approx(-0.05) and nll["verdict"] == "A better"
+    # the only hand-picked beta is 0.8: an auto beta below it is no end of the sweep
+    assert not [e for e in entries if e["comparison"].startswith("β trend")]
+
+
 def test_salora_rows_are_paired_with_every_sc_lora_beta():
     rows, config, samples = rows_and_samples(True)
     rows.append({"run": "salora", "method": "salora", "beta": None, "learning_rate": 1e-3, "knowledge_mc": 40.0,

@@ -309,3 +309,19 @@ def test_steps_to_reach_uses_a_trailing_mean_and_efficiency_divides_by_the_refer
     slow = efficiency(groups["lora"], groups["sc_lora"], metric("math_nll"))
     assert slow["loss_ratio"] is None and slow["utility_step"] is None  # LoRA never gets to SC-LoRA's final values
     assert slow["utility_steps_evaluated"] == []  # and no evaluation along its training: no held-out figure at all
+
+
+def test_an_auto_beta_is_its_own_group_and_its_label_names_the_budget():
+    """A beta chosen by choose_beta is a variant, not a seed of the hand-picked run that happens to share it."""
+    from sclora.experiments.report.groups import label
+
+    rows = [row("sc", "sc_lora", beta=0.5, knowledge_mc=60.0),
+            row("sc-auto", "sc_lora", beta=0.5, beta_auto_budget=0.1, knowledge_mc=58.0),
+            row("sc-auto-seed1", "sc_lora", beta=0.5, beta_auto_budget=0.1, seed=1, knowledge_mc=56.0),
+            row("sc-multi", "sc_lora", beta=[0.4, 0.4], beta_auto_budget=[0.05, 0.2], knowledge_mc=57.0)]
+    groups = group_runs(rows)
+    names = {label(g): g for g in groups}
+    assert set(names) == {"SC-LoRA β=0.5", "SC-LoRA β=0.5 (auto, budget 10%)",
+                          "SC-LoRA β=(0.4, 0.4) (auto, budget 5%, 20%)"}
+    assert names["SC-LoRA β=0.5 (auto, budget 10%)"].value("knowledge_mc") == 57.0
+    assert "beta_auto_budget" not in names["SC-LoRA β=0.5 (auto, budget 10%)"].samples

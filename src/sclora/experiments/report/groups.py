@@ -76,7 +76,7 @@ METHOD_NAMES = {"base": "Base model", "full": "Full fine-tuning", "lora": "LoRA"
                 "corda_ipa": "CorDA IPA", "corda_kpa": "CorDA KPA", "salora": "SaLoRA", "sc_lora": "SC-LoRA"}
 
 
-NOT_METRICS = {"seed", "beta", "learning_rate"}
+NOT_METRICS = {"seed", "beta", "learning_rate", "beta_auto_budget"}
 
 
 @dataclass
@@ -93,6 +93,7 @@ class Group:
     checkpoints: list[dict]
     normalize: str | None = None  # set when the run overrode the experiment's normalize
     locked: bool = False  # SC-LoRA with lock_subspace (B frozen at Q)
+    auto_budget: float | None = None  # SC-LoRA whose beta choose_beta picked for this preservation budget
 
     @property
     def n(self) -> int:
@@ -123,11 +124,18 @@ def group_runs(rows: list[dict]) -> list[Group]:
     buckets: dict[tuple, list[dict]] = {}
     for row in rows:
         beta = row.get("beta")
-        key = ("base", None, None, None, False) if _is_base(row) else (
+        key = ("base", None, None, None, False, None) if _is_base(row) else (
             row.get("method"), tuple(beta) if isinstance(beta, list) else beta, row.get("learning_rate"),
-            row.get("normalize"), bool(row.get("lock_subspace")))  # own normalize / locked: a variant, not a seed
+            row.get("normalize"), bool(row.get("lock_subspace")),  # own normalize / locked: a variant, not a seed
+            _auto_budget(row))
         buckets.setdefault(key, []).append(row)
     return sorted((_merge(key, members) for key, members in buckets.items()), key=_paper_position)
+
+
+def _auto_budget(row: dict):
+    """The budget a row's beta was chosen for (a list with several knowledge sets), None for a hand-picked beta."""
+    budget = row.get("beta_auto_budget")
+    return tuple(budget) if isinstance(budget, list) else budget
 
 
 def _paper_position(group: Group) -> tuple:
@@ -147,7 +155,7 @@ def _merge(key: tuple, members: list[dict]) -> Group:
         se = _pooled_se(values, [m[f"{name}_se"] for m in members if _is_number(m.get(f"{name}_se"))])
         if se is not None:
             ses[name] = se
-    return Group(method=key[0], beta=key[1], lr=key[2], normalize=key[3], locked=key[4],
+    return Group(method=key[0], beta=key[1], lr=key[2], normalize=key[3], locked=key[4], auto_budget=key[5],
                  runs=[str(m.get("run")) for m in members],
                  samples=samples, ses=ses, loss=_mean_by_step([m.get("loss_history") or [] for m in members]),
                  checkpoints=_mean_checkpoints([m.get("checkpoints") or [] for m in members]))
@@ -248,8 +256,12 @@ def label(group: Group, lr_methods: frozenset[str] = frozenset(), model: str | N
 
 
 def _variant(group: Group) -> str:
-    """' (normalize none)' for a run that overrode the experiment's normalize, ' (locked)' for lock_subspace."""
-    return (f" (normalize {group.normalize})" if group.normalize else "") + (" (locked)" if group.locked else "")
+    """' (normalize none)' for a run that overrode the experiment's normalize, ' (locked)' for lock_subspace,
+    ' (auto, budget 10%)' for a beta chosen by choose_beta."""
+    budget = group.auto_budget
+    auto = "" if budget is None else " (auto, budget " + ", ".join(
+        f"{100 * b:g}%" for b in (budget if isinstance(budget, tuple) else (budget,))) + ")"
+    return (f" (normalize {group.normalize})" if group.normalize else "") + (" (locked)" if group.locked else "") + auto
 
 
 def _with_se(group: Group, m: Metric) -> str:

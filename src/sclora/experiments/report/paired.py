@@ -13,22 +13,28 @@ from ..evaluate.scores import paired_difference
 from .claims import SMOOTHING, TREND, interval_text
 from .groups import Group, _several_lrs, group_runs, infer_layout, label
 
-__all__ = ["paired_comparisons", "paired_markdown"]
+__all__ = ["AUTO", "paired_comparisons", "paired_markdown"]
+
+AUTO = "auto vs hand-picked β"
 
 
 def _pairs(groups: list[Group]) -> list[tuple[Group, Group, str]]:
     """(A, B, why): SC-LoRA (each β) against LoRA and CorDA KPA (claims 2 and 3) and SaLoRA (the closest published
-    competitor for safety); SC-LoRA's highest β against its lowest at the same learning rate (claim 1); full
+    competitor for safety); a β chosen from a preservation budget against each hand-picked β of the sweep at its
+    learning rate; locked against plain SC-LoRA at the same β; SC-LoRA's highest hand-picked β against its lowest at the same learning rate (claim 1); full
     fine-tuning against the base model (is there forgetting to prevent at all: the calibration)."""
     by = {m: [g for g in groups if g.method == m] for m in ("sc_lora", "lora", "corda_kpa", "salora", "full", "base")}
     sc = [g for g in by["sc_lora"] if g.beta is not None and not g.normalize]
     out = [(a, b, "SC-LoRA vs LoRA") for a in sc for b in by["lora"]]
     out += [(a, b, "locked vs plain SC-LoRA") for a in sc if a.locked for b in sc
             if not b.locked and b.beta == a.beta and b.lr == a.lr]
+    out += [(a, b, AUTO) for a in sc if a.auto_budget is not None for b in sc
+            if b.auto_budget is None and not b.locked and b.lr == a.lr]
     out += [(a, b, "SC-LoRA vs CorDA KPA") for a in sc for b in by["corda_kpa"]]
     out += [(a, b, "SC-LoRA vs SaLoRA") for a in sc for b in by["salora"]]
     for lr in dict.fromkeys(g.lr for g in sc):
-        plain = sorted((g for g in sc if g.lr == lr and not g.locked and isinstance(g.beta, (int, float))),
+        plain = sorted((g for g in sc if g.lr == lr and not g.locked and g.auto_budget is None
+                        and isinstance(g.beta, (int, float))),
                        key=lambda g: g.beta)
         if len(plain) >= 2 and plain[-1].beta > plain[0].beta:
             out.append((plain[-1], plain[0], TREND))
