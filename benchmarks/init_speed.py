@@ -340,9 +340,9 @@ def run_phases(args) -> dict:
     phases = {phase: {"ok": False, "skipped": True} for phase in PHASES if phase in args.skip}
     repeats = {phase: [] for phase in REPEATED if phase not in args.skip}
     for i in range(args.repeats):  # interleaved, so that drift of the machine hits both sides of init / floor
-        for phase in repeats:
+        for phase, done in repeats.items():
             log(f"--- phase {phase}" + (f" (repeat {i + 1} of {args.repeats})" if args.repeats > 1 else ""))
-            repeats[phase].append(run_phase(phase))
+            done.append(run_phase(phase))
     for phase in PHASES:
         if phase in repeats:
             phases[phase] = repeats[phase][0] if args.repeats == 1 else median_of(repeats[phase])
