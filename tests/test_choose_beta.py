@@ -66,3 +66,75 @@ def test_beta_auto_in_the_config(setup):
                                     plus, minus, show_progress=False)
     choice = model.sclora_beta_choice
     assert choice.minus_energy <= 0.2 and minus_share(plus, minus, choice.beta) <= 0.2 + 1e-9
+
+
+@pytest.fixture(scope="module")
+def two_sets(setup):
+    plus, minus = setup
+    other = sclora.collect_covariances(tiny_llama(seed=8), random_batches(4, seed=3, seq_len=5), TARGETS,
+                                       show_progress=False)
+    return plus, [minus, other]
+
+
+def minus_shares(plus, minus_list, betas) -> list[float]:
+    """Each knowledge set's share in the adapter SC-LoRA builds at these betas (measured on its real B)."""
+    peft_model = sclora.get_sclora_model(tiny_llama(seed=8), sclora.SCLoRAConfig(r=3, beta=list(betas),
+                                                                               target_modules=TARGETS),
+                                         plus, minus_list, show_progress=False)
+    overall = summarize_energy(subspace_energy(peft_model, plus, minus_list))["overall"]
+    return [overall[f"minus_{i}"] for i in range(len(minus_list))]
+
+
+def lowered(betas, i: int, step: float) -> list[float]:
+    """The betas with set i's weight u_i = t_i / (1 + t_i), t = beta / (1 - sum beta), lowered by step."""
+    t = [b / (1 - sum(betas)) for b in betas]
+    u = t[i] / (1 + t[i]) - step
+    t[i] = u / (1 - u)
+    return [x / (1 + sum(t)) for x in t]
+
+
+def test_a_budget_per_knowledge_set_is_met_and_each_weight_is_minimal(two_sets):
+    plus, minus_list = two_sets
+    free = minus_shares(plus, minus_list, [0.0, 0.0])  # at beta = 0 the subspace fits D+ alone
+    budgets = [0.6 * free[0], 0.8 * free[1]]
+    choice = sclora.choose_beta(tiny_llama(seed=8), plus, minus_list, r=3, budget=budgets, target_modules=TARGETS,
+                                show_progress=False)
+    assert isinstance(choice.beta, tuple) and len(choice.beta) == 2 and sum(choice.beta) < 1
+    assert all(kept <= b for kept, b in zip(choice.minus_energy, budgets))
+    measured = minus_shares(plus, minus_list, choice.beta)
+    assert all(kept <= b + 1e-9 for kept, b in zip(measured, budgets))  # the adapter it gives keeps no more
+    for i, beta in enumerate(choice.beta):
+        if beta > 0:  # a step less on set i's weight, the others unchanged, misses set i's budget
+            assert minus_shares(plus, minus_list, lowered(choice.beta, i, 1 / 512))[i] > budgets[i]
+    assert choice.budget == tuple(budgets)
+
+
+def test_one_set_alone_is_the_single_set_search(two_sets, setup):
+    # a budget the other set already meets at beta = 0 leaves its weight at 0; the first set's search is then the
+    # one-set bisection's: the same beta within the tolerance
+    plus, minus_list = two_sets
+    free = minus_shares(plus, minus_list, [0.0, 0.0])
+    single = sclora.choose_beta(tiny_llama(seed=8), plus, minus_list[0], r=3, budget=0.7 * free[0],
+                                target_modules=TARGETS, show_progress=False)
+    both = sclora.choose_beta(tiny_llama(seed=8), plus, minus_list, r=3, budget=[0.7 * free[0], 1.0],
+                              target_modules=TARGETS, show_progress=False)
+    assert both.beta[1] == 0.0 and abs(both.beta[0] - single.beta) <= 1 / 512 + 1e-12
+
+
+def test_budgets_must_match_the_knowledge_sets_and_auto_takes_a_list(two_sets):
+    plus, minus_list = two_sets
+    with pytest.raises(ValueError, match="one share per set"):
+        sclora.choose_beta(tiny_llama(seed=8), plus, minus_list, r=3, budget=0.1, target_modules=TARGETS)
+    with pytest.raises(ValueError, match="one share per set"):
+        sclora.choose_beta(tiny_llama(seed=8), plus, minus_list[0], r=3, budget=[0.1], target_modules=TARGETS)
+    with pytest.raises(ValueError, match="budget must be"):
+        sclora.choose_beta(tiny_llama(seed=8), plus, minus_list, r=3, budget=[0.1, -1], target_modules=TARGETS)
+    with pytest.raises(ValueError, match="needs preserve_budget"):
+        sclora.SCLoRAConfig(beta="auto", preserve_budget=[0.1, "x"])
+    free = minus_shares(plus, minus_list, [0.0, 0.0])
+    budgets = [0.7 * free[0], 0.7 * free[1]]
+    model = sclora.get_sclora_model(tiny_llama(seed=8), sclora.SCLoRAConfig(r=3, beta="auto", preserve_budget=budgets,
+                                                                          target_modules=TARGETS),
+                                    plus, minus_list, show_progress=False)
+    choice = model.sclora_beta_choice
+    assert all(k <= b + 1e-9 for k, b in zip(minus_shares(plus, minus_list, choice.beta), budgets))

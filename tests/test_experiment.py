@@ -134,6 +134,14 @@ def test_dry_run_and_multi_knowledge_validation(setup, capsys):
     assert "sc_lora-beta0.3+0.4" in printed and "harmful[train] n=8 from 0 (refusal)" in printed
     with pytest.raises(SystemExit, match="--output"):
         cli.main(["run", str(config_path)])
+    config["runs"] = [{"method": "sc_lora", "beta": "auto", "preserve_budget": 0.1}]
+    config_path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="one preserve_budget per knowledge set"):
+        load_config(config_path)
+    config["runs"] = [{"method": "sc_lora", "beta": "auto", "preserve_budget": [0.1, 0.05]}]
+    config_path.write_text(yaml.safe_dump(config))
+    assert cli.main(["run", str(config_path), "--dry-run"]) == 0
+    assert "sc_lora-betaauto-budget0.1+0.05" in capsys.readouterr().out
 
 
 def test_every_shipped_config_parses_and_dry_runs(capsys, monkeypatch):

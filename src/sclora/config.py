@@ -35,9 +35,10 @@ class SCLoRAConfig:
     authors' code). ``beta`` balances fitting D+ (0) against preserving D- (1) (paper, Eq. 1); with
     several knowledge sets D-_1 .. D-_k it is a list of k weights, each >= 0, summing to at most 1;
     ``beta="auto"`` with ``preserve_budget=b`` takes the smallest β whose initial subspace keeps at most a share
-    b of D-'s output energy (:func:`sclora.choose_beta`, one knowledge set). ``lock_subspace=True`` keeps
-    the constraint through training, not only at initialization: B stays Q (frozen) and only A trains, so the
-    adapter's output B A x stays in span(Q) at every step (half the trainable parameters; export stays exact).
+    b of D-'s output energy (:func:`sclora.choose_beta`; several knowledge sets: a list, one budget per set).
+    ``lock_subspace=True`` keeps the constraint through training, not only at initialization: B stays Q (frozen)
+    and only A trains, so the adapter's output B A x stays in span(Q) at every step (half the trainable
+    parameters; export stays exact).
     ``salora_safety_rank`` / ``salora_task_rank`` are SaLoRA's r_s and r_t (:mod:`sclora.methods.salora`).
     ``quantize_residual="nf4"`` stores the frozen base in 4-bit after the (full-precision) initialization, as
     QLoRA does (:mod:`sclora.quantize`; needs bitsandbytes).
@@ -57,7 +58,8 @@ class SCLoRAConfig:
     lora_dropout: float = 0.0
     use_rslora: bool = False
     beta: float | list[float] | str = 0.5  # "auto": the smallest β meeting preserve_budget (choose_beta)
-    preserve_budget: float | None = None  # with beta="auto": the share of D-'s output energy the subspace may keep
+    preserve_budget: float | list[float] | None = None  # with beta="auto": the share of D-'s output energy the
+    # subspace may keep (one per knowledge set for several)
     lock_subspace: bool = False  # SC-LoRA: B stays Q (frozen), only A trains: the output stays in span(Q)
     salora_safety_rank: int = 32  # SaLoRA: directions of D-'s outputs its fixed module C removes (authors' r_s = 32)
     salora_task_rank: int = 32  # SaLoRA: directions of D+'s outputs its B0 is projected on (authors' 32)
@@ -77,10 +79,14 @@ class SCLoRAConfig:
         if isinstance(self.beta, tuple):
             self.beta = list(self.beta)
         if self.beta == "auto":
-            if (isinstance(self.preserve_budget, bool) or not isinstance(self.preserve_budget, (int, float))
-                    or not 0 <= self.preserve_budget <= 1):
+            if isinstance(self.preserve_budget, tuple):
+                self.preserve_budget = list(self.preserve_budget)
+            budgets = self.preserve_budget if isinstance(self.preserve_budget, list) else [self.preserve_budget]
+            if not budgets or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b <= 1
+                                  for b in budgets):
                 raise ValueError("beta='auto' needs preserve_budget, the share of D-'s output energy the initial "
-                                 f"subspace may keep, a number in [0, 1] such as 0.05; got {self.preserve_budget!r}.")
+                                 "subspace may keep, a number in [0, 1] such as 0.05 (a list of them, one per "
+                                 f"knowledge set, for several); got {self.preserve_budget!r}.")
             if self.method != "sc_lora":
                 raise ValueError(f"beta='auto' applies to method 'sc_lora', not {self.method!r}.")
         else:

@@ -180,9 +180,16 @@ class ExperimentConfig:
             if run["method"] == "corda_kpa" and n_minus > 1:
                 raise ValueError("corda_kpa preserves a single knowledge set; this config lists several under "
                                  "'minus'. Drop the corda_kpa run or keep one D- set.")
-            if run["method"] == "sc_lora" and n_minus > 1 and not (isinstance(beta, list) and len(beta) == n_minus):
+            budget = run.get("preserve_budget")
+            if beta == "auto" and len(budget if isinstance(budget, list) else [budget]) != n_minus:
+                raise ValueError(f"run {run}: beta: auto needs one preserve_budget per knowledge set under 'minus' "
+                                 f"({n_minus}): a number for one set, a list for several, e.g. preserve_budget: "
+                                 f"{[0.1] * n_minus if n_minus > 1 else 0.1}.")
+            if (run["method"] == "sc_lora" and n_minus > 1 and beta != "auto"
+                    and not (isinstance(beta, list) and len(beta) == n_minus)):
                 raise ValueError(f"The config preserves {n_minus} knowledge sets, so an sc_lora run needs beta as a "
-                                 f"list of {n_minus} weights, e.g. beta: {[round(0.8 / n_minus, 2)] * n_minus}.")
+                                 f"list of {n_minus} weights, e.g. beta: {[round(0.8 / n_minus, 2)] * n_minus}, "
+                                 f"or beta: auto with a preserve_budget per set.")
             if isinstance(beta, list) and len(beta) != n_minus:
                 raise ValueError(f"run {run}: beta lists {len(beta)} weight(s) but the config has {n_minus} knowledge "
                                  "set(s) under 'minus': give one beta per set (a number for one set).")
@@ -302,7 +309,8 @@ def run_name(run: dict) -> str:
         beta = run["beta"]
         name += "-beta" + ("+".join(str(b) for b in beta) if isinstance(beta, list) else str(beta))
         if beta == "auto":
-            name += f"-budget{run.get('preserve_budget')}"
+            budget = run.get("preserve_budget")
+            name += "-budget" + ("+".join(str(b) for b in budget) if isinstance(budget, list) else str(budget))
     if "name" not in run and run.get("learning_rate") is not None:
         name += f"-lr{run['learning_rate']}"
     if "name" not in run and run.get("lock_subspace"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from peft import PeftModel
@@ -36,15 +36,12 @@ def get_sclora_model(
     minus_list = [minus_stats] if isinstance(minus_stats, CovarianceStats) else list(minus_stats)
     labels = ["D-"] if len(minus_list) == 1 else [f"D-_{i}" for i in range(len(minus_list))]
     choice = None
-    if config.beta == "auto":  # the smallest β meeting the preservation budget, then SC-LoRA at it
-        from dataclasses import replace
-
-        if len(minus_list) != 1:
-            raise ValueError("beta='auto' balances one knowledge set; with several, give one beta each.")
-        choice = choose_beta(model, plus_stats, minus_list[0], r=config.r, budget=config.preserve_budget,
+    if config.beta == "auto":  # the smallest β meeting the preservation budget(s), then SC-LoRA at it
+        choice = choose_beta(model, plus_stats, minus_stats, r=config.r, budget=config.preserve_budget,
                              target_modules=config.target_modules, dtype=config.torch_dtype,
                              solver=config.eigen_solver, show_progress=show_progress)
-        config = replace(config, beta=choice.beta, preserve_budget=None)
+        config = replace(config, beta=list(choice.beta) if isinstance(choice.beta, tuple) else choice.beta,
+                         preserve_budget=None)
     if not isinstance(plus_stats, CovarianceStats) or not minus_list or not all(
         isinstance(m, CovarianceStats) for m in minus_list
     ):
@@ -123,80 +120,166 @@ def _module_covariances(plus: CovarianceStats, minus: list[CovarianceStats], nam
 
 @dataclass(frozen=True)
 class BetaChoice:
-    """The β :func:`choose_beta` found, and what the initial subspace keeps at it (means over the target modules)."""
+    """The β :func:`choose_beta` found, and what the initial subspace keeps at it (means over the target modules).
+    With several knowledge sets ``beta``, ``budget`` and ``minus_energy`` are tuples, one entry per set."""
 
-    beta: float
-    budget: float
-    minus_energy: float  # share of D-'s output energy the subspace keeps (<= budget)
+    beta: float | tuple[float, ...]
+    budget: float | tuple[float, ...]
+    minus_energy: float | tuple[float, ...]  # share of each D-'s output energy the subspace keeps (<= its budget)
     plus_energy: float  # share of D+'s
-    tried: list[tuple[float, float, float]] = field(default_factory=list)  # (beta, minus share, plus share)
+    tried: list[tuple] = field(default_factory=list)  # (beta, minus share(s), plus share) per decomposition
 
 
-def choose_beta(model: nn.Module, plus_stats: CovarianceStats, minus_stats: CovarianceStats, *, r: int,
-                budget: float, target_modules=None, tol: float = 1 / 512, dtype=torch.float64,
-                solver: str = "eigh", show_progress: bool = True) -> BetaChoice:
+def choose_beta(model: nn.Module, plus_stats: CovarianceStats,
+                minus_stats: CovarianceStats | Sequence[CovarianceStats], *, r: int,
+                budget: float | Sequence[float], target_modules=None, tol: float = 1 / 512, dtype=torch.float64,
+                solver: str = "eigh", show_progress: bool = True, max_rounds: int = 8) -> BetaChoice:
     """The smallest β (within ``tol``) whose SC-LoRA initial subspace keeps at most ``budget`` of D-'s output
     energy, as the mean over the target modules of tr(Q^T Cov- Q) / tr(Cov-).
 
     That share can only fall as β grows (comparative statics of max_Q tr(Q^T((1-β)Cov+ - βCov-)Q)), so bisection
     on [0, 1] finds it: β = 0 first (a budget LoRA-like fitting already meets), then halving, 1 + log2(1/tol)
     decompositions (10 at the default), β = 1 only when the budget is that tight. A budget below what β = 1
-    reaches is an error naming that minimum. Statistics are cached, so this costs decompositions only."""
+    reaches is an error naming that minimum. Statistics are cached, so this costs decompositions only.
+
+    Several knowledge sets (``minus_stats`` a list, ``budget`` one share per set): dCov = (1 - Σβ_i) Cov+ -
+    Σ β_i Cov-_i has the eigenvectors of Cov+ - Σ t_i Cov-_i with t_i = β_i / (1 - Σβ), and set i's share can only
+    fall as t_i grows with the other t fixed. So each set's weight is searched in u_i = t_i / (1 + t_i) ∈ [0, 1)
+    (u = β for one set) by bracketing from its current value and bisecting, one set after the other, until a whole
+    round moves none of them (at most ``max_rounds``): then every budget is met and lowering any one u_i by ``tol``
+    misses that set's budget (the smallest weights, coordinate by coordinate). The first round costs about as
+    much as a single-set search per set; each later one about 2 decompositions per set."""
     from ..config import LLAMA_TARGET_MODULES
     from ..subspace import captured_energy, sc_subspace
 
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 1:
-        raise ValueError(f"budget must be a share of D-'s energy in [0, 1], e.g. 0.05, got {budget!r}.")
-    if not isinstance(minus_stats, CovarianceStats):
-        raise TypeError("choose_beta balances one knowledge set: minus_stats must be one CovarianceStats (several "
-                        "sets, one budget each, are not supported yet).")
-    _check_comparable(plus_stats, [minus_stats], ["D-"])
-    plus, minus = plus_stats.bind(model), minus_stats.bind(model)
+    several = not isinstance(minus_stats, CovarianceStats)
+    minus_list = list(minus_stats) if several else [minus_stats]
+    budgets = _check_budgets(budget, len(minus_list), several)
+    if not minus_list or not all(isinstance(m, CovarianceStats) for m in minus_list):
+        raise TypeError("minus_stats must be CovarianceStats or a non-empty list of them, from "
+                        "sclora.collect_covariances.")
+    labels = ["D-"] if not several else [f"D-_{i}" for i in range(len(minus_list))]
+    _check_comparable(plus_stats, minus_list, labels)
+    plus, minus = plus_stats.bind(model), [m.bind(model) for m in minus_list]
     targets = resolve_targets(model, LLAMA_TARGET_MODULES if target_modules is None else target_modules)
     for name, linear in targets.items():
         require_finite_weight(name, linear.weight)
+    tried: list[tuple] = []
 
-    def shares(beta: float) -> tuple[float, float]:
-        kept = {"minus": [], "plus": []}
+    def shares(betas: list[float]) -> tuple[list[float], float]:
+        kept: list[list[float]] = [[] for _ in range(len(minus) + 1)]  # D-_1.., then D+
         for name, linear in targets.items():  # one module's covariances at a time: no copy of every module held
-            covs, args = _module_covariances(plus, [minus], name, linear.weight.detach())
+            covs, args = _module_covariances(plus, minus, name, linear.weight.detach())
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NonUniqueSubspaceWarning)  # ties do not change the kept energy
-                q = sc_subspace(covs[0], [covs[1]], [beta], r, dtype=dtype, solver=solver, **args)
+                q = sc_subspace(covs[0], covs[1:], betas, r, dtype=dtype, solver=solver, **args)
             weight = args.get("weight")
-            for key, cov in (("plus", covs[0]), ("minus", covs[1])):
+            for slot, cov in zip(kept, [*covs[1:], covs[0]]):
                 share = captured_energy(q, cov.to(q.dtype), None if weight is None else weight.to(q.dtype))
                 if math.isfinite(share):
-                    kept[key].append(share)
-        means = [sum(v) / len(v) if v else math.nan for v in (kept["minus"], kept["plus"])]
-        tried.append((beta, *means))
-        return means[0], means[1]
+                    slot.append(share)
+        means = [sum(v) / len(v) if v else math.nan for v in kept]
+        tried.append((betas[0] if not several else tuple(betas), means[0] if not several else tuple(means[:-1]),
+                      means[-1]))
+        bar.update()
+        return means[:-1], means[-1]
 
-    tried: list[tuple[float, float, float]] = []
     bar = tqdm(total=1 + math.ceil(math.log2(1 / tol)), desc="choose beta", disable=not show_progress)
-    minus0, plus0 = shares(0.0)
-    bar.update()
-    if minus0 <= budget:
+    try:
+        choice = (_bisect_one(shares, budgets[0], tol) if not several else
+                  _coordinate_search(shares, budgets, tol, max_rounds))
+    finally:
         bar.close()
-        return BetaChoice(0.0, budget, minus0, plus0, tried)
+    return replace(choice, tried=tried)
+
+
+def _check_budgets(budget, n_sets: int, several: bool) -> list[float]:
+    values = list(budget) if isinstance(budget, (list, tuple)) else [budget]
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"budget must be a share of D-'s energy in [0, 1], e.g. 0.05 (one per knowledge set), "
+                             f"got {budget!r}.")
+    if len(values) != n_sets or isinstance(budget, (list, tuple)) != several:
+        raise ValueError(f"budget={budget!r} for {n_sets} knowledge set(s): give one share per set (a number for one "
+                         "set, a list of as many numbers for several).")
+    return [float(v) for v in values]
+
+
+def _bisect_one(shares, budget: float, tol: float) -> BetaChoice:
+    minus0, plus0 = shares([0.0])
+    if minus0[0] <= budget:
+        return BetaChoice(0.0, budget, minus0[0], plus0, [])
     lo, hi, at_hi = 0.0, 1.0, None
     while hi - lo > tol:
         mid = (lo + hi) / 2
-        m, pl = shares(mid)
-        bar.update()
-        if m <= budget:
-            hi, at_hi = mid, (m, pl)
+        m, pl = shares([mid])
+        if m[0] <= budget:
+            hi, at_hi = mid, (m[0], pl)
         else:
             lo = mid
-    bar.close()
     if at_hi is None:  # never met below 1: does β = 1 meet it?
-        m, pl = shares(1.0)
-        if m > budget:
-            raise ValueError(f"No β keeps D-'s share at or below budget={budget}: even β = 1 keeps {m:.4f} (mean over "
-                             "modules; rank r directions with no D- energy do not exist in every module). Raise the "
-                             "budget, or lower r.")
-        at_hi = (m, pl)
-    return BetaChoice(hi, budget, at_hi[0], at_hi[1], tried)
+        m, pl = shares([1.0])
+        if m[0] > budget:
+            raise ValueError(f"No β keeps D-'s share at or below budget={budget}: even β = 1 keeps {m[0]:.4f} (mean "
+                             "over modules; rank r directions with no D- energy do not exist in every module). Raise "
+                             "the budget, or lower r.")
+        at_hi = (m[0], pl)
+    return BetaChoice(hi, budget, at_hi[0], at_hi[1], [])
+
+
+def _betas_of(u: list[float]) -> list[float]:
+    """β_i = t_i / (1 + Σt) with t_i = u_i / (1 - u_i)."""
+    t = [x / (1 - x) for x in u]
+    return [x / (1 + sum(t)) for x in t]
+
+
+def _coordinate_search(shares, budgets: list[float], tol: float, max_rounds: int) -> BetaChoice:
+    u = [0.0] * len(budgets)
+    cache: dict[tuple, tuple[list[float], float]] = {}
+
+    def at(point: list[float]):
+        key = tuple(point)
+        if key not in cache:
+            cache[key] = shares(_betas_of(point))
+        return cache[key]
+
+    def met(i: int, value: float) -> bool:
+        return at([*u[:i], value, *u[i + 1:]])[0][i] <= budgets[i]
+
+    top = 1.0 - tol  # u = 1 would be an infinite weight; the largest tried
+    for _ in range(max_rounds):
+        moved = False
+        for i in range(len(u)):
+            if met(i, u[i]):  # bracket downwards: find a value that misses, or 0
+                hi, step = u[i], tol
+                lo = max(hi - step, 0.0)
+                while lo > 0.0 and met(i, lo):
+                    hi, step = lo, 2 * step
+                    lo = max(hi - step, 0.0)
+                if lo == 0.0 and met(i, 0.0):
+                    hi = lo
+            else:  # bracket upwards: find a value that meets it
+                lo, step = u[i], tol
+                hi = min(lo + step, top)
+                while not met(i, hi):
+                    if hi >= top:
+                        m = at([*u[:i], top, *u[i + 1:]])[0][i]
+                        raise ValueError(
+                            f"No weight keeps D-_{i}'s share at or below its budget {budgets[i]} with the other "
+                            f"sets' weights at {[round(b, 4) for b in _betas_of(u)]}: at β_{i} -> 1 it keeps {m:.4f}. "
+                            "Raise that budget (or the others, which pull the subspace elsewhere), or lower r.")
+                    lo, step = hi, 2 * step
+                    hi = min(lo + step, top)
+            while hi - lo > tol * (1 + 1e-9) and hi > 0.0:  # (not by a rounding error: that would never settle)
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if met(i, mid) else (mid, hi)
+            moved |= abs(hi - u[i]) > 0.0
+            u[i] = hi
+        if not moved:
+            minus_kept, plus_kept = at(u)
+            return BetaChoice(tuple(_betas_of(u)), tuple(budgets), tuple(minus_kept), plus_kept, [])
+    raise ValueError(f"choose_beta did not settle within {max_rounds} rounds over {len(u)} knowledge sets (budgets "
+                     f"{budgets}); the sets pull against each other. Loosen a budget, or give the betas by hand.")
 
 
 def _check_comparable(plus: CovarianceStats, minus: list[CovarianceStats], labels: list[str]) -> None:
