@@ -39,7 +39,8 @@ bench: $(VENV)/.demo
 
 .PHONY: bench-speed
 bench-speed: $(VENV)/.demo
-	$(PY) benchmarks/init_speed.py
+	$(PY) benchmarks/init_speed.py --offload --skip eva --repeats 3
+	$(PY) benchmarks/convergence.py results/knowledge-math-small
 
 .PHONY: bench-scaling
 bench-scaling: $(VENV)/.demo
