@@ -125,8 +125,7 @@ def phase_sclora(args) -> dict:
             stats = []
             for label, rows in (("plus", plus), ("minus", minus)):
                 part = sclora.collect_covariances(model, batches(rows, args.batch_size), config.target_modules,
-                                                  autocast=AUTOCAST[args.precision], show_progress=False,
-                                                  gram_dtype=torch.bfloat16 if args.gram == "bf16" else None)
+                                                  autocast=AUTOCAST[args.precision], show_progress=False)
                 # --offload: each set written to disk, read back module by module (as `sclora run` / finetune do)
                 stats.append(part.offload(f"{spill}/{label}.safetensors") if args.offload else part)
         out["statistics_rss_mb"] = current_rss_mb()
@@ -424,8 +423,6 @@ def parse_args():
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--precision", choices=sorted(AUTOCAST), default="fp32",
                         help="forward precision of sclora's statistics and of the floor (sums stay float32)")
-    parser.add_argument("--gram", choices=["fp32", "bf16"], default="fp32",
-                        help="precision of the statistics' XᵀX products (collect_covariances' gram_dtype; sums float32)")
     parser.add_argument("--offload", action="store_true",
                         help="SC-LoRA phase: CovarianceStats.offload each set after collecting it (as the CLI does)")
     parser.add_argument("--eigen-solver", default="eigh", help="SCLoRAConfig.eigen_solver: eigh, lobpcg, mixed, auto")

@@ -1,12 +1,12 @@
-"""Statistics forward in bf16 autocast (and bf16 Gram products) vs fp32: speed and what it does to the subspace.
+"""Statistics forward in bf16 autocast vs fp32: speed and what it does to the SC-LoRA subspace.
 
     python benchmarks/stats_precision.py [--samples 32] [--seq-len 128] [--beta 0.5] [--r 16]
 
-Same model, same D+ (papers) / D- (trivia) windows as benchmarks/init_speed.py. Three statistics are collected
-(fp32 forward; bf16 autocast forward; bf16 autocast forward with gram_dtype=bf16 products; sums float32 in all),
-alternating order over --repeats rounds so a drift of the machine's load hits all alike; the best time of each. Accuracy, per module:
-the projector distance ||QQ^T - Q'Q'^T||_F between the subspace built from fp32 statistics (Q) and from the
-other ones (Q'), and the relative loss in R(S) = tr(Q^T dCov Q) that Q' has on the fp32 dCov (0 = as good as Q).
+Same model, same D+ (papers) / D- (trivia) windows as benchmarks/init_speed.py. Both statistics are collected
+(fp32 forward, then bf16 autocast forward; sums float32 in both), alternating order over --repeats rounds so
+a drift of the machine's load hits both alike; the table gives the best time of each. Accuracy, per module:
+the projector distance ||QQ^T - Q'Q'^T||_F between the subspace built from fp32 statistics (Q) and from bf16
+ones (Q'), and the relative loss in R(S) = tr(Q^T dCov Q) that Q' has on the fp32 dCov (0 = as good as Q).
 """
 
 from __future__ import annotations
@@ -37,17 +37,16 @@ def main() -> None:
     args = parser.parse_args()
     model, plus, minus = setup(args)
     targets = list(sclora.LLAMA_TARGET_MODULES)
-    variants = {"fp32": {}, "bf16": {"autocast": torch.bfloat16},
-                "bf16_gram": {"autocast": torch.bfloat16, "gram_dtype": torch.bfloat16}}
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
     stats = {}
     for round_ in range(args.repeats):
-        for name in (list(variants) if round_ % 2 == 0 else list(variants)[::-1]):
+        for name in (("fp32", "bf16") if round_ % 2 == 0 else ("bf16", "fp32")):
             start = time.perf_counter()
             stats[name] = [sclora.collect_covariances(model, batches(rows, args.batch_size), targets,
-                                                      show_progress=False, **variants[name]) for rows in (plus, minus)]
+                                                      autocast=torch.bfloat16 if name == "bf16" else None,
+                                                      show_progress=False) for rows in (plus, minus)]
             times[name].append(time.perf_counter() - start)
-    rows = {name: [] for name in variants if name != "fp32"}
+    rows = []
     for module, linear in sclora.targets.resolve_targets(model, targets).items():
         weight = linear.weight.detach().double()
         covs = {name: [s.bind(model, check_fingerprint=False).factor(module) for s in pair]
@@ -59,34 +58,28 @@ def main() -> None:
             if name == "fp32":
                 d = delta_covariance(cp.double(), cm.double(), args.beta)
                 delta = weight @ d @ weight.T if wp is not None else d
-        q = qs["fp32"]
+        q, q2 = qs["fp32"], qs["bf16"]
         best = torch.trace(q.T @ delta @ q)
-        for name, q2 in qs.items():
-            if name != "fp32":
-                rows[name].append({"module": module,
-                                   "projector_distance": torch.linalg.norm(q @ q.T - q2 @ q2.T).item(),
-                                   "reward_loss": ((best - torch.trace(q2.T @ delta @ q2)) / best.abs()).item()})
+        rows.append({"module": module,
+                     "projector_distance": torch.linalg.norm(q @ q.T - q2 @ q2.T).item(),
+                     "reward_loss": ((best - torch.trace(q2.T @ delta @ q2)) / best.abs()).item()})
+    distances = sorted(r["projector_distance"] for r in rows)
+    losses = sorted(r["reward_loss"] for r in rows)
     result = {
         "command": "python benchmarks/stats_precision.py " + " ".join(sys.argv[1:]),
-        "settings": vars(args), "threads": torch.get_num_threads(), "times": times,
-        "variants": {"bf16": "forwards under bf16 autocast, activations summed in float32",
-                     "bf16_gram": "forwards under bf16 autocast and each batch's XᵀX in bf16 matmuls, summed in "
-                                  "float32"},
-        "fp32_s": min(times["fp32"]),
+        "settings": vars(args), "threads": torch.get_num_threads(),
+        "fp32_s": min(times["fp32"]), "bf16_s": min(times["bf16"]), "times": times,
+        "bf16_vs_fp32": min(times["bf16"]) / min(times["fp32"]),
+        "projector_distance": {"median": distances[len(distances) // 2], "max": distances[-1]},
+        "reward_loss": {"median": losses[len(losses) // 2], "max": losses[-1]},
+        "modules": rows,
     }
     print(f"statistics, D+ and D- ({args.samples} + {args.samples} x {args.seq_len} tokens): "
-          f"fp32 {result['fp32_s']:.1f} s")
-    for name, entries in rows.items():
-        distances = sorted(r["projector_distance"] for r in entries)
-        losses = sorted(r["reward_loss"] for r in entries)
-        result.update({f"{name}_s": min(times[name]), f"{name}_vs_fp32": min(times[name]) / min(times["fp32"]),
-                       f"{name}_projector_distance": {"median": distances[len(distances) // 2], "max": distances[-1]},
-                       f"{name}_reward_loss": {"median": losses[len(losses) // 2], "max": losses[-1]},
-                       f"{name}_modules": entries})
-        print(f"{name}: {result[f'{name}_s']:.1f} s -> {result[f'{name}_vs_fp32']:.2f}x fp32; subspace vs fp32 over "
-              f"{len(entries)} modules (beta {args.beta}, r {args.r}): projector distance median "
-              f"{distances[len(distances) // 2]:.2e} max {distances[-1]:.2e}; R(S) loss median "
-              f"{losses[len(losses) // 2]:.2e} max {losses[-1]:.2e}")
+          f"fp32 {result['fp32_s']:.1f} s, bf16 autocast {result['bf16_s']:.1f} s -> {result['bf16_vs_fp32']:.2f}x")
+    print(f"subspace from bf16 vs fp32 statistics over {len(rows)} modules (beta {args.beta}, r {args.r}): "
+          f"projector distance median {result['projector_distance']['median']:.2e} max "
+          f"{result['projector_distance']['max']:.2e}; R(S) loss median {result['reward_loss']['median']:.2e} max "
+          f"{result['reward_loss']['max']:.2e}")
     print(f"wrote {write_json(args.out, result)}")
 
 

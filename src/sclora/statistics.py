@@ -426,7 +426,6 @@ def collect_covariances(
     side: str = "output",
     dtype: torch.dtype = torch.float32,
     autocast: torch.dtype | None = None,
-    gram_dtype: torch.dtype | None = None,
     show_progress: bool = True,
     desc: str = "covariances",
 ) -> CovarianceStats:
@@ -443,11 +442,7 @@ def collect_covariances(
     ``autocast`` (``torch.bfloat16`` or ``torch.float16``) runs the forward passes under
     ``torch.autocast`` — faster where the hardware has fast half-precision matmuls — while the
     activations are still summed in ``dtype`` (benchmarks/stats_precision.py measures speed and the
-    effect on the subspace). ``gram_dtype=torch.bfloat16`` (with ``dtype`` float32) also computes each batch's
-    XᵀX from bf16-rounded activations in bf16 matmuls (AMX / tensor cores: ~3x a float32 one on this machine's
-    CPU), the product of each batch rounded to bf16 (relative 2^-9) before it is added to the float32 sums —
-    an approximation beyond autocast's, measured by benchmarks/stats_precision.py; the default (None) keeps the
-    products in ``dtype``.
+    effect on the subspace).
 
     Several processes (``torch.distributed`` initialized): each rank passes ITS OWN shard of the data
     (e.g. ``sclora.distributed.shard(examples)``; the caller shards, this function does not) and every
@@ -463,9 +458,6 @@ def collect_covariances(
         raise ValueError(f"Accumulate in torch.float32 or torch.float64, not {dtype}.")
     if autocast not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, not {autocast}.")
-    if gram_dtype not in (None, dtype) and not (gram_dtype == torch.bfloat16 and dtype == torch.float32):
-        raise ValueError(f"gram_dtype must be None (products in dtype={dtype}) or torch.bfloat16 with dtype "
-                         f"torch.float32, not {gram_dtype}.")
     targets = resolve_targets(model, target_modules)
     iterator = iter(batches)
     first = next(iterator, None)
@@ -494,7 +486,7 @@ def collect_covariances(
             modules[name] = ModuleStat(leader, stored, targets[name].in_features, targets[name].out_features)
         scale_from = "input" if side == "input" else "output"
         handles.append(linear.register_forward_hook(_accumulator(leader, sums[leader], stored, scale_from,
-                                                                 normalize, state, dtype, gram_dtype or dtype)))
+                                                                 normalize, state, dtype)))
 
     forward = _forward_fn(model, targets, autocast)
     n_samples = n_tokens = 0
@@ -542,7 +534,7 @@ def collect_covariances(
     return stats.bind(model, check_fingerprint=False)
 
 
-def _accumulator(key, acc, stored_side, scale_from, normalize, state, dtype, gram_dtype):
+def _accumulator(key, acc, stored_side, scale_from, normalize, state, dtype):
     def hook(module, args, output):
         mask = state["mask"]
         act = args[0] if stored_side == "input" else output
@@ -552,7 +544,7 @@ def _accumulator(key, acc, stored_side, scale_from, normalize, state, dtype, gra
                 f"attention mask {tuple(mask.shape)}; only token-aligned (batch, seq, features) layers can be hooked."
             )
         # Without padding the tokens are a free view; a boolean gather would copy every activation.
-        x = act.reshape(-1, act.shape[-1]) if state["dense"] else act[mask]
+        x = (act.reshape(-1, act.shape[-1]) if state["dense"] else act[mask]).to(dtype)
         if normalize in PER_SAMPLE_NORMALIZATIONS:
             source = (args[0] if scale_from == "input" else output).detach()
             if normalize == "max_abs":  # the largest |value| of the sample's real tokens
@@ -561,8 +553,8 @@ def _accumulator(key, acc, stored_side, scale_from, normalize, state, dtype, gra
                 per_sample = source.amax(dim=-1).masked_fill(~mask, -torch.inf).amax(dim=-1).abs()
             per_sample = per_sample.to(dtype).clamp_min(torch.finfo(dtype).tiny)
             token_scale = (1.0 / per_sample)[:, None].expand_as(mask)[mask]
-            x = x.to(dtype) * token_scale[:, None]
-        add_gram_upper(acc, x.to(gram_dtype))  # scaled in dtype, then rounded once to the product's precision
+            x = x * token_scale[:, None]
+        add_gram_upper(acc, x)
 
     return hook
 
@@ -586,10 +578,7 @@ def add_gram_upper(acc: torch.Tensor, x: torch.Tensor, strip: int | None = None)
     strip = strip or gram_strip(d)
     for start in range(0, d, strip):
         rows = x[:, start:start + strip]
-        if x.dtype == acc.dtype:
-            acc[start:start + strip, start:].addmm_(rows.T, x[:, start:])
-        else:  # a lower-precision product (gram_dtype), added in acc's precision
-            acc[start:start + strip, start:].add_(rows.T @ x[:, start:])
+        acc[start:start + strip, start:].addmm_(rows.T, x[:, start:])
 
 
 def symmetrize_upper(acc: torch.Tensor) -> None:
