@@ -177,7 +177,7 @@ def load_real(paths: list[str], modules: list[str]) -> dict[str, torch.Tensor]:
             info = s.modules[name]
             if info.side != "output":
                 raise SystemExit(f"{name} is stored on the input side in {paths}; give output-side statistics")
-            c = s.sums[info.key].to(torch.float64)
+            c = s.matrix(info.key).to(torch.float64)
             covs.append(c / c.trace())
         out[name] = 0.5 * covs[0] - 0.5 * covs[1]
     return out

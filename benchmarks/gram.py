@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from _results import write_json
 
-from sclora.statistics import add_gram_upper, symmetrize_upper
+from sclora.statistics import add_gram_upper, staircase_size, unpack_gram
 
 
 def median_time(fn, repeats: int) -> float:
@@ -52,11 +52,10 @@ def main() -> None:
         reference = x.double().T @ x.double()
         row = {"dim": d, "full_ms": round(full * 1e3, 2), "strips": {}}
         for strip in args.strips:
-            acc.zero_()
-            add_gram_upper(acc, x, strip)
-            symmetrize_upper(acc)
-            error = float((acc.double() - reference).norm() / reference.norm())
-            seconds = median_time(functools.partial(add_gram_upper, acc, x, strip), args.repeats)
+            packed = torch.zeros(staircase_size(d, strip))
+            add_gram_upper(packed, x, strip)
+            error = float((unpack_gram(packed, d, strip).double() - reference).norm() / reference.norm())
+            seconds = median_time(functools.partial(add_gram_upper, packed, x, strip), args.repeats)
             row["strips"][strip] = {"ms": round(seconds * 1e3, 2), "vs_full": round(seconds / full, 3),
                                     "rel_error": error}
         rows.append(row)

@@ -76,16 +76,16 @@ def measure(width: int, layers: int, tokens: int, r: int) -> dict:
     stats_bytes = sum(t.numel() * t.element_size() for s in stats for t in s.sums.values())
     # per token: XᵀX is symmetric, so d(d+1)/2 multiply-adds are the least any implementation must do (a full GEMM
     # does 2d²; add_gram_upper's row strips do (k+1)/2k of that)
-    gram_flops = sum(t.shape[0] * (t.shape[0] + 1) for t in stats[0].sums.values())
-    gram_flops_executed = sum(strip_flops(t.shape[0]) for t in stats[0].sums.values())
+    widths_stored = [stats[0].matrix(key).shape[0] for key in stats[0].sums]
+    gram_flops = sum(d * (d + 1) for d in widths_stored)
+    gram_flops_executed = sum(strip_flops(d) for d in widths_stored)
     start = time.perf_counter()
     sclora.get_sclora_model(model, config, *stats, show_progress=False)
     decomposition = time.perf_counter() - start
     linear = sum(m.weight.numel() for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
     forward_flops = 2 * linear + 2 * SEQ * width * layers  # per token (attention: causal half of 2 x 2 x seq x d)
-    eig_flops = sum(t.shape[0] ** 3 for t in stats[0].sums.values())
-    widths_stored = [t.shape[0] for t in stats[0].sums.values()]
+    eig_flops = sum(d ** 3 for d in widths_stored)
     return {"width": width, "layers": layers, "tokens_per_set": samples * SEQ, "r": r,
             "floor_s": floor, "statistics_s": statistics, "decomposition_s": decomposition,
             "init_s": statistics + decomposition, "loaded_rss_mb": loaded,

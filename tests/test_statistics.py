@@ -6,7 +6,7 @@ from conftest import VOCAB, random_batches, tiny_llama
 
 import sclora
 from sclora import statistics
-from sclora.statistics import CovarianceStats, add_gram_upper, collect_covariances, symmetrize_upper
+from sclora.statistics import CovarianceStats, add_gram_upper, collect_covariances, staircase_size, unpack_gram
 
 
 def reference_covariances(model, batches, normalize="none", side="output"):
@@ -77,7 +77,7 @@ def test_siblings_share_one_input_statistic_and_small_side_is_stored(model64):
     # gate/up (80 x 32): one 32 x 32 input statistic instead of two 80 x 80 output ones.
     assert info["mlp.gate_proj"].side == info["mlp.up_proj"].side == "input"
     assert info["mlp.gate_proj"].key == info["mlp.up_proj"].key
-    assert stats.sums[info["mlp.gate_proj"].key].shape == (32, 32)
+    assert stats.matrix(info["mlp.gate_proj"].key).shape == (32, 32)
     # q/k/v (32x32, 16x32, 16x32): one 32^2 input statistic beats 32^2 + 2 * 16^2 output ones.
     assert len({info[f"self_attn.{p}_proj"].key for p in "qkv"}) == 1
     assert info["self_attn.k_proj"].side == "input"
@@ -175,21 +175,24 @@ DOWN = "model.layers.0.mlp.down_proj"
 
 
 def _set(tensors, key, index, value):
-    tensors[key][index] = value
+    tensors[key].view(-1)[index] = value  # a packed staircase: the flat index of a stored entry
 
 
 DAMAGE = {
-    "nan": (lambda t, h: _set(t, h["modules"][DOWN]["key"], (1, 2), float("nan")), "NaN / inf"),
-    "inf": (lambda t, h: _set(t, h["modules"][UP]["key"], (0, 0), float("inf")), "NaN / inf"),
+    "nan": (lambda t, h: _set(t, h["modules"][DOWN]["key"], 34, float("nan")), "NaN / inf"),
+    "inf": (lambda t, h: _set(t, h["modules"][UP]["key"], 0, float("inf")), "NaN / inf"),
     "zero samples": (lambda t, h: h.update(n_samples=0), "n_samples is 0, not a positive integer"),
     "negative tokens": (lambda t, h: h.update(n_tokens=-4), "n_tokens is -4"),
     "fractional samples": (lambda t, h: h.update(n_samples=2.5), "n_samples is 2.5"),
     "boolean samples": (lambda t, h: h.update(n_samples=True), "n_samples is True"),
     "missing tensor": (lambda t, h: t.pop(h["modules"][DOWN]["key"]), f"tensor .* of module '{DOWN}' is missing"),
     "wrong input shape": (lambda t, h: t.update({h["modules"][UP]["key"]: torch.eye(80)}),  # gate/up share one
-                          r"input-side tensor .* of module '.*gate_proj' has shape \(80, 80\), expected \(32, 32\)"),
+                          r"input-side tensor .* of module '.*gate_proj' has shape \(80, 80\), expected \(1024,\)"),
     "wrong output shape": (lambda t, h: t.update({h["modules"][DOWN]["key"]: torch.eye(80)}),
-                           rf"output-side tensor .* of module '{DOWN}' has shape \(80, 80\), expected \(32, 32\)"),
+                           rf"output-side tensor .* of module '{DOWN}' has shape \(80, 80\), expected \(1024,\)"),
+    "bad strip width": (lambda t, h: h["strips"].update({h["modules"][UP]["key"]: 0}), "strip widths .* are not positive"),
+    "strip width of another layout": (lambda t, h: h["strips"].update({h["modules"][UP]["key"]: 8}),
+                                      r"has shape \(1024,\), expected \(640,\)"),
     "missing field": (lambda t, h: h.pop("n_tokens"), r"lacks the field\(s\) \['n_tokens'\]"),
     "bad side": (lambda t, h: h.update(side="both"), "side is 'both'"),
     "bad normalize": (lambda t, h: h.update(normalize="l2"), "normalize is 'l2'"),
@@ -207,6 +210,22 @@ def test_load_names_the_file_and_the_problem_of_damaged_statistics(tmp_path, sav
     path = rewrite(saved[1], tmp_path / "damaged.safetensors", edit)
     with pytest.raises(ValueError, match=f"damaged.safetensors: .*{problem}.*delete it and collect"):
         CovarianceStats.load(path, model=saved[0], lazy=lazy)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_format_1_files_with_full_matrices_still_load(tmp_path, saved, lazy):
+    model, path = saved
+    packed = CovarianceStats.load(path, model=model)
+
+    def to_format_1(tensors, header):
+        for key, strip in header.pop("strips").items():
+            tensors[key] = unpack_gram(tensors[key], packed._dims[key], strip)
+        header["format"] = 1
+
+    old = CovarianceStats.load(rewrite(path, tmp_path / "v1.safetensors", to_format_1), model=model, lazy=lazy)
+    assert not old.strips and all(old.sums[k].ndim == 2 for k in old.sums)
+    for name in packed:
+        assert torch.equal(old[name], packed[name]), name
 
 
 @pytest.mark.parametrize("lazy", [False, True])
@@ -357,17 +376,22 @@ def test_bfloat16_autocast_forward_keeps_float32_sums_and_the_subspace():
         collect_covariances(model, batches, show_progress=False, autocast=torch.float64)
 
 
-@pytest.mark.parametrize("d,strip", [(5, 1), (64, 7), (193, 192), (400, 192), (100, 1000)])
+@pytest.mark.parametrize("d,strip", [(5, 1), (64, 7), (193, 192), (400, 192), (100, 1000), (576, 96)])
 def test_upper_strip_gram_equals_the_full_product(d, strip):
     torch.manual_seed(d)
-    acc = torch.zeros(d, d, dtype=torch.float64)
+    packed = torch.zeros(staircase_size(d, strip), dtype=torch.float64)
     batches = [torch.randn(n, d, dtype=torch.float64) for n in (3, 17, 40)]
     for x in batches:
-        add_gram_upper(acc, x, strip)
-    symmetrize_upper(acc)
+        add_gram_upper(packed, x, strip)
+    full = unpack_gram(packed, d, strip)
     ref = sum(x.T @ x for x in batches)
-    torch.testing.assert_close(acc, ref, rtol=1e-12, atol=1e-12)
-    assert torch.equal(acc, acc.T)
+    torch.testing.assert_close(full, ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(full, full.T)
+    # the staircase holds the upper triangle and the strips' diagonal blocks, nothing below them
+    k = -(-d // strip)
+    assert d * (d + 1) // 2 <= packed.numel() <= d * d
+    if d % strip == 0:
+        assert packed.numel() == d * d * (k + 1) // (2 * k)
 
 
 def test_covariances_are_exact_when_the_gram_is_split_into_many_strips(model64, monkeypatch):
@@ -377,8 +401,10 @@ def test_covariances_are_exact_when_the_gram_is_split_into_many_strips(model64, 
     ref = reference_covariances(model64, batches)
     for name, cov in ref.items():
         torch.testing.assert_close(stats[name], cov, rtol=1e-9, atol=1e-12, msg=name)
-    for leader, total in stats.sums.items():
-        assert torch.equal(total, total.T), leader
+    assert stats.strips and all(w == 24 for w in stats.strips.values())
+    for leader in stats.sums:
+        total = stats.matrix(leader)
+        assert stats.sums[leader].numel() < total.numel() and torch.equal(total, total.T), leader
 
 
 @pytest.mark.parametrize("normalize", ["none", "max_abs"])
@@ -390,3 +416,15 @@ def test_unpadded_batches_take_the_no_copy_path_and_stay_exact(model64, normaliz
     for name, cov in reference_covariances(model64, batches, normalize).items():
         torch.testing.assert_close(stats[name], cov, rtol=1e-9, atol=1e-12, msg=name)
     assert stats.n_tokens == 2 * 3 * 8
+
+
+def test_weight_check_finds_non_finite_entries_and_tolerates_a_sum_that_overflows():
+    from sclora.statistics import require_finite_weight
+
+    huge = torch.full((4, 8), 3e38)  # finite entries whose float32 sum overflows to inf
+    require_finite_weight("w", huge)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        w = torch.randn(4, 8)
+        w[2, 5] = bad
+        with pytest.raises(ValueError, match="'w' holds NaN or inf"):
+            require_finite_weight("w", w)

@@ -8,6 +8,11 @@ it cheap, both exact:
   smaller d_in x d_in input statistic is accumulated instead and the output one derived on demand.
 * Layers that read the very same input tensor (q/k/v; gate/up) share one input statistic.
 
+Each sum is symmetric, so only its block upper triangle is computed and stored: the row strips of
+:func:`add_gram_upper`, packed one after the other in a flat buffer ("staircase", :func:`unpack_gram`
+rebuilds the d x d matrix when a module is used). At the default strip widths that is 58% of the full
+matrix at d = 576, in memory and on disk.
+
 The result, :class:`CovarianceStats`, saves to safetensors so that a beta sweep never runs the
 model again.
 """
@@ -32,9 +37,11 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .fileio import atomic_path
+from .memory import release_freed_memory
 from .targets import find_linear_modules, resolve_targets
 
-__all__ = ["CovarianceStats", "FileSums", "ModuleStat", "collect_covariances", "find_linear_modules", "model_fingerprint"]
+__all__ = ["CovarianceStats", "FileSums", "ModuleStat", "collect_covariances", "find_linear_modules", "model_fingerprint",
+           "unpack_gram"]
 
 NORMALIZATIONS = ("none", "max_abs", "abs_of_max", "trace")
 #: normalizations applied at read time: their stored sums are the same, so they convert freely
@@ -43,7 +50,9 @@ RAW_SUM_NORMALIZATIONS = ("none", "trace")
 #: (the CorDA authors' and PEFT's ``input / torch.max(input).abs()``)
 PER_SAMPLE_NORMALIZATIONS = ("max_abs", "abs_of_max")
 SIDES = ("output", "input")
-FORMAT_VERSION = 1
+#: 2: the sums stored as packed staircases (header "strips": key -> strip width); 1: full d x d matrices (still read)
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 _PROBES_PER_MODULE = 8
 
 
@@ -123,9 +132,12 @@ class CovarianceStats(Mapping):
         normalize: str,
         side: str,
         fingerprint: dict,
+        strips: dict[str, int] | None = None,
     ):
-        self.sums = sums
+        self.sums = sums  # key -> stored sum: packed staircase (1-D) where ``strips`` names a width, else d x d
+        self.strips = dict(strips or {})
         self.modules = modules
+        self._dims = {m.key: m.d_in if m.side == "input" else m.d_out for m in modules.values()}
         self.n_samples = n_samples
         self.n_tokens = n_tokens
         self.normalize = normalize
@@ -166,7 +178,7 @@ class CovarianceStats(Mapping):
         info = self._info(name)
         if weight is not None:
             self._check_weight(name, info, weight)
-        cov = self.sums[info.key] / self.n_samples
+        cov = self.matrix(info.key) / self.n_samples
         if info.side == "output":
             weight = None
         else:
@@ -177,6 +189,13 @@ class CovarianceStats(Mapping):
             cov = cov / trace.clamp_min(torch.finfo(cov.dtype).tiny)
         return cov, weight
 
+    def matrix(self, key: str) -> torch.Tensor:
+        """The raw d x d sum stored under ``key`` (a ``ModuleStat.key``), unpacked from its staircase: exactly
+        symmetric, not divided by the sample count."""
+        stored = self.sums[key]
+        strip = self.strips.get(key)
+        return stored if strip is None else unpack_gram(stored, self._dims[key], strip)
+
     def input_covariance(self, name: str) -> torch.Tensor:
         """(1/B) sum x x^T of the module's input (d_in x d_in); needs ``side="input"`` collection
         or a module whose input side was stored."""
@@ -186,7 +205,7 @@ class CovarianceStats(Mapping):
                 f"The statistics of {name!r} were stored on the output side; collect them with "
                 "collect_covariances(..., side='input') to get input covariances (CorDA needs these)."
             )
-        cov = self.sums[info.key] / self.n_samples
+        cov = self.matrix(info.key) / self.n_samples
         if self.normalize == "trace":
             cov = cov / cov.trace().clamp_min(torch.finfo(cov.dtype).tiny)
         return cov
@@ -276,7 +295,8 @@ class CovarianceStats(Mapping):
                              f"{normalize!r}: {sorted(PER_SAMPLE_NORMALIZATIONS)} scale each sample during "
                              "collection. Collect them again.")
         other = CovarianceStats(self.sums, self.modules, n_samples=self.n_samples, n_tokens=self.n_tokens,
-                                normalize=normalize, side=self.side, fingerprint=self.fingerprint)
+                                normalize=normalize, side=self.side, fingerprint=self.fingerprint,
+                                strips=self.strips)
         other._bound, other._bound_probes = dict(self._bound), dict(self._bound_probes)
         return other
 
@@ -291,6 +311,7 @@ class CovarianceStats(Mapping):
             "side": self.side,
             "fingerprint": self.fingerprint,
             "modules": {n: asdict(m) for n, m in self.modules.items()},
+            "strips": self.strips,
         }
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.sums.items()}
         with atomic_path(path) as tmp:
@@ -333,10 +354,10 @@ class CovarianceStats(Mapping):
         except ValueError as err:
             raise ValueError(f"{path} has a corrupt statistics header ({err}). Delete it and collect the "
                              "statistics again.") from err
-        if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
+        if not isinstance(header, dict) or header.get("format") not in READABLE_FORMATS:
             found = header.get("format") if isinstance(header, dict) else None
-            raise ValueError(f"{path} has statistics format {found}, expected {FORMAT_VERSION}: another sclora "
-                             "version wrote it. Collect the statistics again.")
+            raise ValueError(f"{path} has statistics format {found}, expected one of {READABLE_FORMATS}: another "
+                             "sclora version wrote it. Collect the statistics again.")
         cls._validate(path, header, sums)
         stats = cls(
             sums,
@@ -346,6 +367,7 @@ class CovarianceStats(Mapping):
             normalize=header["normalize"],
             side=header["side"],
             fingerprint=header["fingerprint"],
+            strips=header.get("strips", {}),  # format 1 stored full matrices
         )
         return stats.bind(model) if model is not None else stats
 
@@ -374,6 +396,10 @@ class CovarianceStats(Mapping):
             raise bad("the header lists no modules")
         if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("probes"), dict):
             raise bad("the header has no model fingerprint")
+        strips = header.get("strips", {}) if header["format"] >= 2 else {}
+        if header["format"] >= 2 and (not isinstance(strips, dict) or not all(
+                isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in strips.values())):
+            raise bad(f"the strip widths {strips!r} are not positive integers")
         # One read of each matrix (a lazy file holds one at a time): its shape, and whether it is finite floats.
         shapes, unusable = {}, []
         for key in sums:  # noqa: PLC0206 -- not .items(): a lazy file is read one matrix at a time
@@ -395,9 +421,10 @@ class CovarianceStats(Mapping):
                 raise bad(f"the tensor {m['key']!r} of module {name!r} is missing")
             d = m["d_in"] if m["side"] == "input" else m["d_out"]
             shape = shapes[m["key"]]
-            if shape != (d, d):
+            expected = (d, d) if m["key"] not in strips else (staircase_size(d, strips[m["key"]]),)
+            if shape != expected:
                 raise bad(f"the {m['side']}-side tensor {m['key']!r} of module {name!r} has shape {shape}, "
-                          f"expected {(d, d)}")
+                          f"expected {expected}")
             if name not in fingerprint["probes"]:
                 raise bad(f"the model fingerprint lacks module {name!r}")
         if unusable:
@@ -406,7 +433,9 @@ class CovarianceStats(Mapping):
 
 def require_finite_weight(name: str, weight: torch.Tensor) -> None:
     """Raise if the weight of module ``name`` holds NaN or inf: its adapter would silently be NaN."""
-    if not torch.isfinite(weight).all():
+    # A sum is one pass without a temporary and is NaN / inf whenever an entry is; only when it overflows (or the
+    # weight really is non-finite) is the exact elementwise check needed.
+    if not torch.isfinite(weight.sum()) and not torch.isfinite(weight).all():
         raise ValueError(
             f"The weight of module {name!r} holds NaN or inf values, so its adapter would be NaN. The checkpoint "
             "is damaged (or was overflowed, e.g. by a float16 cast): load an intact one."
@@ -474,6 +503,7 @@ def collect_covariances(
     plan = _plan(model, targets, side, normalize, _to_device(first, device))
 
     sums: dict[str, torch.Tensor] = {}
+    strips: dict[str, int] = {}
     modules: dict[str, ModuleStat] = {}
     state: dict[str, torch.Tensor] = {}
     handles = []
@@ -481,12 +511,13 @@ def collect_covariances(
     for leader, (stored, members) in plan.items():
         linear = targets[leader]
         d = linear.in_features if stored == "input" else linear.out_features
-        sums[leader] = torch.zeros(d, d, dtype=dtype, device=device)
+        strips[leader] = gram_strip(d)
+        sums[leader] = torch.zeros(staircase_size(d, strips[leader]), dtype=dtype, device=device)
         for name in members:
             modules[name] = ModuleStat(leader, stored, targets[name].in_features, targets[name].out_features)
         scale_from = "input" if side == "input" else "output"
-        handles.append(linear.register_forward_hook(_accumulator(leader, sums[leader], stored, scale_from,
-                                                                 normalize, state, dtype)))
+        handles.append(linear.register_forward_hook(_accumulator(leader, sums[leader], strips[leader], stored,
+                                                                 scale_from, normalize, state, dtype)))
 
     forward = _forward_fn(model, targets, autocast)
     n_samples = n_tokens = 0
@@ -500,6 +531,7 @@ def collect_covariances(
             state["mask"] = batch["attention_mask"].bool()
             state["dense"] = bool(state["mask"].all())
             forward(batch)
+            release_freed_memory()  # the forward's freed temporaries: glibc would keep 50-150 MB resident
             n_samples += int(state["mask"].any(dim=1).sum())
             n_tokens += int(state["mask"].sum())
             if (i + 1) % FINITE_CHECK_EVERY == 0:  # non-finite sums stay non-finite: checking now and then fails early
@@ -513,8 +545,6 @@ def collect_covariances(
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    for acc in sums.values():
-        symmetrize_upper(acc)
     if reduce:  # raw sums and counts over all ranks' shards, before any normalization
         distributed.fail_together(error, "collecting the statistics")
         n_samples, n_tokens = distributed.all_reduce_sums(sums, n_samples, n_tokens)
@@ -530,11 +560,12 @@ def collect_covariances(
         normalize=normalize,
         side=side,
         fingerprint=model_fingerprint(model, list(modules)),
+        strips=strips,
     )
     return stats.bind(model, check_fingerprint=False)
 
 
-def _accumulator(key, acc, stored_side, scale_from, normalize, state, dtype):
+def _accumulator(key, acc, strip, stored_side, scale_from, normalize, state, dtype):
     def hook(module, args, output):
         mask = state["mask"]
         act = args[0] if stored_side == "input" else output
@@ -554,7 +585,7 @@ def _accumulator(key, acc, stored_side, scale_from, normalize, state, dtype):
             per_sample = per_sample.to(dtype).clamp_min(torch.finfo(dtype).tiny)
             token_scale = (1.0 / per_sample)[:, None].expand_as(mask)[mask]
             x = x * token_scale[:, None]
-        add_gram_upper(acc, x)
+        add_gram_upper(acc, x, strip)
 
     return hook
 
@@ -570,20 +601,40 @@ def gram_strip(d: int) -> int:
     return GRAM_STRIP or max(96, min(384, d // 6))
 
 
-def add_gram_upper(acc: torch.Tensor, x: torch.Tensor, strip: int | None = None) -> None:
-    """``acc += xᵀx`` on the block upper triangle only, in row strips of ``strip``: XᵀX is symmetric,
-    so the blocks below the diagonal are skipped (a d x d Gram with k strips costs (k+1)/2k of the full
-    product). ``symmetrize_upper`` completes the matrix once, after the last batch."""
-    d = acc.shape[0]
-    strip = strip or gram_strip(d)
+def staircase_blocks(packed: torch.Tensor, d: int, strip: int) -> list[tuple[int, torch.Tensor]]:
+    """(first row, view) of each row strip of a packed staircase: strip i holds rows s..s+w of the d x d
+    matrix from column s on (a w x (d - s) block), the strips laid one after the other in ``packed``."""
+    blocks, offset = [], 0
     for start in range(0, d, strip):
-        rows = x[:, start:start + strip]
-        acc[start:start + strip, start:].addmm_(rows.T, x[:, start:])
+        rows, cols = min(strip, d - start), d - start
+        blocks.append((start, packed[offset:offset + rows * cols].view(rows, cols)))
+        offset += rows * cols
+    return blocks
 
 
-def symmetrize_upper(acc: torch.Tensor) -> None:
-    """Fill the lower triangle from the upper one, in place (the result is exactly symmetric)."""
-    acc.copy_(acc.triu() + acc.triu(1).T)
+def staircase_size(d: int, strip: int) -> int:
+    """Entries of a d x d staircase with row strips of ``strip``: (k + 1) / 2k of d^2 for k equal strips."""
+    return sum(min(strip, d - start) * (d - start) for start in range(0, d, strip))
+
+
+def add_gram_upper(packed: torch.Tensor, x: torch.Tensor, strip: int) -> None:
+    """``packed += xᵀx`` on the staircase only: XᵀX is symmetric, so the blocks below the diagonal are neither
+    computed nor stored (a d x d Gram with k strips costs (k+1)/2k of the full product).
+    :func:`unpack_gram` rebuilds the full matrix."""
+    for start, block in staircase_blocks(packed, x.shape[1], strip):
+        block.addmm_(x[:, start:start + block.shape[0]].T, x[:, start:])
+
+
+def unpack_gram(packed: torch.Tensor, d: int, strip: int) -> torch.Tensor:
+    """The d x d symmetric matrix of a staircase: its upper triangle, mirrored (exactly symmetric)."""
+    full = packed.new_empty(d, d)
+    for start, block in staircase_blocks(packed, d, strip):
+        end = start + block.shape[0]
+        diagonal = block[:, :end - start].triu()
+        full[start:end, start:end] = diagonal + diagonal.triu(1).T
+        full[start:end, end:] = block[:, end - start:]
+        full[end:, start:end] = block[:, end - start:].T
+    return full
 
 
 def _plan(model, targets, side, normalize, batch) -> dict[str, tuple[str, list[str]]]:

@@ -31,6 +31,7 @@ so they return the same subspace as eigh up to that tolerance.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -73,9 +74,10 @@ def delta_covariance(cov_plus: torch.Tensor, cov_minus: Covariances, beta: Betas
                 f"Cov+ has shape {tuple(cov_plus.shape)} but {which} has shape {tuple(cov.shape)}; "
                 "all must be statistics of the same module."
             )
-    delta = (1.0 - sum(betas)) * cov_plus
+    dtype = functools.reduce(torch.promote_types, [c.dtype for c in minus], cov_plus.dtype)
+    delta = torch.mul(cov_plus.to(dtype), 1.0 - sum(betas))
     for b, cov in zip(betas, minus):
-        delta = delta - b * cov
+        delta.add_(cov, alpha=-b)  # in place: one d x d temporary for any number of sets
     return delta
 
 
@@ -179,14 +181,22 @@ def _eigh_through_weight(
     """Eigenvalues of W dCov_in W^T (descending: all d_out with eigh, else at least the top rank + 1)
     and the eigenvectors of the top ``rank``."""
     d_out, d_in = w.shape
-    u, r = torch.linalg.qr(w)
+    # W0 = U R as Householder reflectors (geqrf): U is never formed, only applied to the few columns needed
+    # (ormqr), which halves the cost of the QR (the one beta-independent step that dominated a beta sweep).
+    reflectors, tau = torch.geqrf(w)
+    r = reflectors[:d_in].triu()
+
+    def times_u(x: torch.Tensor) -> torch.Tensor:  # U x for x with d_in rows
+        return torch.ormqr(reflectors, tau, torch.cat([x, x.new_zeros(d_out - d_in, x.shape[1])]))
+
     lam, v = top_eigenpairs(Operator(delta_in, r), rank, solver)
     # The d_out - d_in directions orthogonal to range(W0) carry eigenvalue exactly 0; they rank
     # after the positive eigenvalues and before the negative ones.
     n_pos = int((lam > 0).sum())
     eigvals = torch.cat([lam[:n_pos], lam.new_zeros(d_out - d_in), lam[n_pos:]])
     if rank <= n_pos:
-        return eigvals, u @ v[:, :rank]
+        return eigvals, times_u(v[:, :rank])
+    u = times_u(torch.eye(d_in, dtype=w.dtype, device=w.device))
     # The optimum then includes zero-eigenvalue directions outside range(W0); any orthonormal set of
     # them is optimal (a tie, warned about), so take a fixed pseudo-random one: cheaper than a full QR.
     n_zero = min(rank - n_pos, d_out - d_in)

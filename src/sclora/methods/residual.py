@@ -17,6 +17,9 @@ from ..memory import release_freed_memory
 from ..targets import resolve_targets
 
 ADAPTER = "default"
+#: float64 bytes of weights decomposed between two heap trims: every module of a 7B model, every few layers of
+#: SmolLM2, whose 210 trims per init (~2.4 ms each) cost 5% of a beta sweep and no peak memory (docs/performance.md)
+TRIM_AFTER_BYTES = 64 * 2**20
 
 #: (module name, W0, scaling) -> (A, B, W_res)
 FactorFn = Callable[[str, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -69,6 +72,7 @@ def build_residual_adapter(
     mine = layers[me::world]
     error = None
     try:
+        untrimmed = 0
         for name, layer in tqdm(mine, desc=desc, disable=not show_progress or me != 0):
             base = layer.get_base_layer()
             lora_a, lora_b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
@@ -79,7 +83,10 @@ def build_residual_adapter(
             # memory-mapped checkpoint stay resident until overwritten).
             base.weight.data.copy_(w_res)
             del a, b, w_res
-            release_freed_memory()  # the module's temporaries: otherwise glibc keeps them resident (memory.py)
+            untrimmed += 8 * base.weight.numel()
+            if untrimmed >= TRIM_AFTER_BYTES:  # the modules' temporaries: else glibc keeps them resident (memory.py)
+                release_freed_memory()
+                untrimmed = 0
     except Exception as err:
         if not spread:
             raise
