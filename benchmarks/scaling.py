@@ -30,7 +30,7 @@ import transformers
 from _results import current_rss_mb, peak_rss_mb, write_json
 
 import sclora
-from sclora.statistics import gram_strip
+from sclora.statistics import gram_strip, staircase_size
 
 VOCAB = 1024
 SEQ = 256
@@ -48,10 +48,8 @@ def llama(width: int, layers: int) -> transformers.LlamaForCausalLM:
 
 
 def strip_flops(d: int) -> int:
-    """Flops per token of ``add_gram_upper`` on a d x d sum: each row strip multiplies its rows by the columns from
-    its start onwards."""
-    w = gram_strip(d)
-    return sum(2 * min(w, d - start) * (d - start) for start in range(0, d, w))
+    """Flops per token of ``add_gram_upper`` on a d x d sum: a multiply-add per entry of its staircase."""
+    return 2 * staircase_size(d, gram_strip(d))
 
 
 def measure(width: int, layers: int, tokens: int, r: int) -> dict:
@@ -76,7 +74,7 @@ def measure(width: int, layers: int, tokens: int, r: int) -> dict:
     stats_bytes = sum(t.numel() * t.element_size() for s in stats for t in s.sums.values())
     # per token: XᵀX is symmetric, so d(d+1)/2 multiply-adds are the least any implementation must do (a full GEMM
     # does 2d²; add_gram_upper's row strips do (k+1)/2k of that)
-    widths_stored = [stats[0].matrix(key).shape[0] for key in stats[0].sums]
+    widths_stored = list(stats[0].dims.values())
     gram_flops = sum(d * (d + 1) for d in widths_stored)
     gram_flops_executed = sum(strip_flops(d) for d in widths_stored)
     start = time.perf_counter()

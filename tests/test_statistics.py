@@ -219,7 +219,7 @@ def test_format_1_files_with_full_matrices_still_load(tmp_path, saved, lazy):
 
     def to_format_1(tensors, header):
         for key, strip in header.pop("strips").items():
-            tensors[key] = unpack_gram(tensors[key], packed._dims[key], strip)
+            tensors[key] = unpack_gram(tensors[key], packed.dims[key], strip)
         header["format"] = 1
 
     old = CovarianceStats.load(rewrite(path, tmp_path / "v1.safetensors", to_format_1), model=model, lazy=lazy)

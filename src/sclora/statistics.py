@@ -137,7 +137,7 @@ class CovarianceStats(Mapping):
         self.sums = sums  # key -> stored sum: packed staircase (1-D) where ``strips`` names a width, else d x d
         self.strips = dict(strips or {})
         self.modules = modules
-        self._dims = {m.key: m.d_in if m.side == "input" else m.d_out for m in modules.values()}
+        self.dims = {m.key: m.d_in if m.side == "input" else m.d_out for m in modules.values()}  # key -> d of its sum
         self.n_samples = n_samples
         self.n_tokens = n_tokens
         self.normalize = normalize
@@ -194,7 +194,7 @@ class CovarianceStats(Mapping):
         symmetric, not divided by the sample count."""
         stored = self.sums[key]
         strip = self.strips.get(key)
-        return stored if strip is None else unpack_gram(stored, self._dims[key], strip)
+        return stored if strip is None else unpack_gram(stored, self.dims[key], strip)
 
     def input_covariance(self, name: str) -> torch.Tensor:
         """(1/B) sum x x^T of the module's input (d_in x d_in); needs ``side="input"`` collection
@@ -396,9 +396,9 @@ class CovarianceStats(Mapping):
             raise bad("the header lists no modules")
         if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("probes"), dict):
             raise bad("the header has no model fingerprint")
-        strips = header.get("strips", {}) if header["format"] >= 2 else {}
-        if header["format"] >= 2 and (not isinstance(strips, dict) or not all(
-                isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in strips.values())):
+        strips = header.get("strips", {})  # format 1 has none: full matrices
+        if not isinstance(strips, dict) or not all(
+                isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in strips.values()):
             raise bad(f"the strip widths {strips!r} are not positive integers")
         # One read of each matrix (a lazy file holds one at a time): its shape, and whether it is finite floats.
         shapes, unusable = {}, []
