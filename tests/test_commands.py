@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import TRIVIA, save_tiny_model
 
-from sclora import cli, commands
+from sclora import cli, commands, workflow
 
 WORDS = "paris rome berlin one two three four five six seven eight nine ten".split()
 IDS = [[3, 14, 15, 16, 17, 18, 19]]
@@ -36,20 +36,20 @@ def finetune_args(tmp_path, model, *extra):
     return ["finetune", "--model", str(model), "--data", str(tmp_path / "task.jsonl"), "--preserve",
             str(tmp_path / "keep.jsonl"), "--beta", "0.8", "--r", "2", "--seq-len", "32", "--output",
             str(tmp_path / "out"), "--quiet", "--set", "batch_size=8", "--set", "micro_batch_size=4",
-            "--set", "learning_rate=1e-2", *extra]
+            "--set", "learning_rate=1e-2", "--num-epochs", "1", *extra]
 
 
 def test_finetune_writes_an_adapter_vanilla_peft_loads_without_sclora(files, monkeypatch, capsys):
     tmp_path, model = files
     trained = {}
-    export = commands._export
+    export = workflow.export_model
 
     def recording_export(peft_model, tokenizer, out, merge):
         with torch.no_grad():
             trained["logits"] = peft_model(torch.tensor(IDS)).logits.clone()
         return export(peft_model, tokenizer, out, merge)
 
-    monkeypatch.setattr(commands, "_export", recording_export)
+    monkeypatch.setattr(workflow, "export_model", recording_export)
     assert cli.main(finetune_args(tmp_path, model, "--merge")) == 0
     printed = capsys.readouterr().out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -181,17 +181,17 @@ def test_finetune_with_salora_exports_an_adapter_that_keeps_the_safety_features(
     argv = finetune_args(tmp_path, model, "--method", "salora")
     argv[argv.index("--beta"):argv.index("--beta") + 2] = []
     kept = {}
-    export = commands._export
+    export = workflow.export_model
 
     def recording_export(peft_model, tokenizer, out, merge):
         kept["u"] = {k: v.detach().clone() for k, v in safety_directions(peft_model).items()}
         return export(peft_model, tokenizer, out, merge)
 
-    commands._export = recording_export
+    workflow.export_model = recording_export
     try:
         assert cli.main(argv) == 0
     finally:
-        commands._export = export
+        workflow.export_model = export
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["method"] == "salora" and summary["steps"] == 3
     adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), tmp_path / "out" / "adapter")

@@ -102,7 +102,7 @@ def test_config_round_trip_and_validation(tmp_path):
     config = SCLoRAConfig(method="corda_kpa", r=8, beta=0.9, target_modules=["q_proj"], normalize="max_abs")
     config.save_pretrained(tmp_path)
     assert SCLoRAConfig.from_pretrained(tmp_path) == config
-    assert config.lora_alpha == 8 and config.scaling == 1.0
+    assert config.resolved_alpha == 8 and config.scaling == 1.0
     assert SCLoRAConfig(r=16, lora_alpha=8, use_rslora=True).scaling == 2.0
     for bad, match in [({"r": 0}, "r must be"), ({"normalize": "l2"}, "normalize"), ({"dtype": "float16"}, "dtype"),
                        ({"eigen_solver": "svd"}, "eigen_solver"), ({"lora_alpha": -1}, "lora_alpha")]:

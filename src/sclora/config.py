@@ -6,20 +6,21 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from peft import LoraConfig
 
 from .fileio import atomic_write_json
+from .options import option
+from .registry import METHODS, method_spec
+from .statistics import NORMALIZATIONS
 from .subspace import SOLVERS, check_betas
 
 __all__ = ["LLAMA_TARGET_MODULES", "METHODS", "SCLoRAConfig"]
 
+#: the paper's targets on Llama models (the default, None, targets every linear layer but the output head)
 LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ("sc_lora", "lora", "pissa", "olora", "eva", "corda_ipa", "corda_kpa", "salora", "full")
-#: each method's statistics normalization when none is given: CorDA as its authors and PEFT compute it
-METHOD_NORMALIZE = {"corda_ipa": "abs_of_max", "corda_kpa": "abs_of_max"}
 #: "eigh" (full eigendecomposition, the reference), "lobpcg", "mixed", "auto": see sclora.subspace
 EIGEN_SOLVERS = SOLVERS
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -32,7 +33,10 @@ class SCLoRAConfig:
 
     ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora`` and ``target_modules`` mean what they
     mean in PEFT's ``LoraConfig``; ``lora_alpha=None`` means ``lora_alpha = r`` (scaling 1, as the
-    authors' code). ``beta`` balances fitting D+ (0) against preserving D- (1) (paper, Eq. 1); with
+    authors' code); ``target_modules=None`` means every linear layer of the model but the output head
+    (PEFT's "all-linear"), found from the model, for any causal LM family.
+    Fields keep what was given: ``None`` defaults are resolved where they are used (:attr:`resolved_alpha`,
+    :attr:`resolved_normalize`), so changing ``method`` or ``r`` later gives what naming them first gives. ``beta`` balances fitting D+ (0) against preserving D- (1) (paper, Eq. 1); with
     several knowledge sets D-_1 .. D-_k it is a list of k weights, each >= 0, summing to at most 1;
     ``beta="auto"`` with ``preserve_budget=b`` takes the smallest β whose initial subspace keeps at most a share
     b of D-'s output energy (:func:`sclora.choose_beta`; several knowledge sets: a list, one budget per set).
@@ -52,28 +56,36 @@ class SCLoRAConfig:
     benchmarks/eigensolver.py). All reach the float64 eigh subspace to ~1e-8 in projector distance.
     """
 
-    method: str = "sc_lora"
-    r: int = 16
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    use_rslora: bool = False
-    beta: float | list[float] | str = 0.5  # "auto": the smallest β meeting preserve_budget (choose_beta)
-    preserve_budget: float | list[float] | None = None  # with beta="auto": the share of D-'s output energy the
-    # subspace may keep (one per knowledge set for several)
-    lock_subspace: bool = False  # SC-LoRA: B stays Q (frozen), only A trains: the output stays in span(Q)
-    salora_safety_rank: int = 32  # SaLoRA: directions of D-'s outputs its fixed module C removes (authors' r_s = 32)
-    salora_task_rank: int = 32  # SaLoRA: directions of D+'s outputs its B0 is projected on (authors' 32)
-    quantize_residual: str | None = None  # "nf4" / "fp4": the frozen base (W_res) in 4-bit after init (QLoRA-style)
-    target_modules: list[str] | str = field(default_factory=lambda: list(LLAMA_TARGET_MODULES))
-    normalize: str | None = None  # None: the method's own (METHOD_NORMALIZE)
-    dtype: str = "float64"
-    eigen_solver: str = "eigh"
+    method: str = option("sc_lora", "The initialization method.", choices=METHODS)
+    r: int = option(16, "LoRA rank.", aliases=("--lora-r",))  # torchrun's parser rejects "--r" (a prefix)
+    lora_alpha: float | None = option(None, "LoRA alpha; None: alpha = r (scaling 1).")
+    lora_dropout: float = option(0.0, "Dropout on the adapter's input, in [0, 1).", aliases=("--dropout",))
+    use_rslora: bool = option(False, "rsLoRA scaling alpha / sqrt(r) instead of alpha / r.", aliases=("--rslora",))
+    beta: float | list[float] | str = option(
+        0.5, "SC-LoRA: weight of preserving D- against fitting D+ (0: only fit, 1: only preserve), or auto: the "
+        "smallest beta meeting --preserve-budget.", repeat=True)
+    preserve_budget: float | list[float] | None = option(
+        None, "With beta auto: the share of D-'s output energy the initial subspace may keep, e.g. 0.05.",
+        aliases=("--budget",), repeat=True)
+    lock_subspace: bool = option(False, "SC-LoRA: B stays Q (frozen) and only A trains, so the adapter's output "
+                                 "stays in the chosen subspace through training.")
+    salora_safety_rank: int = option(32, "SaLoRA: directions of D-'s outputs its fixed module removes (r_s).")
+    salora_task_rank: int = option(32, "SaLoRA: directions of D+'s outputs its B0 is projected on (r_t).")
+    quantize_residual: str | None = option(
+        None, "After the init, store the frozen base (W_res) in 4-bit, QLoRA-style (needs bitsandbytes).",
+        choices=("nf4", "fp4"), aliases=("--quantize",))
+    target_modules: list[str] | str | None = option(
+        None, "Layers to adapt: module name suffixes (q_proj v_proj), one regex over full names, or all-linear "
+        "(every linear layer but the output head).", names=True)
+    normalize: str | None = option(None, "Statistics normalization; None: the method's own (none for SC-LoRA, "
+                                   "abs_of_max for CorDA).", choices=NORMALIZATIONS)
+    dtype: str = option("float64", "Precision of the decomposition.", choices=tuple(DTYPES))
+    eigen_solver: str = option("eigh", "Eigensolver: eigh (the reference), lobpcg, mixed, auto.",
+                               choices=EIGEN_SOLVERS)
 
     def __post_init__(self):
         """Reject every invalid value with a ValueError naming the field, the value and what is allowed."""
-        from .statistics import NORMALIZATIONS
-
-        _choice("method", self.method, METHODS)
+        method_spec(self.method)  # a ValueError listing the methods
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"r must be a positive integer, got {self.r!r}.")
         if isinstance(self.beta, tuple):
@@ -93,9 +105,7 @@ class SCLoRAConfig:
             if self.preserve_budget is not None:
                 raise ValueError("preserve_budget applies with beta='auto' (it chooses β); drop it or set beta='auto'.")
             check_betas(self.beta)
-        if self.lora_alpha is None:
-            self.lora_alpha = self.r
-        if not _real(self.lora_alpha) or self.lora_alpha <= 0:
+        if self.lora_alpha is not None and (not _real(self.lora_alpha) or self.lora_alpha <= 0):
             raise ValueError(f"lora_alpha must be a finite number > 0 (or None for lora_alpha = r), "
                              f"got {self.lora_alpha!r}.")
         if not _real(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
@@ -120,9 +130,8 @@ class SCLoRAConfig:
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         self._check_target_modules()
-        if self.normalize is None:
-            self.normalize = METHOD_NORMALIZE.get(self.method, "none")
-        _choice("normalize", self.normalize, NORMALIZATIONS)
+        if self.normalize is not None:
+            _choice("normalize", self.normalize, NORMALIZATIONS)
         _choice("dtype", self.dtype, tuple(DTYPES))
         _choice("eigen_solver", self.eigen_solver, EIGEN_SOLVERS,
                 " (eigh: full eigendecomposition, the reference; lobpcg: block LOBPCG on the top r; mixed: float32 "
@@ -130,6 +139,8 @@ class SCLoRAConfig:
 
     def _check_target_modules(self) -> None:
         targets = self.target_modules
+        if targets is None:
+            return
         if isinstance(targets, str):
             try:
                 re.compile(targets)
@@ -137,8 +148,8 @@ class SCLoRAConfig:
                 raise ValueError(f"target_modules {targets!r} is not a valid regex ({err}).") from None
         elif not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
             raise ValueError(
-                f"target_modules must be a regex string or a non-empty list of module name suffixes (strings), "
-                f"e.g. {LLAMA_TARGET_MODULES}; got {targets!r}."
+                f"target_modules must be None (every linear layer but the output head), a regex string or a non-empty "
+                f"list of module name suffixes (strings), e.g. {LLAMA_TARGET_MODULES}; got {targets!r}."
             )
 
     @property
@@ -146,18 +157,57 @@ class SCLoRAConfig:
         return DTYPES[self.dtype]
 
     @property
+    def resolved_alpha(self) -> float:
+        """``lora_alpha``, or ``r`` where it is None."""
+        return self.r if self.lora_alpha is None else self.lora_alpha
+
+    @property
+    def resolved_normalize(self) -> str:
+        """``normalize``, or the method's own where it is None (CorDA: ``"abs_of_max"``; the others ``"none"``)."""
+        return self.normalize if self.normalize is not None else method_spec(self.method).normalize
+
+    @property
     def scaling(self) -> float:
         """PEFT's adapter scaling: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
-        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+        return self.resolved_alpha / (self.r**0.5 if self.use_rslora else self.r)
 
-    def to_lora_config(self, init_lora_weights: bool | str = False, **extra) -> LoraConfig:
-        """PEFT's LoraConfig for these values; ``extra`` are further LoraConfig fields (e.g. ``eva_config``)."""
+    def check_sets(self, n_sets: int) -> None:
+        """Refuse ``n_sets`` knowledge sets (D-) this config cannot weigh: several need a method that takes them
+        (SC-LoRA) and one ``beta`` (or, with ``beta="auto"``, one ``preserve_budget``) per set."""
+        spec = method_spec(self.method)
+        if n_sets > 1 and not spec.several_sets:
+            raise ValueError(f"{self.method} preserves one knowledge set but {n_sets} were given; pass one (e.g. the "
+                             "union of their examples). Only sc_lora weighs several sets, with one beta each.")
+        if self.method != "sc_lora":
+            return
+        name, value = ("preserve_budget", self.preserve_budget) if self.beta == "auto" else ("beta", self.beta)
+        n_values = len(value) if isinstance(value, list) else 1
+        if n_values != n_sets:
+            raise ValueError(f"{name}={value!r} has {n_values} value(s) but {n_sets} knowledge set(s) are to be "
+                             f"preserved: give one {name} per set (a number for one set, a list for several).")
+
+    def replace(self, **changes) -> SCLoRAConfig:
+        """A copy with ``changes``; fields left as None keep meaning "the default of the (new) method / rank"."""
+        return SCLoRAConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_lora_config(self, model=None, init_lora_weights: bool | str = False, **extra) -> LoraConfig:
+        """PEFT's LoraConfig for these values; ``extra`` are further LoraConfig fields (e.g. ``eva_config``).
+
+        With ``model``, ``target_modules`` is resolved on it (None: every linear layer but the output head), so
+        PEFT wraps exactly the layers sclora initializes; PEFT's own default for None differs by model family."""
+        targets = self.target_modules
+        if model is not None:
+            from .targets import peft_target_modules
+
+            targets = peft_target_modules(model, targets)
+        elif targets is None:
+            targets = "all-linear"
         return LoraConfig(
             r=self.r,
-            lora_alpha=self.lora_alpha,
+            lora_alpha=self.resolved_alpha,
             lora_dropout=self.lora_dropout,
             use_rslora=self.use_rslora,
-            target_modules=self.target_modules,
+            target_modules=targets,
             init_lora_weights=init_lora_weights,
             task_type="CAUSAL_LM",
             **extra,

@@ -27,7 +27,7 @@ from .statistics import (
 )
 from .targets import resolve_targets
 
-__all__ = ["NEEDS_DATA", "Batches", "token_ids", "cached_statistics", "statistics_batches", "statistics_path", "statistics_side"]
+__all__ = ["Batches", "token_ids", "cached_statistics", "statistics_batches", "statistics_path"]
 
 
 class Batches(list):
@@ -87,14 +87,6 @@ def statistics_batches(tokenizer, examples: list[dict], seq_len: int, batch_size
         batches.append({"input_ids": torch.from_numpy(input_ids),
                         "attention_mask": torch.from_numpy(mask.astype(np.int64))})
     return batches
-
-
-#: Which statistics each init method needs, and on which side of the layers.
-NEEDS_DATA = {"sc_lora": ("plus", "minus"), "salora": ("plus", "minus"), "corda_ipa": ("plus",), "corda_kpa": ("minus",)}
-
-
-def statistics_side(method: str) -> str:
-    return "input" if method.startswith("corda") else "output"
 
 
 def statistics_path(folder: Path, label: str, model, batches: list[dict], *, target_modules, normalize: str,

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from . import distributed
 from .chat import example_segments
 from .fileio import atomic_write_json
+from .options import option
 
 __all__ = ["PadCollator", "Tokenized", "TrainConfig", "TrainResult", "tokenize_examples", "train"]
 
@@ -49,22 +50,23 @@ class TrainConfig:
     ``max_grad_norm`` is Trainer's gradient clipping (its default).
     """
 
-    learning_rate: float = 2e-5
-    num_epochs: float = 1.0
-    batch_size: int = 128
-    micro_batch_size: int = 4
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    seed: int = 0
-    bf16: bool = False
-    logging_steps: int = 1
-    save_steps: int = 50
-    save_total_limit: int | None = 2
-    max_steps: int = -1
-    chat: bool = True
+    learning_rate: float = option(2e-5, "Peak learning rate.")
+    num_epochs: float = option(1.0, "Passes over the training data (max_steps > 0 overrides it).")
+    batch_size: int = option(128, "Effective batch: examples per optimizer step (gradient accumulation over "
+                             "micro-batches).")
+    micro_batch_size: int = option(4, "Examples per forward pass.")
+    lr_scheduler: str = option("cosine", "transformers' scheduler name (cosine, linear, constant, ...).")
+    warmup_ratio: float = option(0.03, "Share of the steps warming the learning rate up.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.")
+    max_length: int = option(512, "Tokens per training example (longer ones are cut).")
+    seed: int = option(0, "Seed of data order, dropout and any random init.")
+    bf16: bool = option(False, "Train under bf16 autocast (faster on CPUs with bf16 and on GPUs).")
+    logging_steps: int = option(1, "Log the loss every this many optimizer steps.")
+    save_steps: int = option(50, "Checkpoint every this many optimizer steps (and at the end).")
+    save_total_limit: int | None = option(2, "Newest checkpoints kept (None: all).")
+    max_steps: int = option(-1, "Optimizer steps to train; -1: num_epochs.")
+    chat: bool = option(True, "Wrap prompts in the tokenizer's chat template.")
 
     def __post_init__(self):
         from transformers.trainer_utils import SchedulerType

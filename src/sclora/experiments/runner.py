@@ -19,11 +19,21 @@ from pathlib import Path
 import torch
 
 from ..fileio import atomic_write, update_json
-from ..statistics_cache import NEEDS_DATA, cached_statistics, statistics_side
+from ..registry import method_spec
+from ..statistics_cache import cached_statistics
 from .evaluate.core import evaluate_model
 from .examples import build_examples, build_mixture, check_disjoint, trivia_rows
 from .folder import check_folder, claim_run, release_run, run_fingerprint, update_results
-from .spec import ExperimentConfig, as_list, eval_spec, minus_label, run_name, run_normalize
+from .spec import (
+    ExperimentConfig,
+    as_list,
+    eval_spec,
+    minus_label,
+    run_init_config,
+    run_name,
+    run_normalize,
+    run_train_config,
+)
 
 __all__ = ["diagnose_experiment", "run_experiment"]
 
@@ -73,19 +83,27 @@ class _Experiment:
         c, method = self.config, run["method"]
         model, _ = load_model(c.model, dtype=self.dtype)
         torch.manual_seed(run.get("seed", c.seed))  # vanilla LoRA's random A
-        needed, side = NEEDS_DATA.get(method, ()), statistics_side(method)
+        spec = method_spec(method)
         normalize = run_normalize(c, run)  # a run may compare another normalization
-        plus = self.stats("plus", side, normalize) if "plus" in needed else None
-        if method == "eva":  # PEFT's EVA runs its own incremental SVD over D+ batches
+        plus = minus = None
+        if spec.data_form == "batches":  # PEFT's EVA runs its own incremental SVD over D+ batches
             from ..statistics_cache import statistics_batches
 
             plus = statistics_batches(self.tokenizer, self.sets["plus"], c.stats_seq_len, c.stats_batch_size)
-        minus = self.minus_stats(side, normalize) if "minus" in needed else None
-        overrides = {"r": c.r, "lora_alpha": c.lora_alpha, "normalize": normalize,
-                     "target_modules": c.target_modules, "beta": run.get("beta"),
-                     "preserve_budget": run.get("preserve_budget"), "lock_subspace": run.get("lock_subspace")}
-        return init_model(model, method=method, plus=plus, minus=minus, show_progress=self.show_progress,
-                          **{k: v for k, v in overrides.items() if v is not None})
+        elif spec.side is not None:
+            plus = self.stats("plus", spec.side, normalize) if "plus" in spec.needs else None
+            minus = self.minus_stats(spec.side, normalize) if "minus" in spec.needs else None
+        config = run_init_config(c, run)
+        choice = None
+        if config.beta == "auto":  # the smallest beta meeting the budget(s), chosen here so the row can report it
+            from .. import choose_beta
+
+            choice = choose_beta(model, plus, minus, r=config.r, budget=config.preserve_budget,
+                                 target_modules=config.target_modules, dtype=config.torch_dtype,
+                                 solver=config.eigen_solver, show_progress=self.show_progress)
+            config = config.replace(beta=choice.beta, preserve_budget=None)
+        model = init_model(model, config, plus=plus, minus=minus, show_progress=self.show_progress)
+        return model, choice
 
     def diagnose(self, name: str, model, normalize: str | None = None) -> None:
         """Save the share of D+ and D- output energy the initial adapter captures, per module (residual inits
@@ -95,10 +113,6 @@ class _Experiment:
         path = self.out / self.diagnostics_file
         entry = subspace_energy(model, self.stats("plus", "output", normalize), self.minus_stats("output", normalize))
         update_json(path, name, entry)  # several workers add their runs' entries to one file
-
-
-#: methods whose initial adapter spans a data-chosen subspace (the others start from zero or train everything)
-RESIDUAL_METHODS = ("sc_lora", "pissa", "olora", "corda_ipa", "corda_kpa", "salora")
 
 
 def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
@@ -154,17 +168,15 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
 
 def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, out: Path, evaluate,
              fingerprint: str) -> dict:
-    from ..train import TrainConfig, train
+    from ..train import train
 
     method, seed = run["method"], run.get("seed", config.seed)
     start = time.perf_counter()
-    model = exp.initialize(run)
+    model, choice = exp.initialize(run)
     init_seconds = time.perf_counter() - start
-    if config.diagnostics and method in RESIDUAL_METHODS:
+    if config.diagnostics and method_spec(method).residual:
         exp.diagnose(name, model, run.get("normalize"))
-    train_config = TrainConfig.from_dict({**config.train, "seed": seed,
-                                          **({"learning_rate": run["learning_rate"]}
-                                             if run.get("learning_rate") is not None else {})})
+    train_config = run_train_config(config, run)
     along = _checkpoint_evals(config.evaluate_steps, evaluate, out / "runs" / name / "checkpoint_evals.json")
     result = train(model, exp.tokenizer, exp.sets["train"], train_config, out / "runs" / name,
                    show_progress=exp.show_progress, callbacks=[along], context=fingerprint)
@@ -176,7 +188,7 @@ def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, o
     atomic_write(out / "samples" / f"{name}.json", json.dumps(items) + "\n")
     row = {
         "run": name, "method": method, "learning_rate": train_config.learning_rate,
-        **_beta_fields(run, getattr(model, "sclora_beta_choice", None)),
+        **_beta_fields(run, choice),
         "seed": seed, **({"normalize": run["normalize"]} if run.get("normalize") else {}),
         **({"lock_subspace": True} if run.get("lock_subspace") else {}),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -205,8 +217,8 @@ def diagnose_experiment(config: ExperimentConfig, output_dir: str | os.PathLike,
     out = Path(output_dir)
     exp = _Experiment(config, out, show_progress, diagnostics_file)
     for run in config.runs:
-        if run["method"] in RESIDUAL_METHODS:
-            exp.diagnose(run_name(run), exp.initialize(run), run.get("normalize"))
+        if method_spec(run["method"]).residual:
+            exp.diagnose(run_name(run), exp.initialize(run)[0], run.get("normalize"))
     path = out / diagnostics_file
     return json.loads(path.read_text()) if path.exists() else {}
 

@@ -12,16 +12,33 @@ from pathlib import Path
 
 import yaml
 
-from ..config import LLAMA_TARGET_MODULES, METHODS
+from ..config import LLAMA_TARGET_MODULES, METHODS, SCLoRAConfig
 from ..data import DataSource, content_digest
 from ..fileio import parse_yaml, safe_name
+from ..registry import method_spec
 from ..statistics import NORMALIZATIONS
+from ..train import TrainConfig
 from .data import HARMFUL_SOURCES
 from .evaluate.metrics import EVALUATIONS
 from .hub_data import HUB_SOURCES
 
-__all__ = ["DataSpec", "ExperimentConfig", "FileSpec", "data_spec", "run_normalize", "as_list", "as_plain", "check_int", "eval_spec", "load_config",
-           "minus_label", "plan", "run_name"]
+__all__ = [
+    "DataSpec",
+    "ExperimentConfig",
+    "FileSpec",
+    "as_list",
+    "as_plain",
+    "check_int",
+    "data_spec",
+    "eval_spec",
+    "load_config",
+    "minus_label",
+    "plan",
+    "run_init_config",
+    "run_name",
+    "run_normalize",
+    "run_train_config",
+]
 
 
 DATA_KINDS = ("math", "trivia", "summaries", "harmful", *HUB_SOURCES)
@@ -132,9 +149,7 @@ class ExperimentConfig:
 
     def _validate(self) -> None:
         """Every value checked before anything is loaded: the key, the value and the allowed range are named."""
-        from ..config import SCLoRAConfig
         from ..models import check_model
-        from ..train import TrainConfig
 
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a non-empty string, got {self.name!r}.")
@@ -174,25 +189,6 @@ class ExperimentConfig:
                 raise ValueError(f"Unknown run key(s) {sorted(unknown)}; a run takes {sorted(RUN_KEYS)}.")
             if run.get("method") not in METHODS:
                 raise ValueError(f"Unknown method {run.get('method')!r} in runs; choose one of {METHODS}.")
-            if run.get("normalize") not in (None, *NORMALIZATIONS):
-                raise ValueError(f"Unknown normalize {run['normalize']!r} in run {run}; choose one of {NORMALIZATIONS}.")
-            beta = run.get("beta")
-            if run["method"] == "corda_kpa" and n_minus > 1:
-                raise ValueError("corda_kpa preserves a single knowledge set; this config lists several under "
-                                 "'minus'. Drop the corda_kpa run or keep one D- set.")
-            budget = run.get("preserve_budget")
-            if beta == "auto" and len(budget if isinstance(budget, list) else [budget]) != n_minus:
-                raise ValueError(f"run {run}: beta: auto needs one preserve_budget per knowledge set under 'minus' "
-                                 f"({n_minus}): a number for one set, a list for several, e.g. preserve_budget: "
-                                 f"{[0.1] * n_minus if n_minus > 1 else 0.1}.")
-            if (run["method"] == "sc_lora" and n_minus > 1 and beta != "auto"
-                    and not (isinstance(beta, list) and len(beta) == n_minus)):
-                raise ValueError(f"The config preserves {n_minus} knowledge sets, so an sc_lora run needs beta as a "
-                                 f"list of {n_minus} weights, e.g. beta: {[round(0.8 / n_minus, 2)] * n_minus}, "
-                                 f"or beta: auto with a preserve_budget per set.")
-            if isinstance(beta, list) and len(beta) != n_minus:
-                raise ValueError(f"run {run}: beta lists {len(beta)} weight(s) but the config has {n_minus} knowledge "
-                                 "set(s) under 'minus': give one beta per set (a number for one set).")
             if run.get("seed") is not None:
                 check_int(run["seed"], f"seed of run {run}", 0)
             if "name" in run:
@@ -202,17 +198,9 @@ class ExperimentConfig:
                 raise ValueError(f"Two runs are named {name!r} ('base' is the untrained model): give each a distinct "
                                  "'name', e.g. name: sc_lora-b08-seed1.")
             names.add(name)
-            try:  # the init's own checks (r, lora_alpha, beta range, ...), for this run's values
-                SCLoRAConfig(method=run["method"], r=self.r, lora_alpha=self.lora_alpha,
-                             normalize=run_normalize(self, run), target_modules=self.target_modules,
-                             **({"beta": beta} if beta is not None else {}),
-                             **({"preserve_budget": run["preserve_budget"]} if "preserve_budget" in run else {}),
-                             **({"lock_subspace": run["lock_subspace"]} if "lock_subspace" in run else {}))
-            except ValueError as err:
-                raise ValueError(f"run {name!r}: {err}") from None
-            try:
-                TrainConfig.from_dict({**self.train, **({"learning_rate": run["learning_rate"]}
-                                                        if run.get("learning_rate") is not None else {})})
+            try:  # the init's own checks (r, lora_alpha, beta range, one beta per knowledge set, ...)
+                run_init_config(self, run).check_sets(n_minus)
+                run_train_config(self, run)
             except ValueError as err:
                 raise ValueError(f"run {name!r}: {err}") from None
         for name, spec in self.evaluate.items():
@@ -249,7 +237,11 @@ def _check_judge(judge: dict) -> None:
                                 "causal LM (a folder with config.json).")
 
 
-RUN_KEYS = {"method", "beta", "learning_rate", "name", "seed", "normalize", "preserve_budget", "lock_subspace"}
+#: a run's keys: its name, and any field of SCLoRAConfig or TrainConfig (over the experiment's r, lora_alpha, normalize
+#: and train values); target_modules and the decomposition dtype are the experiment's, shared by its statistics
+RUN_INIT_KEYS = tuple(f.name for f in fields(SCLoRAConfig) if f.name not in ("target_modules", "dtype"))
+RUN_TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig))
+RUN_KEYS = {"name", *RUN_INIT_KEYS, *RUN_TRAIN_KEYS}
 
 
 def _strict(cls, data: dict, what: str):
@@ -296,11 +288,25 @@ def eval_spec(spec: dict, name: str) -> tuple[DataSpec | FileSpec, dict]:
 
 
 def run_normalize(config: ExperimentConfig, run: dict) -> str:
-    """The statistics normalization a run uses: its own ``normalize``, else for CorDA the method's own (its
-    authors' and PEFT's per-sample scaling, ``abs_of_max``), else the experiment's (SC-LoRA's statistics)."""
-    from ..config import METHOD_NORMALIZE
+    """The statistics normalization a run uses: its own ``normalize``, else the method's own where it has one
+    (CorDA: its authors' and PEFT's per-sample scaling, ``abs_of_max``), else the experiment's."""
+    own = method_spec(run["method"]).normalize
+    return run.get("normalize") or (own if own != "none" else config.normalize)
 
-    return run.get("normalize") or METHOD_NORMALIZE.get(run["method"]) or config.normalize
+
+def run_init_config(config: ExperimentConfig, run: dict) -> SCLoRAConfig:
+    """The SCLoRAConfig of a run: the experiment's r, lora_alpha and target_modules, the run's normalization
+    (:func:`run_normalize`) and every SCLoRAConfig field the run sets."""
+    values = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": config.target_modules,
+              **{k: run[k] for k in RUN_INIT_KEYS if run.get(k) is not None}}
+    return SCLoRAConfig(**{**values, "normalize": run_normalize(config, run)})
+
+
+def run_train_config(config: ExperimentConfig, run: dict) -> TrainConfig:
+    """The TrainConfig of a run: the experiment's ``train`` values, its seed, and every TrainConfig field the run
+    sets (e.g. ``learning_rate``)."""
+    return TrainConfig.from_dict({**config.train, "seed": run.get("seed", config.seed),
+                                  **{k: run[k] for k in RUN_TRAIN_KEYS if run.get(k) is not None}})
 
 
 def run_name(run: dict) -> str:

@@ -15,7 +15,7 @@ def get_lora_model(model: nn.Module, config: SCLoRAConfig, init_lora_weights: bo
     if isinstance(model, PeftModel):
         raise ValueError("The model already carries a PEFT adapter; initialize the untouched base model.")  # noqa: TRY004
     check_rank(resolve_targets(model, config.target_modules), config.r)
-    peft_model = get_peft_model(model, config.to_lora_config(init_lora_weights=init_lora_weights))
+    peft_model = get_peft_model(model, config.to_lora_config(model, init_lora_weights=init_lora_weights))
     remember_initial_adapter(peft_model)
     return peft_model
 
@@ -31,7 +31,7 @@ def get_eva_model(model: nn.Module, config: SCLoRAConfig, batches, *, show_progr
         raise ValueError("The model already carries a PEFT adapter; initialize the untouched base model.")  # noqa: TRY004
     check_rank(resolve_targets(model, config.target_modules), config.r)
     batches = [{k: batch[k] for k in ("input_ids", "attention_mask")} for batch in batches]
-    lora_config = config.to_lora_config(init_lora_weights="eva", eva_config=EvaConfig())
+    lora_config = config.to_lora_config(model, init_lora_weights="eva", eva_config=EvaConfig())
     peft_model = get_peft_model(model, lora_config, low_cpu_mem_usage=True)
     with torch.no_grad():
         initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=show_progress)
