@@ -7,7 +7,12 @@ capture much of D+ and little of D-.
 
 The PEFT layer's base weight is then W_res, not W0, so the statistics (bound to the original weights;
 input-side ones need W0 to form output covariances) cannot be bound to the PEFT model. Each layer's W0
-is rebuilt as W_res + scaling * B A, checked against the statistics' fingerprint, and used directly.
+is rebuilt as W_res + scaling * B A, checked against the statistics' fingerprint, and used directly. On a
+quantized base (bitsandbytes) W_res is stored requantized, so that W0 is the original only up to the requantization
+error: its shape is checked, not its fingerprint.
+
+:func:`logit_drift` measures how far a model moved from a reference on the same tokens (e.g. a quantized base
+before and after a residual init, where the requantization of W_res is the only change).
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from collections.abc import Sequence
 import torch
 from peft import PeftModel
 
+from .layers import is_quantized, read_weight
 from .methods.residual import ADAPTER, adapter_layers
 from .statistics import CovarianceStats, model_fingerprint
 from .subspace import captured_energy
 
-__all__ = ["subspace_energy", "summarize_energy"]
+__all__ = ["logit_drift", "subspace_energy", "summarize_energy"]
 
 #: Fields of a row that describe the module rather than an energy fraction.
 ROW_KEYS = ("module", "layer", "kind")
@@ -73,13 +79,54 @@ def subspace_energy(
                 f"The LoRA B of {name!r} is zero, so the adapter subspace is undefined at init (vanilla LoRA starts "
                 "with B = 0). Diagnose a residual-form init (sc_lora, pissa, corda_ipa, corda_kpa) before training."
             )
-        w0 = layer.get_base_layer().weight.detach().to(torch.float64) + layer.scaling[ADAPTER] * b @ a
+        base = layer.get_base_layer()
+        w0 = read_weight(base, torch.float64) + layer.scaling[ADAPTER] * b @ a
+        exact = not is_quantized(base)
         row = {"module": name, "layer": _layer_index(name), "kind": name.rsplit(".", 1)[-1]}
         for label, stats in sets.items():
-            cov, weight = stats.factor(name, weight=w0)
+            cov, weight = stats.factor(name, weight=w0, check_probes=exact)
             row[label] = captured_energy(q.to(cov.device), cov, weight)
         rows.append(row)
     return rows
+
+
+@torch.no_grad()
+def logit_drift(
+    before: torch.Tensor | Sequence[torch.Tensor],
+    after: torch.Tensor | Sequence[torch.Tensor],
+    attention_mask: torch.Tensor | Sequence[torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """How far ``after``'s next-token distributions are from ``before``'s on the same tokens: ``{"max_abs_logit":
+    max |Δ logit|, "kl": mean over real tokens of KL(p_before || p_after), "tokens": n}``, in float64.
+
+    ``before`` / ``after`` are logits (batch, seq, vocab), or lists of them (one per batch); ``attention_mask``
+    (batch, seq), or a list, marks the real tokens (None: all). E.g. the logits of a quantized base on a few
+    batches before ``init_model`` and of the initialized model after: the requantized residual's drift."""
+    befores = [before] if isinstance(before, torch.Tensor) else list(before)
+    afters = [after] if isinstance(after, torch.Tensor) else list(after)
+    masks = ([attention_mask] if isinstance(attention_mask, torch.Tensor) else
+             [None] * len(befores) if attention_mask is None else list(attention_mask))
+    if not befores or len(afters) != len(befores) or len(masks) != len(befores):
+        raise ValueError(f"logit_drift needs as many logits after ({len(afters)}) as before ({len(befores)}), and "
+                         f"one attention mask per batch ({len(masks)}), at least one.")
+    max_abs, kl_sum, tokens = 0.0, 0.0, 0
+    for p, q, mask in zip(befores, afters, masks):
+        if p.shape != q.shape:
+            raise ValueError(f"Logits before {tuple(p.shape)} and after {tuple(q.shape)} differ in shape: they must "
+                             "come from the same batches.")
+        p, q = p.detach().to(torch.float64), q.detach().to(device=p.device, dtype=torch.float64)
+        keep = (torch.ones(p.shape[:-1], dtype=torch.bool, device=p.device) if mask is None
+                else torch.as_tensor(mask, device=p.device).reshape(p.shape[:-1]).bool())
+        p, q = p[keep], q[keep]  # (tokens, vocab)
+        if not len(p):
+            continue
+        max_abs = max(max_abs, (p - q).abs().max().item())
+        log_p, log_q = torch.log_softmax(p, dim=-1), torch.log_softmax(q, dim=-1)
+        kl_sum += (log_p.exp() * (log_p - log_q)).sum().item()
+        tokens += len(p)
+    if not tokens:
+        raise ValueError("Every token was masked out (attention_mask all zero): there is nothing to compare.")
+    return {"max_abs_logit": max_abs, "kl": kl_sum / tokens, "tokens": tokens}
 
 
 def summarize_energy(rows: list[dict]) -> dict:

@@ -1,6 +1,7 @@
 """Activation covariances of a model's linear layers (Algorithm 1, steps 1-4).
 
-``collect_covariances`` runs the model over batches and returns, for each target ``nn.Linear``,
+``collect_covariances`` runs the model over batches and returns, for each target linear layer (``nn.Linear``,
+transformers' ``Conv1D``, bitsandbytes' 4-bit / 8-bit layers: :mod:`sclora.layers`),
 Cov = (1/B) sum_samples sum_tokens h h^T of its output h (padding excluded). Two savings keep
 it cheap, both exact:
 
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .fileio import atomic_path
+from .layers import check_supported, layer_dims, read_weight
 from .memory import release_freed_memory
 from .targets import find_linear_modules, resolve_targets
 
@@ -143,7 +145,7 @@ class CovarianceStats(Mapping):
         self.normalize = normalize
         self.side = side
         self.fingerprint = fingerprint
-        self._bound: dict[str, nn.Linear] = {}
+        self._bound: dict[str, nn.Module] = {}
         self._bound_probes: dict[str, list[float]] = {}
 
     # --- Mapping interface: name -> output covariance -------------------------------------
@@ -168,16 +170,18 @@ class CovarianceStats(Mapping):
         )
 
     # --- views ---------------------------------------------------------------------------------
-    def factor(self, name: str, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def factor(self, name: str, weight: torch.Tensor | None = None, *,
+               check_probes: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(cov, weight): the output covariance is ``cov`` if weight is None, else weight @ cov @ weight.T.
 
         This is the form :func:`sclora.sc_subspace` takes, so input-side statistics never need a
         d_out x d_out matrix. ``weight`` gives the module's original W0 explicitly instead of the bound
-        one (e.g. W_res + scaling * B A after a residual init); it must match the collection fingerprint.
+        one (e.g. W_res + scaling * B A after a residual init); it must match the collection fingerprint
+        (``check_probes=False``: its shape only, for a W0 rebuilt only up to a quantization error).
         """
         info = self._info(name)
         if weight is not None:
-            self._check_weight(name, info, weight)
+            self._check_weight(name, info, weight, check_probes)
         cov = self.matrix(info.key) / self.n_samples
         if info.side == "output":
             weight = None
@@ -218,15 +222,15 @@ class CovarianceStats(Mapping):
         missing = [n for n in self.modules if n not in linears]
         if missing:
             raise ValueError(
-                f"The statistics cover {len(missing)} module(s) this model does not have as nn.Linear, "
+                f"The statistics cover {len(missing)} module(s) this model does not have as linear layers, "
                 f"e.g. {missing[0]!r}. They were collected on another model; recollect them on this one."
             )
         for name, info in self.modules.items():
-            shape = tuple(linears[name].weight.shape)
-            if shape != (info.d_out, info.d_in):
+            d_in, d_out = layer_dims(linears[name])
+            if (d_out, d_in) != (info.d_out, info.d_in):
                 raise ValueError(
-                    f"Module {name!r} has weight shape {shape} here but {(info.d_out, info.d_in)} in the "
-                    "statistics: they come from another model. Recollect them on this model."
+                    f"Module {name!r} has weight shape {(d_out, d_in)} (out, in) here but {(info.d_out, info.d_in)} "
+                    "in the statistics: they come from another model. Recollect them on this model."
                 )
         if check_fingerprint:
             theirs = self.fingerprint
@@ -257,7 +261,7 @@ class CovarianceStats(Mapping):
                 f"The statistics of {name!r} are stored on the input side; the output covariance needs the "
                 "module weight. Call stats.bind(model) with the model they were collected on."
             )
-        weight = self._bound[name].weight.detach()
+        weight = read_weight(self._bound[name])
         if _probe(weight) != self._bound_probes[name]:
             raise ValueError(
                 f"The weight of {name!r} changed since these statistics were bound to it (was the model "
@@ -265,13 +269,13 @@ class CovarianceStats(Mapping):
             )
         return weight
 
-    def _check_weight(self, name: str, info: ModuleStat, weight: torch.Tensor) -> None:
+    def _check_weight(self, name: str, info: ModuleStat, weight: torch.Tensor, check_probes: bool = True) -> None:
         if tuple(weight.shape) != (info.d_out, info.d_in):
             raise ValueError(
                 f"The weight given for {name!r} has shape {tuple(weight.shape)} but the statistics were collected "
                 f"on a {(info.d_out, info.d_in)} module: they come from another model."
             )
-        probes = self.fingerprint.get("probes", {})
+        probes = self.fingerprint.get("probes", {}) if check_probes else {}
         if name in probes and _probes_differ(probes[name], _probe(weight)):
             raise ValueError(
                 f"The weight given for {name!r} differs from the one the statistics were collected on: they "
@@ -463,7 +467,7 @@ def collect_covariances(
 
     ``batches`` yields dicts with ``input_ids`` and ``attention_mask`` (any batch size, any
     padding side; padding tokens are excluded). ``target_modules`` follows PEFT: a list of name
-    suffixes or one regex; ``None`` means every ``nn.Linear`` but the output head. ``normalize``:
+    suffixes or one regex; ``None`` means every linear layer but the output head. ``normalize``:
     ``"none"`` (Algorithm 1 literally), ``"max_abs"`` (each sample's activations divided by their
     largest absolute value, max|x|), ``"abs_of_max"`` (divided by the absolute value of their largest value,
     |max x|: exactly what the CorDA authors' code and PEFT's ``preprocess_corda`` do, the default for CorDA),
@@ -488,6 +492,7 @@ def collect_covariances(
     if autocast not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, not {autocast}.")
     targets = resolve_targets(model, target_modules)
+    check_supported(targets)
     iterator = iter(batches)
     first = next(iterator, None)
     reduce = distributed.is_distributed()
@@ -510,11 +515,12 @@ def collect_covariances(
     groups = {leader: members for leader, (_, members) in plan.items()}
     for leader, (stored, members) in plan.items():
         linear = targets[leader]
-        d = linear.in_features if stored == "input" else linear.out_features
+        d_in, d_out = layer_dims(linear)
+        d = d_in if stored == "input" else d_out
         strips[leader] = gram_strip(d)
         sums[leader] = torch.zeros(staircase_size(d, strips[leader]), dtype=dtype, device=device)
         for name in members:
-            modules[name] = ModuleStat(leader, stored, targets[name].in_features, targets[name].out_features)
+            modules[name] = ModuleStat(leader, stored, *layer_dims(targets[name]))
         scale_from = "input" if side == "input" else "output"
         handles.append(linear.register_forward_hook(_accumulator(leader, sums[leader], strips[leader], stored,
                                                                  scale_from, normalize, state, dtype)))
@@ -644,8 +650,9 @@ def _plan(model, targets, side, normalize, batch) -> dict[str, tuple[str, list[s
     takes its shared input statistic when d_in^2 < the sum of its members' d_out^2 (q/k/v, gate/up),
     otherwise each module keeps its own output one (Cov_out = W Cov_in W^T needs no bias). Under
     per-sample scaling each module scales by its own output, so nothing is shared."""
+    dims = {n: layer_dims(m) for n, m in targets.items()}  # (d_in, d_out)
     if side == "output" and normalize in PER_SAMPLE_NORMALIZATIONS:
-        return {n: ("input" if m.bias is None and m.in_features < m.out_features else "output", [n])
+        return {n: ("input" if m.bias is None and dims[n][0] < dims[n][1] else "output", [n])
                 for n, m in targets.items()}
     plan: dict[str, tuple[str, list[str]]] = {}
     for members in _siblings(model, targets, batch):
@@ -653,8 +660,8 @@ def _plan(model, targets, side, normalize, batch) -> dict[str, tuple[str, list[s
             plan[members[0]] = ("input", members)
             continue
         shared = [n for n in members if targets[n].bias is None]
-        d_in = targets[members[0]].in_features
-        if shared and d_in**2 < sum(targets[n].out_features ** 2 for n in shared):
+        d_in = dims[members[0]][0]
+        if shared and d_in**2 < sum(dims[n][1] ** 2 for n in shared):
             plan[shared[0]] = ("input", shared)
         else:
             shared = []
@@ -750,7 +757,7 @@ def model_fingerprint(model: nn.Module, module_names: list[str]) -> dict:
     else:
         digest = "no-config"
     modules = dict(model.named_modules())
-    return {"config": digest, "probes": {name: _probe(modules[name].weight) for name in module_names}}
+    return {"config": digest, "probes": {name: _probe(read_weight(modules[name])) for name in module_names}}
 
 
 def _probes_differ(theirs: list[float], ours: list[float]) -> bool:
@@ -766,6 +773,7 @@ def _device_of(sums: Mapping[str, torch.Tensor]) -> str:
 
 
 def _probe(weight: torch.Tensor) -> list[float]:
+    """A few entries of a dense (out, in) weight (:func:`sclora.layers.read_weight`), evenly spaced."""
     flat = weight.detach().reshape(-1)
     idx = torch.linspace(0, flat.numel() - 1, _PROBES_PER_MODULE, device=flat.device).long()
     return flat[idx].double().cpu().tolist()

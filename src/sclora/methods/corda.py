@@ -9,9 +9,10 @@ from peft import PeftModel
 from torch import nn
 
 from ..config import SCLoRAConfig
+from ..layers import read_weight
 from ..statistics import CovarianceStats, require_finite_weight
 from ..targets import resolve_targets
-from .residual import build_residual_adapter, require_coverage
+from .residual import build_residual_adapter, check_rank, require_coverage
 
 MODES = ("ipa", "kpa")
 #: the damping doubles at most this often (0.01 -> 0.01 * 2**30 of mean(diag C)) before CorDA gives up
@@ -70,10 +71,12 @@ def get_corda_model(
 ) -> PeftModel:
     """CorDA IPA (``stats`` of D+) or KPA (``stats`` of D-); ``stats`` must hold input covariances
     (``collect_covariances(..., side="input")``)."""
+    targets = resolve_targets(model, config.target_modules)
+    check_rank(targets, config.r)  # unsupported layers and ranks before the statistics are bound
     stats = stats.bind(model, check_fingerprint=check_fingerprint)
     require_coverage(model, config, stats, "D+" if mode == "ipa" else "D-")
-    for name, linear in resolve_targets(model, config.target_modules).items():  # before any layer is rewritten
-        require_finite_weight(name, linear.weight)
+    for name, linear in targets.items():  # before any layer is rewritten
+        require_finite_weight(name, read_weight(linear))
 
     def factors(name, weight, scaling):
         return corda_factors(weight, stats.input_covariance(name), config.r, scaling, mode, config.torch_dtype,

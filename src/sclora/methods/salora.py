@@ -31,10 +31,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..config import SCLoRAConfig
+from ..layers import read_weight
 from ..statistics import CovarianceStats, require_finite_weight
 from ..subspace import NonUniqueSubspaceWarning, sc_subspace
 from ..targets import resolve_targets
-from .residual import ADAPTER, adapter_layers, build_residual_adapter, require_coverage
+from .residual import ADAPTER, adapter_layers, build_residual_adapter, check_rank, require_coverage
 
 
 class SafetyProjection(nn.Module):
@@ -80,13 +81,14 @@ def get_salora_model(
 ) -> PeftModel:
     """SaLoRA from D+ (task) and D- (safety) statistics, output- or input-side (any normalization without
     per-sample scaling gives the authors' directions)."""
+    targets = resolve_targets(model, config.target_modules)
+    check_rank(targets, config.r)  # unsupported layers and ranks before the statistics are bound
     plus = plus_stats.bind(model, check_fingerprint=check_fingerprint)
     minus = minus_stats.bind(model, check_fingerprint=check_fingerprint)
     require_coverage(model, config, plus, "D+")
     require_coverage(model, config, minus, "D-")
-    targets = resolve_targets(model, config.target_modules)
     for name, linear in targets.items():  # before any layer is rewritten
-        require_finite_weight(name, linear.weight)
+        require_finite_weight(name, read_weight(linear))
 
     tied: dict[str, list[str]] = {"safety": [], "task": []}
 
@@ -102,7 +104,7 @@ def get_salora_model(
 
     # Every process finds every layer's safety directions (under torch.distributed a layer's factors come from
     # one process, but each needs C for its own copy of the layer).
-    safety = {name: directions(minus, name, linear.weight.detach(), config.salora_safety_rank, "safety")
+    safety = {name: directions(minus, name, read_weight(linear), config.salora_safety_rank, "safety")
               for name, linear in targets.items()}
 
     def factors(name, weight, scaling):

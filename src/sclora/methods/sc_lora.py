@@ -14,10 +14,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import SCLoRAConfig
+from ..layers import layer_dims, read_weight
 from ..statistics import PER_SAMPLE_NORMALIZATIONS, CovarianceStats, require_finite_weight
 from ..subspace import NonUniqueSubspaceWarning, check_betas, sc_lora_factors, sc_subspace
 from ..targets import resolve_targets
-from .residual import build_residual_adapter, require_coverage
+from .residual import build_residual_adapter, check_rank, require_coverage
 
 
 def get_sclora_model(
@@ -56,6 +57,8 @@ def get_sclora_model(
             "give one beta per knowledge set (a float for one set, a list for several)."
         )
     _check_comparable(plus_stats, minus_list, labels)
+    targets = resolve_targets(model, config.target_modules)
+    check_rank(targets, config.r)  # unsupported layers and ranks before the statistics are bound
     plus = plus_stats.bind(model, check_fingerprint=check_fingerprint)
     minus = [m.bind(model, check_fingerprint=check_fingerprint) for m in minus_list]
     tied: list[str] = []
@@ -63,8 +66,8 @@ def get_sclora_model(
     require_coverage(model, config, plus, "D+")
     for stats, label in zip(minus, labels):
         require_coverage(model, config, stats, label)
-    for name, linear in resolve_targets(model, config.target_modules).items():  # before any layer is rewritten
-        require_finite_weight(name, linear.weight)
+    for name, linear in targets.items():  # before any layer is rewritten
+        require_finite_weight(name, read_weight(linear))
 
     def factors(name, weight, scaling):
         covs, args = _module_covariances(plus, minus, name, weight)
@@ -149,7 +152,6 @@ def choose_beta(model: nn.Module, plus_stats: CovarianceStats,
     round moves none of them (at most ``max_rounds``): then every budget is met and lowering any one u_i by ``tol``
     misses that set's budget (the smallest weights, coordinate by coordinate). The first round costs about as
     much as a single-set search per set; each later one about 2 decompositions per set."""
-    from ..config import LLAMA_TARGET_MODULES
     from ..subspace import captured_energy, sc_subspace
 
     several = not isinstance(minus_stats, CovarianceStats)
@@ -160,16 +162,17 @@ def choose_beta(model: nn.Module, plus_stats: CovarianceStats,
                         "sclora.collect_covariances.")
     labels = ["D-"] if not several else [f"D-_{i}" for i in range(len(minus_list))]
     _check_comparable(plus_stats, minus_list, labels)
+    targets = resolve_targets(model, target_modules)
+    check_rank(targets, r)
     plus, minus = plus_stats.bind(model), [m.bind(model) for m in minus_list]
-    targets = resolve_targets(model, LLAMA_TARGET_MODULES if target_modules is None else target_modules)
     for name, linear in targets.items():
-        require_finite_weight(name, linear.weight)
+        require_finite_weight(name, read_weight(linear))
     tried: list[tuple] = []
 
     def shares(betas: list[float]) -> tuple[list[float], float]:
         kept: list[list[float]] = [[] for _ in range(len(minus) + 1)]  # D-_1.., then D+
         for name, linear in targets.items():  # one module's covariances at a time: no copy of every module held
-            covs, args = _module_covariances(plus, minus, name, linear.weight.detach())
+            covs, args = _module_covariances(plus, minus, name, read_weight(linear))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NonUniqueSubspaceWarning)  # ties do not change the kept energy
                 q = sc_subspace(covs[0], covs[1:], betas, r, dtype=dtype, solver=solver, **args)
@@ -314,5 +317,9 @@ def _sparse_negative_modules(model, config: SCLoRAConfig, minus: list[Covariance
     if 1.0 - sum(betas) >= 1e-3:
         return []
     tokens = _active_tokens(betas, minus)
-    return [(n, m.out_features, m.in_features) for n, m in resolve_targets(model, config.target_modules).items()
-            if min(tokens, m.in_features if m.bias is None else m.out_features) < m.out_features - config.r]
+    out = []
+    for n, m in resolve_targets(model, config.target_modules).items():
+        d_in, d_out = layer_dims(m)
+        if min(tokens, d_in if m.bias is None else d_out) < d_out - config.r:
+            out.append((n, d_out, d_in))
+    return out
