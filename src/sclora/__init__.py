@@ -20,7 +20,10 @@ from .methods import (
     get_sclora_model,
     init_model,
 )
+from .data import load_examples
+from .registry import METHOD_SPECS, methods_table
 from .statistics import CovarianceStats, collect_covariances
+from .statistics_cache import statistics_batches
 from .subspace import (
     NonUniqueSubspaceWarning,
     captured_energy,
@@ -29,33 +32,45 @@ from .subspace import (
     sc_lora_factors,
     sc_subspace,
 )
+from .train import TrainConfig, TrainResult, train
+from .workflow import FinetuneResult, finetune, suggest_train_config
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LLAMA_TARGET_MODULES",
     "METHODS",
+    "METHOD_SPECS",
     "BetaChoice",
     "CovarianceStats",
+    "FinetuneResult",
     "NonUniqueSubspaceWarning",
     "SCLoRAConfig",
+    "TrainConfig",
+    "TrainResult",
     "captured_energy",
     "choose_beta",
     "collect_covariances",
     "delta_covariance",
     "export_lora",
+    "finetune",
     "get_corda_model",
     "get_lora_model",
     "get_salora_model",
     "get_sclora_model",
     "init_model",
+    "load_examples",
     "merge_and_save",
+    "methods_table",
     "models",
     "remember_initial_adapter",
     "reward",
     "save_initial_adapter",
     "sc_lora_factors",
     "sc_subspace",
+    "statistics_batches",
     "subspace_energy",
+    "suggest_train_config",
     "summarize_energy",
+    "train",
 ]

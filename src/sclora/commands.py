@@ -192,6 +192,7 @@ def _finetune(args) -> int:
     from .workflow import finetune
     from .models import model_identity
 
+    _config(args, "sclora finetune")  # bad values before any data is read
     given = {"max_length": args.seq_len, "seed": args.seed, **_train_values(args, "sclora finetune")}
     examples = _data(args.data, args.seed, "sclora finetune --data")
     args.plus, args.minus = args.plus or args.data, args.preserve

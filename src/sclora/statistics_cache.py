@@ -58,7 +58,7 @@ def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
             backend.enable_truncation(**truncation)
 
 
-def statistics_batches(tokenizer, examples: list[dict], seq_len: int, batch_size: int) -> Batches:
+def statistics_batches(tokenizer, examples: list[dict], seq_len: int = 256, batch_size: int = 8) -> Batches:
     """Examples rendered as training renders them (:func:`sclora.chat.render_example`: prompt + response through
     the chat template, a conversation through it, or plain text), right-padded / truncated to ``seq_len`` tokens.
     The number of truncated examples is counted (``.truncated``), never silent."""
