@@ -79,3 +79,11 @@ def test_yaml_runs_take_every_init_field_but_the_experiments_own():
 
     assert {f.name for f in fields(SCLoRAConfig)} - RUN_KEYS == {"target_modules", "dtype"}
     assert {"eigen_solver", "quantize_residual", "use_rslora", "learning_rate", "num_epochs"} <= RUN_KEYS
+
+
+def test_the_readme_methods_table_is_the_registrys():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = text.split("<!-- methods-table -->\n", 1)[1].split("\n<!-- /methods-table -->", 1)[0]
+    assert block.strip() == methods_table().strip()

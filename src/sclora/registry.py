@@ -33,26 +33,30 @@ class MethodSpec:
     residual: bool = False
     #: True: D- may be several knowledge sets, with one beta (or budget) each
     several_sets: bool = False
-    #: the PEFT ``init_lora_weights`` value this method equals (tested), or None where PEFT has none
+    #: the PEFT ``init_lora_weights`` value (and options) this method equals (tested), or None where PEFT has none
     peft: str | None = None
+    #: what it is tested against where PEFT has no such init
+    reference: str = ""
     #: whether a LoRA adapter is built (False: full fine-tuning)
     adapter: bool = True
 
 
 METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("sc_lora", "SC-LoRA: the subspace of D+'s outputs that D-'s avoid (Algorithm 1)", "build_sc_lora",
-               needs=("plus", "minus"), side="output", residual=True, several_sets=True),
+               needs=("plus", "minus"), side="output", residual=True, several_sets=True,
+               reference="the paper's Theorems 1-2 and Eq. 6-8 in float64"),
     MethodSpec("lora", "vanilla LoRA: Kaiming-uniform A, zero B", "build_lora", peft="True"),
-    MethodSpec("pissa", "PiSSA: the top-r singular directions of W", "build_lora", residual=True, peft="pissa"),
-    MethodSpec("olora", "OLoRA: the QR decomposition of W", "build_lora", residual=True, peft="olora"),
+    MethodSpec("pissa", "PiSSA: the top-r singular directions of W", "build_lora", residual=True, peft='"pissa"'),
+    MethodSpec("olora", "OLoRA: the QR decomposition of W", "build_lora", residual=True, peft='"olora"'),
     MethodSpec("eva", "EVA: the top singular directions of D+'s layer inputs, ranks redistributed", "build_eva",
-               needs=("plus",), data_form="batches", peft="eva"),
+               needs=("plus",), data_form="batches", peft='"eva"'),
     MethodSpec("corda_ipa", "CorDA IPA: the first r components of W C (C: D+'s input covariance)", "build_corda",
-               needs=("plus",), side="input", normalize="abs_of_max", residual=True, peft="corda (ipm)"),
+               needs=("plus",), side="input", normalize="abs_of_max", residual=True, peft='"corda", corda_method="ipm"'),
     MethodSpec("corda_kpa", "CorDA KPA: the last r components of W C (C: D-'s input covariance)", "build_corda",
-               needs=("minus",), side="input", normalize="abs_of_max", residual=True, peft="corda (kpm)"),
+               needs=("minus",), side="input", normalize="abs_of_max", residual=True, peft='"corda", corda_method="kpm"'),
     MethodSpec("salora", "SaLoRA: a fixed module removing D-'s output directions, B0 on D+'s", "build_salora",
-               needs=("plus", "minus"), side="output", residual=True),
+               needs=("plus", "minus"), side="output", residual=True,
+               reference="the authors' code (a float64 rewrite of their formulas)"),
     MethodSpec("full", "full fine-tuning: every weight trains, no adapter", "build_full", adapter=False),
 )}
 
@@ -73,6 +77,6 @@ def methods_table() -> str:
     for s in METHOD_SPECS.values():
         data = ", ".join({"plus": "D+", "minus": "D-"}[n] for n in s.needs) or "none"
         stats = f"{s.side}-side, normalize={s.normalize}" if s.side else ("batches" if s.needs else "-")
-        equal = f"PEFT `init_lora_weights={s.peft}`" if s.peft else ("the authors' formulas" if s.adapter else "-")
+        equal = f"PEFT `init_lora_weights={s.peft}`" if s.peft else (s.reference or "-")
         rows.append(f"| `{s.name}` | {s.summary} | {data} | {stats} | {equal} |")
     return "\n".join(rows)

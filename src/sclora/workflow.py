@@ -24,6 +24,7 @@ from torch import nn
 
 from . import distributed
 from .config import SCLoRAConfig
+from .diagnostics import logit_drift
 from .fileio import atomic_dir, atomic_write_json, digest
 from .registry import method_spec
 from .train import TrainConfig, TrainResult, train
@@ -203,7 +204,7 @@ def finetune(
     model = init_model(model, config, plus=data_args.get("plus"), minus=data_args.get("minus"),
                        show_progress=show_progress)
     init_seconds = time.perf_counter() - start
-    drift = _drift(before, _logits(model, probe), probe["attention_mask"]) if probe is not None else None
+    drift = logit_drift(before, _logits(model, probe), probe["attention_mask"]) if probe is not None else None
     energy = {}
     if hasattr(model, "peft_config") and spec.residual and "plus" in stats:
         from .diagnostics import subspace_energy, summarize_energy
@@ -286,15 +287,6 @@ def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
     device = next(model.parameters()).device
     return model(input_ids=batch["input_ids"].to(device),
                  attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
-
-
-def _drift(before: torch.Tensor, after: torch.Tensor, mask: torch.Tensor) -> dict:
-    """max |delta logit| and the mean KL(before || after) of the next-token distributions, over the real
-    (unpadded) tokens, in float64."""
-    keep = mask.bool()
-    p, q = before[keep].double(), after[keep].double()
-    kl = (p.softmax(-1) * (p.log_softmax(-1) - q.log_softmax(-1))).sum(-1)
-    return {"max_abs_logit": float((p - q).abs().max()), "kl": float(kl.mean())}
 
 
 def loss_fell(history: Sequence[tuple[int, float]]) -> bool | None:
