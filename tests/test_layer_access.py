@@ -8,10 +8,18 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from sclora.layers import check_supported, layer_dims, layer_kind, read_weight, write_weight
+from sclora.layers import (
+    check_supported,
+    cpu_kernel_fits,
+    layer_dims,
+    layer_kind,
+    read_weight,
+    without_cpu_repacking,
+    write_weight,
+)
 
 bnb = pytest.importorskip("bitsandbytes", reason="the quantized layouts need bitsandbytes (dev extra)")
-import bitsandbytes.functional as F  # noqa: E402
+import bitsandbytes.functional as F
 
 D_IN, D_OUT = 128, 64
 X = torch.randn(5, D_IN, generator=torch.Generator().manual_seed(0))
@@ -157,15 +165,31 @@ def test_unsupported_layouts_are_refused_by_name_before_any_work():
         "linear", "conv1d", "4bit", "8bit", None]
 
 
-def test_4bit_shapes_the_cpu_kernel_cannot_run_are_refused_with_the_way_out():
-    layer = bnb.nn.Linear4bit(96, 64, bias=False, quant_type="nf4", device="meta")  # in_features not a multiple of 64
+def test_a_4bit_shape_the_cpu_kernel_cannot_run_is_written_onto_the_generic_path():
+    layer = bnb.nn.Linear4bit(96, 64, bias=False, quant_type="nf4", device="meta")  # in_features: no multiple of 64
     layer.weight = bnb.nn.Params4bit(torch.randn(64, 96), requires_grad=False, quant_type="nf4", module=layer)
-    layer = layer.to("cpu")
-    if not layer.support_avx512bf16_for_cpu:
-        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes' generic CPU path runs any shape")
-    with pytest.raises(ValueError, match="divisible by the block size.*support_avx512bf16_for_cpu = False"):
-        check_supported({"down_proj": layer})
-    layer.support_avx512bf16_for_cpu = False  # the way out the message names
-    check_supported({"down_proj": layer})
+    layer = layer.to("cpu").eval()
+    assert not cpu_kernel_fits(layer) and cpu_kernel_fits(linear4bit())
+    check_supported({"down_proj": layer})  # sclora reads and writes it
+    new = torch.randn(64, 96) * 0.1
+    write_weight(layer, new)
+    assert not layer.support_avx512bf16_for_cpu  # else bitsandbytes' own forward fails with a reshape error
+    x = torch.randn(2, 96)
     with torch.no_grad():
-        layer(torch.randn(2, 96))
+        torch.testing.assert_close(layer(x).double(), x.double() @ read_weight(layer, torch.float64).T,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_without_cpu_repacking_leaves_the_storage_as_it_was():
+    layer = linear4bit(cpu_kernel=True)
+    if not layer.support_avx512bf16_for_cpu:
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack 4-bit weights here")
+    model = nn.Sequential(layer)
+    stored = layer.weight.data.clone()
+    with without_cpu_repacking(model), torch.no_grad():
+        out = model(X)
+    assert torch.equal(layer.weight.data, stored) and not getattr(layer.weight.quant_state, "packing_format_for_cpu",
+                                                                  False)
+    assert layer.support_avx512bf16_for_cpu  # restored
+    torch.testing.assert_close(out.double(), X.double() @ read_weight(layer, torch.float64).T + 0.1,
+                               rtol=1e-5, atol=1e-5)  # the generic path: float32 matmuls

@@ -5,6 +5,11 @@ A residual-form init replaces W0 by W_res = W0 - s B0 A0. After training to (A, 
 computes W_res + s B A = W0 + s (B A - B0 A0) = W0 + B' A' with the rank-2r factors
 A' = [A; A0], B' = s [B, -B0] and scaling 1 (lora_alpha = r' = 2r). This is PEFT's own
 "convert to LoRA" identity, written out so that it also holds for rsLoRA and any alpha.
+
+The factors are PEFT's (A: r x in, B: out x r) for every layer layout, so the same file serves transformers'
+Conv1D (GPT-2; the adapter config keeps ``fan_in_fan_out=True``) and quantized bases. On a base loaded quantized
+(bitsandbytes), the adapter is for that quantized base: there W0 is its dequantized weight, and the trained model,
+whose W_res was requantized at init, differs from base + adapter by that requantization only.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ Layouts handled:
   statistics): read by dequantizing with the layer's ``quant_state``; written by quantizing the new dense weight
   into a new ``Params4bit`` with the same quant type, block size, nested statistics, storage dtype and original
   dtype. On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its CPU kernel at the first inference
-  forward (bf16 block scales, another nibble order); that layout is read as the forward uses it.
+  forward (bf16 block scales, another nibble order); that layout is read as the forward uses it. A written layer
+  whose shape that kernel cannot run (:func:`cpu_kernel_fits`) is left on bitsandbytes' generic path.
 * bitsandbytes ``Linear8bitLt`` (``Int8Params``, LLM.int8()): read as ``CB * SCB / 127`` (row-wise absmax
   scales); written by row-wise int8 quantization of the new weight, as bitsandbytes quantizes a loaded one.
 
@@ -19,13 +20,15 @@ Writing keeps the module object (PEFT's LoRA wrapper holds it as its base layer)
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
 import torch
 from torch import nn
 
-__all__ = ["check_supported", "is_quantized", "layer_dims", "layer_kind", "quantize_4bit_like", "read_weight",
-           "write_weight"]
+__all__ = ["check_supported", "cpu_kernel_fits", "dequantize_4bit", "is_quantized", "layer_dims", "layer_kind",
+           "quantize_4bit_like", "read_weight", "without_cpu_repacking", "write_weight"]
 
 SUPPORTED = "torch.nn.Linear, transformers' Conv1D, bitsandbytes Linear4bit (NF4 / FP4) and Linear8bitLt"
 
@@ -78,7 +81,7 @@ def read_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Te
     elif kind == "conv1d":
         weight = module.weight.detach().T
     elif kind == "4bit":
-        weight = _dequantize_4bit(module.weight)
+        weight = dequantize_4bit(module.weight)
     elif kind == "8bit":
         weight = _dequantize_8bit(module)
     else:
@@ -102,6 +105,8 @@ def write_weight(module: nn.Module, weight: torch.Tensor) -> None:
     elif kind == "4bit":
         old = module.weight
         module.weight = quantize_4bit_like(weight, old, module=module)
+        if getattr(module, "support_avx512bf16_for_cpu", False) and not cpu_kernel_fits(module):
+            module.support_avx512bf16_for_cpu = False  # bitsandbytes' generic path: the CPU kernel fails on it
     elif kind == "8bit":
         _write_8bit(module, weight)
     else:
@@ -141,9 +146,6 @@ def _unsupported(module: nn.Module) -> str | None:
             return "has its weight on the meta device: load the model fully onto devices before initializing."
         if state.quant_type not in ("nf4", "fp4"):
             return f"uses the 4-bit quant type {state.quant_type!r}; sclora handles 'nf4' and 'fp4'."
-        problem = _cpu_kernel_problem(module, state)
-        if problem is not None:
-            return problem
         return None
     # 8-bit
     if getattr(module.state, "has_fp16_weights", False):
@@ -158,28 +160,40 @@ def _unsupported(module: nn.Module) -> str | None:
     return None
 
 
-def _cpu_kernel_problem(module: nn.Module, state) -> str | None:
-    """bitsandbytes' CPU inference kernel (AVX512-BF16 CPUs) repacks the 4-bit weight at the first forward and
-    needs out_features divisible by 32 and in_features by the block size; otherwise the model's own forward
-    fails with a reshape error. Say so before anything runs."""
-    if module.weight.device.type != "cpu" or not getattr(module, "support_avx512bf16_for_cpu", False):
-        return None
+def cpu_kernel_fits(module: nn.Module) -> bool:
+    """Whether bitsandbytes' AVX512-BF16 CPU kernel can run this 4-bit layer: it repacks the weight at the first
+    inference forward and needs out_features divisible by 32 and in_features by the block size (bitsandbytes 0.50
+    fails with a reshape error otherwise, e.g. a 160 -> 64 down_proj)."""
+    state = module.weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
-        return None
+        return True
     d_out, d_in = state.shape
-    if d_out % 32 == 0 and d_in % state.blocksize == 0:
-        return None
-    return (f"is a {d_in} -> {d_out} 4-bit layer with block size {state.blocksize} on the CPU, and bitsandbytes' CPU "
-            f"kernel (this CPU has AVX512-BF16) needs out_features divisible by 32 and in_features divisible by the "
-            f"block size: the model's own forward fails with a reshape error. Run the model on a GPU, or set "
-            f"`layer.support_avx512bf16_for_cpu = False` on such layers (bitsandbytes' generic CPU path), or "
-            "leave it out of target_modules.")
+    return d_out % 32 == 0 and d_in % state.blocksize == 0
+
+
+@contextmanager
+def without_cpu_repacking(model: nn.Module) -> Iterator[None]:
+    """Run the model's 4-bit layers on bitsandbytes' generic path (dequantize, then a matmul in the compute dtype)
+    instead of its AVX512-BF16 CPU kernel, which repacks each weight in place at its first inference forward.
+    bitsandbytes 0.50's ``state_dict()`` unpacks such a weight again but leaves its block scales transposed, so a
+    4-bit layer whose in_features exceed the block size computes with scrambled scales after any later save: sclora's
+    own forward passes (statistics) leave the layers' storage as it was. A no-op without such layers."""
+    bnb = _bnb()
+    layers = [] if bnb is None else [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)
+                                     and getattr(m, "support_avx512bf16_for_cpu", False)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.support_avx512bf16_for_cpu = True
 
 
 # --- 4-bit ---------------------------------------------------------------------------------------------------
 
 
-def _dequantize_4bit(weight) -> torch.Tensor:
+def dequantize_4bit(weight) -> torch.Tensor:
     """The dense (out, in) weight a Params4bit stands for, in its quant_state's dtype."""
     import bitsandbytes.functional as F
 

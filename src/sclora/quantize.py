@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layers import dequantize_4bit, layer_dims, layer_kind, quantize_4bit_like, read_weight
+
 __all__ = ["QUANT_TYPES", "quantization_error", "quantize_frozen_linears"]
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -29,9 +31,10 @@ def _bnb():
 
 def quantize_frozen_linears(model: nn.Module, quant_type: str = "nf4", *, compute_dtype: torch.dtype | None = None,
                             skip: tuple[str, ...] = ("lm_head",)) -> dict:
-    """Replace, in place, every ``nn.Linear`` whose weight does not train (the base layers under LoRA, and the
-    layers no adapter targets; not the modules named in ``skip``, e.g. the output head) by a bitsandbytes 4-bit
-    layer of the same weight. Returns ``{"layers": n, "bytes_before": b0, "bytes_after": b1}`` (weights only)."""
+    """Replace, in place, every float linear layer (``nn.Linear``, transformers' ``Conv1D``) whose weight does not
+    train (the base layers under LoRA, and the layers no adapter targets; not the modules named in ``skip``, e.g.
+    the output head) by a bitsandbytes 4-bit layer of the same (out, in) weight. Returns ``{"layers": n,
+    "bytes_before": b0, "bytes_after": b1}`` (weights only)."""
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}.")
     bnb = _bnb()
@@ -39,18 +42,20 @@ def quantize_frozen_linears(model: nn.Module, quant_type: str = "nf4", *, comput
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if type(child) is not nn.Linear or child.weight.requires_grad or any(full.endswith(s) for s in skip):
+            dense = type(child) is nn.Linear or layer_kind(child) == "conv1d"
+            if not dense or child.weight.requires_grad or any(full.endswith(s) for s in skip):
                 continue
             if "lora_" in full:  # PEFT's own factor layers are nn.Linear too; they stay as they are
                 continue
             dtype = compute_dtype or child.weight.dtype
-            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=dtype, quant_type=quant_type, device="meta")
-            layer.weight = bnb.nn.Params4bit(child.weight.data.to(torch.float32).contiguous(), requires_grad=False,
-                                             quant_type=quant_type, compress_statistics=False)  # transformers' default
+            d_in, d_out = layer_dims(child)
+            layer = bnb.nn.Linear4bit(d_in, d_out, bias=child.bias is not None, compute_dtype=dtype,
+                                      quant_type=quant_type, device="meta")
+            layer.weight = quantize_4bit_like(read_weight(child), module=layer, quant_type=quant_type,
+                                              compress_statistics=False,  # transformers' default
+                                              dtype=torch.float32, device=child.weight.device)
             if child.bias is not None:
                 layer.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
-            layer = layer.to(child.weight.device)  # quantizes
             before += child.weight.numel() * child.weight.element_size()
             after += layer.weight.numel() * layer.weight.element_size() + _state_bytes(layer.weight.quant_state)
             setattr(parent, child_name, layer)
@@ -71,10 +76,7 @@ def _state_bytes(state) -> int:
 
 def quantization_error(weight: torch.Tensor, quant_type: str = "nf4") -> float:
     """||Q(W) - W||_F / ||W||_F for bitsandbytes' 4-bit round trip of ``weight`` (0: lossless)."""
-    import bitsandbytes.functional as F
-
     _bnb()
     w = weight.detach().to(torch.float32).contiguous()
-    packed, state = F.quantize_4bit(w, quant_type=quant_type)
-    back = F.dequantize_4bit(packed, state, quant_type=quant_type)
+    back = dequantize_4bit(quantize_4bit_like(w, quant_type=quant_type))
     return ((back - w).norm() / w.norm().clamp_min(torch.finfo(w.dtype).tiny)).item()

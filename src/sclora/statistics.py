@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .fileio import atomic_path
-from .layers import check_supported, layer_dims, read_weight
+from .layers import check_supported, layer_dims, read_weight, without_cpu_repacking
 from .memory import release_freed_memory
 from .targets import find_linear_modules, resolve_targets
 
@@ -709,7 +709,7 @@ def _forward_fn(model: nn.Module, targets: dict[str, nn.Module], autocast: torch
         if takes_positions:  # positions count real tokens only, so left padding changes nothing (as in generate)
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
         half = torch.autocast(batch["input_ids"].device.type, dtype=autocast) if autocast else nullcontext()
-        with half:
+        with half, without_cpu_repacking(model):  # 4-bit layers keep their storage layout (sclora.layers)
             runner(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **kwargs)
 
     return forward
