@@ -201,3 +201,30 @@ def test_several_processes_are_refused_on_a_quantized_base(folder, monkeypatch):
     with pytest.raises(ValueError, match="quantized .*several processes"):
         build_residual_adapter(model, SCLoRAConfig(r=R, target_modules=None), lambda *a: None, show_progress=False)
     assert formats(model) and not hasattr(model, "peft_config")  # untouched
+
+
+def test_quantize_residual_stores_conv1d_bases_in_4bit_as_their_out_by_in_weight():
+    """quantize_frozen_linears (quantize_residual="nf4") on GPT-2: each frozen Conv1D becomes a Linear4bit of its
+    (out, in) weight; the model computes exactly with the dequantized residuals."""
+    import bitsandbytes.functional as F
+    from test_families import tiny
+
+    from sclora.quantize import quantize_frozen_linears
+
+    model = sclora.init_model(tiny("gpt2"), SCLoRAConfig(r=R, target_modules=None, beta=0.5), plus=PLUS, minus=MINUS,
+                              show_progress=False)
+    reference = copy.deepcopy(model)
+    info = quantize_frozen_linears(model, "nf4")
+    assert info["layers"] == 8
+    for (name, layer), (_, conv) in zip(model.named_modules(), reference.named_modules()):
+        if name.endswith("base_layer"):
+            assert isinstance(layer, bnb.nn.Linear4bit) and (layer.in_features, layer.out_features) == (
+                conv.weight.shape[0], conv.nf)
+            w = conv.weight.detach().T.contiguous()
+            conv.weight.data = F.dequantize_4bit(*F.quantize_4bit(w, quant_type="nf4"), quant_type="nf4").T.contiguous()
+            assert torch.equal(read_weight(layer), conv.weight.T)
+    for m in model.modules():  # float32 matmuls, comparable with the reference's
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    got, want = run(model), run(reference)
+    assert max((g - w).abs().max().item() for g, w in zip(got, want)) <= 1e-5 * want[0].abs().max()

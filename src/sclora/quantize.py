@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import dequantize_4bit, layer_dims, layer_kind, quantize_4bit_like, read_weight
+from .layers import cpu_kernel_fits, dequantize_4bit, layer_dims, layer_kind, quantize_4bit_like, read_weight
 
 __all__ = ["QUANT_TYPES", "quantization_error", "quantize_frozen_linears"]
 
@@ -56,6 +56,8 @@ def quantize_frozen_linears(model: nn.Module, quant_type: str = "nf4", *, comput
                                               dtype=torch.float32, device=child.weight.device)
             if child.bias is not None:
                 layer.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            if getattr(layer, "support_avx512bf16_for_cpu", False) and not cpu_kernel_fits(layer):
+                layer.support_avx512bf16_for_cpu = False  # bitsandbytes' CPU kernel fails on this shape
             before += child.weight.numel() * child.weight.element_size()
             after += layer.weight.numel() * layer.weight.element_size() + _state_bytes(layer.weight.quant_state)
             setattr(parent, child_name, layer)
