@@ -21,17 +21,17 @@ from sclora.methods.residual import get_pissa_model
 from sclora.targets import resolve_targets
 
 R = 4
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64)
+COMMON = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
 FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False)),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8, tie_word_embeddings=False)),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False)),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=8, query_pre_attn_scalar=8)),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0, tie_word_embeddings=False)),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                                   bos_token_id=1, eos_token_id=1)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": False}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": False}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8, "tie_word_embeddings": False}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"tie_word_embeddings": False}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "query_pre_attn_scalar": 8}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "tie_word_embeddings": False}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"vocab_size": VOCAB, "n_embd": 32, "n_layer": 2, "n_head": 4,
+                                               "n_positions": 64, "bos_token_id": 1, "eos_token_id": 1}),
 }
 #: the target layers' leaf names of each family (every linear layer but the head)
 LEAVES = {"llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
@@ -104,6 +104,15 @@ def test_sc_lora_keeps_the_function_at_init_and_the_export_runs_on_the_untouched
     sclora.export_lora(model, tmp_path / "adapter")
     vanilla = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
     assert (logits(vanilla) - trained).abs().max() <= 1e-4 * trained.abs().max()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_salora_keeps_the_function_at_init(family):
+    base = tiny(family, seed=4)
+    before = logits(base)
+    model = sclora.init_model(copy.deepcopy(base), config("salora", salora_safety_rank=4, salora_task_rank=8),
+                              plus=random_batches(seed=1), minus=random_batches(seed=2), show_progress=False)
+    assert (logits(model) - before).abs().max() <= 1e-5 * before.abs().max()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -186,15 +195,14 @@ def test_lora_wraps_the_same_layers_as_the_residual_inits():
 
 def write_jsonl(path, rows):
     with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_finetune_runs_from_files_to_an_adapter(family, tmp_path):
     from peft import PeftModel
 
-    words = "paris rome berlin one two three four five six seven eight nine ten".split()
+    words = ["paris", "rome", "berlin", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
     folder = tmp_path / "model"
     tiny(family, seed=3).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)

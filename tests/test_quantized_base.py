@@ -88,11 +88,11 @@ def dense_copy(folder, quantized) -> torch.nn.Module:
 def init(model, method: str, **kwargs):
     if method == "pissa":  # PEFT refuses PiSSA on bitsandbytes layers; sclora's residual path runs it
         return get_pissa_model(model, SCLoRAConfig(method="pissa", r=R, target_modules=None), show_progress=False)
-    return sclora.init_model(model, SCLoRAConfig(method=method, r=R, target_modules=None, beta=0.5), plus=PLUS,
-                             minus=MINUS, show_progress=False, **kwargs)
+    config = SCLoRAConfig(method=method, r=R, target_modules=None, beta=0.5, salora_safety_rank=4, salora_task_rank=8)
+    return sclora.init_model(model, config, plus=PLUS, minus=MINUS, show_progress=False, **kwargs)
 
 
-@pytest.mark.parametrize("method", ["sc_lora", "corda_ipa", "corda_kpa", "pissa"])
+@pytest.mark.parametrize("method", ["sc_lora", "corda_ipa", "corda_kpa", "pissa", "salora"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_init_requantizes_the_residual_in_the_layers_format_and_drifts_like_one_quantization(folder, layout, method):
     base = load(folder, layout)
@@ -228,3 +228,33 @@ def test_quantize_residual_stores_conv1d_bases_in_4bit_as_their_out_by_in_weight
             m.support_avx512bf16_for_cpu = False
     got, want = run(model), run(reference)
     assert max((g - w).abs().max().item() for g, w in zip(got, want)) <= 1e-5 * want[0].abs().max()
+
+
+def test_logit_drift_is_max_abs_logit_and_mean_kl_over_real_tokens():
+    g = torch.Generator().manual_seed(0)
+    before, after = torch.randn(2, 3, 5, generator=g, dtype=torch.float64), torch.randn(2, 3, 5, generator=g,
+                                                                                          dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    p, q = before.softmax(-1), after.softmax(-1)
+    kl = [(p[i, j] * (p[i, j] / q[i, j]).log()).sum().item() for i, j in ((0, 0), (0, 1), (1, 0))]
+    got = logit_drift(before.float(), after.float(), mask)
+    assert got["tokens"] == 3 and abs(got["kl"] - sum(kl) / 3) < 1e-6
+    assert abs(got["max_abs_logit"] - max((before[i, j] - after[i, j]).abs().max().item()
+                                          for i, j in ((0, 0), (0, 1), (1, 0)))) < 1e-6
+    assert logit_drift([before], [before], [mask]) == {"max_abs_logit": 0.0, "kl": 0.0, "tokens": 3}
+    with pytest.raises(ValueError, match="differ in shape"):
+        logit_drift(before, after[:, :2])
+    with pytest.raises(ValueError, match="masked out"):
+        logit_drift(before, after, torch.zeros(2, 3))
+
+
+def test_subspace_energy_on_a_quantized_base(folder):
+    base = load(folder, "nf4")
+    plus = sclora.collect_covariances(base, PLUS, show_progress=False)
+    minus = sclora.collect_covariances(base, MINUS, show_progress=False)
+    model = sclora.get_sclora_model(base, SCLoRAConfig(r=R, target_modules=None, beta=0.9), plus, minus,
+                                    show_progress=False)
+    rows = sclora.subspace_energy(model, plus, minus)  # W0 rebuilt as Q(W_res) + s B A: shape-checked only
+    assert len(rows) == 14 and all(0 <= r["plus"] <= 1 and 0 <= r["minus"] <= 1 for r in rows)
+    summary = sclora.summarize_energy(rows)["overall"]
+    assert summary["minus"] < summary["plus"]  # beta = 0.9 leans away from D-
