@@ -6,6 +6,7 @@ from __future__ import annotations
 from itertools import pairwise
 
 import pytest
+import torch
 from conftest import random_batches, tiny_llama
 
 import sclora
@@ -64,8 +65,9 @@ def test_beta_auto_in_the_config(setup):
     model = sclora.get_sclora_model(tiny_llama(seed=8), sclora.SCLoRAConfig(r=3, beta="auto", preserve_budget=0.2,
                                                                           target_modules=TARGETS),
                                     plus, minus, show_progress=False)
-    choice = model.sclora_beta_choice
+    choice = sclora.choose_beta(tiny_llama(seed=8), plus, minus, r=3, budget=0.2, target_modules=TARGETS)
     assert choice.minus_energy <= 0.2 and minus_share(plus, minus, choice.beta) <= 0.2 + 1e-9
+    assert_same_adapter(model, plus, minus, choice.beta)  # beta="auto" is SC-LoRA at the chosen beta
 
 
 @pytest.fixture(scope="module")
@@ -136,5 +138,15 @@ def test_budgets_must_match_the_knowledge_sets_and_auto_takes_a_list(two_sets):
     model = sclora.get_sclora_model(tiny_llama(seed=8), sclora.SCLoRAConfig(r=3, beta="auto", preserve_budget=budgets,
                                                                           target_modules=TARGETS),
                                     plus, minus_list, show_progress=False)
-    choice = model.sclora_beta_choice
+    choice = sclora.choose_beta(tiny_llama(seed=8), plus, minus_list, r=3, budget=budgets, target_modules=TARGETS)
+    assert_same_adapter(model, plus, minus_list, list(choice.beta))
     assert all(k <= b + 1e-9 for k, b in zip(minus_shares(plus, minus_list, choice.beta), budgets))
+
+
+def assert_same_adapter(model, plus, minus, beta):
+    """``model``'s adapter is SC-LoRA's at ``beta`` (the same B = Q in every layer)."""
+    explicit = sclora.get_sclora_model(tiny_llama(seed=8), sclora.SCLoRAConfig(r=3, beta=beta, target_modules=TARGETS),
+                                       plus, minus, show_progress=False)
+    got = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    want = dict(explicit.named_parameters())
+    assert got and all(torch.equal(p, want[n]) for n, p in got.items())

@@ -125,7 +125,7 @@ def test_dry_run_and_multi_knowledge_validation(setup, capsys):
     config["minus"] = [{"kind": "trivia", "n": 8, "offset": 8}, {"kind": "harmful", "n": 8, "response": "refusal"}]
     config["runs"] = [{"method": "sc_lora", "beta": 0.5}]
     config_path.write_text(yaml.safe_dump(config))
-    with pytest.raises(ValueError, match="list of 2 weights"):
+    with pytest.raises(ValueError, match=r"has 1 value\(s\) but 2 knowledge set"):
         load_config(config_path)
     config["runs"] = [{"method": "sc_lora", "beta": [0.3, 0.4]}]
     config_path.write_text(yaml.safe_dump(config))
@@ -136,7 +136,7 @@ def test_dry_run_and_multi_knowledge_validation(setup, capsys):
         cli.main(["run", str(config_path)])
     config["runs"] = [{"method": "sc_lora", "beta": "auto", "preserve_budget": 0.1}]
     config_path.write_text(yaml.safe_dump(config))
-    with pytest.raises(ValueError, match="one preserve_budget per knowledge set"):
+    with pytest.raises(ValueError, match=r"preserve_budget=0.1 has 1 value\(s\) but 2 knowledge set\(s\).*one preserve_budget per set"):
         load_config(config_path)
     config["runs"] = [{"method": "sc_lora", "beta": "auto", "preserve_budget": [0.1, 0.05]}]
     config_path.write_text(yaml.safe_dump(config))
@@ -195,7 +195,7 @@ def test_diagnose_command_and_two_knowledge_sets(setup, monkeypatch):
     assert [e["minus_1"] for e in first] != [e["minus_1"] for e in both]  # the weights change the subspace
     config["runs"] = [{"method": "corda_kpa"}]
     config_path.write_text(yaml.safe_dump(config))
-    with pytest.raises(ValueError, match="corda_kpa preserves a single"):
+    with pytest.raises(ValueError, match="corda_kpa preserves one knowledge set but 2 were given"):
         load_config(config_path)
 
 
@@ -313,7 +313,7 @@ def test_a_run_may_use_another_normalization_of_the_same_statistics(setup):
     names = sorted(p.name.rsplit("-", 1)[0] for p in (out / "stats").glob("*.safetensors"))
     assert names == ["minus-output-raw", "plus-output-raw"]  # no second pass
     config["runs"] = [{"method": "sc_lora", "beta": 0.5, "normalize": "l2"}]
-    with pytest.raises(ValueError, match="Unknown normalize 'l2'"):
+    with pytest.raises(ValueError, match="normalize must be one of .* got 'l2'"):
         load_config_from(config)
 
 

@@ -21,6 +21,7 @@ def test_the_statistics_pass_trims_after_every_batch_and_the_decomposition_per_w
     from conftest import random_batches, tiny_llama
 
     from sclora import SCLoRAConfig, collect_covariances, get_sclora_model
+    from sclora.targets import resolve_targets
 
     calls = []
     monkeypatch.setattr(statistics, "release_freed_memory", lambda: calls.append("stats"))
@@ -30,8 +31,7 @@ def test_the_statistics_pass_trims_after_every_batch_and_the_decomposition_per_w
     minus = collect_covariances(model, random_batches(n_batches=2, seed=2), show_progress=False)
     assert calls == ["stats"] * 5
     config = SCLoRAConfig(r=2, beta=0.5)
-    sizes = [m.weight.numel() * 8 for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in config.target_modules]
+    sizes = [m.weight.numel() * 8 for m in resolve_targets(model, config.target_modules).values()]
     budget = 3 * max(sizes)  # a trim every few modules
     monkeypatch.setattr(residual, "TRIM_AFTER_BYTES", budget)
     calls.clear()

@@ -46,7 +46,10 @@ def test_the_4bit_model_is_q_of_w_res_plus_the_adapter_and_trains_and_exports(st
                            show_progress=False)
     q = sclora.init_model(tiny_llama(seed=3), method="sc_lora", r=4, beta=0.5, plus=plus, minus=minus,
                           quantize_residual="nf4", show_progress=False)
-    info = q.sclora_quantization
+    from sclora.quantize import quantize_frozen_linears
+
+    info = quantize_frozen_linears(sclora.init_model(tiny_llama(seed=3), method="sc_lora", r=4, beta=0.5, plus=plus,
+                                                     minus=minus, show_progress=False), "nf4")
     assert info["layers"] == 14 and info["bytes_after"] < info["bytes_before"] / 3  # 4 bits + scales vs 32 bits
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in q.modules()) == 14
     with torch.no_grad():

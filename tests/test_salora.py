@@ -180,7 +180,7 @@ def test_salora_needs_both_sets_and_one_knowledge_set():
     plus, minus = _stats()
     with pytest.raises(ValueError, match="needs minus"):
         sclora.init_model(tiny_llama(seed=9), method="salora", r=2, target_modules=TARGETS, plus=plus)
-    with pytest.raises(ValueError, match="one set"):
+    with pytest.raises(ValueError, match="salora preserves one knowledge set but 2 were given"):
         sclora.init_model(tiny_llama(seed=9), method="salora", r=2, target_modules=TARGETS, plus=plus,
                           minus=[minus, minus])
 

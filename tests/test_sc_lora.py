@@ -317,13 +317,13 @@ def test_number_of_betas_must_match_the_knowledge_sets_before_anything_is_touche
     model = tiny_llama()
     plus, minus_a, minus_b = three_sets(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"2 weight\(s\) but 1 D- statistics"):
+    with pytest.raises(ValueError, match=r"beta=\[0.3, 0.3\] has 2 value\(s\) but 1 knowledge set\(s\)"):
         get_sclora_model(model, SCLoRAConfig(r=2, beta=[0.3, 0.3]), plus, minus_a, show_progress=False)
-    with pytest.raises(ValueError, match=r"1 weight\(s\) but 2 D- statistics"):
+    with pytest.raises(ValueError, match=r"beta=0.3 has 1 value\(s\) but 2 knowledge set\(s\)"):
         get_sclora_model(model, SCLoRAConfig(r=2, beta=0.3), plus, [minus_a, minus_b], show_progress=False)
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))
-    with pytest.raises(ValueError, match=r"has 1 weight\(s\) but minus holds 2 knowledge set"):
+    with pytest.raises(ValueError, match=r"has 1 value\(s\) but 2 knowledge set"):
         sclora.init_model(model, method="sc_lora", r=2, beta=0.3, plus=random_batches(1),
                           minus=[random_batches(1), random_batches(1, seed=2)], show_progress=False)
     assert not calls  # refused before collecting any statistics
@@ -351,7 +351,7 @@ def test_knowledge_sets_collected_differently_are_rejected():
 
 def test_corda_kpa_refuses_several_knowledge_sets():
     model = tiny_llama()
-    with pytest.raises(ValueError, match="CorDA KPA preserves one knowledge set"):
+    with pytest.raises(ValueError, match="corda_kpa preserves one knowledge set but 2 were given"):
         sclora.init_model(model, method="corda_kpa", r=2, minus=[random_batches(1), random_batches(1, seed=2)])
 
 

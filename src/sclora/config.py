@@ -172,9 +172,11 @@ class SCLoRAConfig:
         return self.resolved_alpha / (self.r**0.5 if self.use_rslora else self.r)
 
     def check_sets(self, n_sets: int) -> None:
-        """Refuse ``n_sets`` knowledge sets (D-) this config cannot weigh: several need a method that takes them
-        (SC-LoRA) and one ``beta`` (or, with ``beta="auto"``, one ``preserve_budget``) per set."""
+        """Refuse ``n_sets`` knowledge sets (D-) this config cannot weigh (a method that reads none ignores them):
+        several need a method that takes them (SC-LoRA) and one ``beta`` (or, with ``beta="auto"``, one ``preserve_budget``) per set."""
         spec = method_spec(self.method)
+        if "minus" not in spec.needs:
+            return  # the method reads no knowledge set
         if n_sets > 1 and not spec.several_sets:
             raise ValueError(f"{self.method} preserves one knowledge set but {n_sets} were given; pass one (e.g. the "
                              "union of their examples). Only sc_lora weighs several sets, with one beta each.")
@@ -197,8 +199,11 @@ class SCLoRAConfig:
         PEFT wraps exactly the layers sclora initializes; PEFT's own default for None differs by model family."""
         targets = self.target_modules
         if model is not None:
-            from .targets import peft_target_modules
+            from .layers import layer_kind
+            from .targets import peft_target_modules, resolve_targets
 
+            if any(layer_kind(m) == "conv1d" for m in resolve_targets(model, targets).values()):
+                extra.setdefault("fan_in_fan_out", True)  # transformers' Conv1D stores its weight as (in, out)
             targets = peft_target_modules(model, targets)
         elif targets is None:
             targets = "all-linear"

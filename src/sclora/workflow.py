@@ -189,6 +189,7 @@ def finetune(
     probe = _probe_batch(tokenizer, sets.get("plus") or examples, seq_len) if spec.residual or \
         config.quantize_residual else None
     before = _logits(model, probe) if probe is not None else None
+    quantized_base = _quantized_base(model)
     choice = None
     if config.beta == "auto" and spec.name == "sc_lora":
         from .methods import choose_beta
@@ -201,8 +202,13 @@ def finetune(
         config.save_pretrained(out)
     from .methods import init_model
 
-    model = init_model(model, config, plus=data_args.get("plus"), minus=data_args.get("minus"),
-                       show_progress=show_progress)
+    model = init_model(model, config.replace(quantize_residual=None), plus=data_args.get("plus"),
+                       minus=data_args.get("minus"), show_progress=show_progress)
+    quantization = None
+    if config.quantize_residual is not None:  # after the full-precision init, the frozen base in 4-bit
+        from .quantize import quantize_frozen_linears
+
+        quantization = quantize_frozen_linears(model, config.quantize_residual)
     init_seconds = time.perf_counter() - start
     drift = logit_drift(before, _logits(model, probe), probe["attention_mask"]) if probe is not None else None
     energy = {}
@@ -226,7 +232,8 @@ def finetune(
         "examples": {"data": len(examples), **{k: len(v) for k, v in sets.items()}},
         "train": {k: getattr(train_config, k) for k in ("learning_rate", "batch_size", "num_epochs", "max_steps")},
         "chosen": chosen, "planned_steps": steps,
-        "initial_subspace_energy": energy, "init_drift": drift, "init_seconds": round(init_seconds, 1),
+        "initial_subspace_energy": energy, "init_drift": drift, "quantization": quantization,
+        "quantized_base": quantized_base, "init_seconds": round(init_seconds, 1),
         "steps": result.steps, "final_loss": result.final_loss, "loss_fell": loss_fell(result.loss_history),
         "train_seconds": round(result.train_seconds, 1), "tokens_per_second": round(result.tokens_per_second, 1),
         "resumed_from_step": result.resumed_from, "truncated_examples": result.truncated_examples,
@@ -284,9 +291,21 @@ def _probe_batch(tokenizer, examples: list[dict], seq_len: int, n: int = 8) -> d
 
 @torch.no_grad()
 def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    from .layers import without_cpu_repacking
+
     device = next(model.parameters()).device
-    return model(input_ids=batch["input_ids"].to(device),
-                 attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
+    with without_cpu_repacking(model):  # a 4-bit base's storage stays as loaded (sclora.layers)
+        return model(input_ids=batch["input_ids"].to(device),
+                     attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
+
+
+def _quantized_base(model: nn.Module) -> str | None:
+    """The bitsandbytes formats of the model's frozen target layers (e.g. "nf4"), or None."""
+    from .layers import is_quantized, layer_kind
+
+    kinds = sorted({getattr(m.weight, "quant_type", "4bit") if layer_kind(m) == "4bit" else "int8"
+                    for m in model.modules() if is_quantized(m)})
+    return ", ".join(kinds) or None
 
 
 def loss_fell(history: Sequence[tuple[int, float]]) -> bool | None:
@@ -356,8 +375,16 @@ def summary_text(s: dict) -> str:
         lines.append("  initial subspace holds " + ", ".join(parts) + " output energy (mean over modules)")
     drift = s.get("init_drift")
     if drift:
-        lines.append(f"  model at init vs the base: max |delta logit| {drift['max_abs_logit']:.3g}, "
-                     f"KL {drift['kl']:.3g} nats/token")
+        exact = "" if s.get("quantization") or s.get("quantized_base") else " (Theorem 2: 0 up to rounding)"
+        lines.append(f"  model at init vs the base as given: max |delta logit| {drift['max_abs_logit']:.3g}, "
+                     f"KL {drift['kl']:.3g} nats/token{exact}")
+    if s.get("quantized_base"):
+        lines.append(f"  quantized base ({s['quantized_base']}): the residual is stored back in the layers' own "
+                     "format, so the model at init differs from the base by that rounding; the adapter is float32")
+    q = s.get("quantization")
+    if q:
+        lines.append(f"  frozen base stored in 4-bit: {q['layers']} layers, {q['bytes_before'] / 2**20:.1f} MiB -> "
+                     f"{q['bytes_after'] / 2**20:.1f} MiB")
     if s["resumed_from_step"] is not None and s["resumed_from_step"] == s["steps"]:
         lines.append(f"  already trained: all {s['steps']} steps were done (checkpoint at step {s['steps']}), "
                      f"final loss {s['final_loss']:.4f}")

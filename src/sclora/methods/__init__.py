@@ -13,10 +13,13 @@ import torch
 from torch import nn
 
 from ..config import SCLoRAConfig
+from ..layers import is_quantized
 from ..registry import method_spec
 from ..statistics import CovarianceStats, collect_covariances
+from ..targets import resolve_targets
 from .builtin import get_eva_model, get_lora_model, prepare_full_finetuning
 from .corda import corda_factors, get_corda_model
+from .residual import get_pissa_model
 from .salora import get_salora_model, salora_factors
 from .sc_lora import BetaChoice, choose_beta, get_sclora_model
 
@@ -109,7 +112,11 @@ def build_corda(model, config, plus, minus, show_progress):
 
 
 def build_lora(model, config, plus, minus, show_progress):
-    """Vanilla LoRA, or PEFT's own PiSSA / OLoRA (SVD / QR of W, the residual left in the base weight)."""
+    """Vanilla LoRA, or PEFT's own PiSSA / OLoRA (SVD / QR of W, the residual left in the base weight). PEFT
+    refuses PiSSA on a quantized base; there sclora's residual path builds the same adapter (tested equal to
+    PEFT's on the dequantized weights) and stores W_res in the layer's own format."""
+    if config.method == "pissa" and any(is_quantized(m) for m in resolve_targets(model, config.target_modules).values()):
+        return get_pissa_model(model, config, show_progress=show_progress)
     return get_lora_model(model, config, init_lora_weights=True if config.method == "lora" else config.method)
 
 

@@ -36,13 +36,6 @@ def get_sclora_model(
     weights; dCov = (1 - sum_i beta_i) Cov+ - sum_i beta_i Cov-_i, each Cov-_i normalized on its own."""
     minus_list = [minus_stats] if isinstance(minus_stats, CovarianceStats) else list(minus_stats)
     labels = ["D-"] if len(minus_list) == 1 else [f"D-_{i}" for i in range(len(minus_list))]
-    choice = None
-    if config.beta == "auto":  # the smallest β meeting the preservation budget(s), then SC-LoRA at it
-        choice = choose_beta(model, plus_stats, minus_stats, r=config.r, budget=config.preserve_budget,
-                             target_modules=config.target_modules, dtype=config.torch_dtype,
-                             solver=config.eigen_solver, show_progress=show_progress)
-        config = replace(config, beta=list(choice.beta) if isinstance(choice.beta, tuple) else choice.beta,
-                         preserve_budget=None)
     if not isinstance(plus_stats, CovarianceStats) or not minus_list or not all(
         isinstance(m, CovarianceStats) for m in minus_list
     ):
@@ -50,12 +43,13 @@ def get_sclora_model(
             "plus_stats must be CovarianceStats and minus_stats CovarianceStats or a non-empty list of them, "
             "from sclora.collect_covariances."
         )
+    config.check_sets(len(minus_list))  # one beta (or budget) per knowledge set
+    if config.beta == "auto":  # the smallest beta meeting the budget(s) (sclora.finetune returns the choice)
+        choice = choose_beta(model, plus_stats, minus_stats, r=config.r, budget=config.preserve_budget,
+                             target_modules=config.target_modules, dtype=config.torch_dtype,
+                             solver=config.eigen_solver, show_progress=show_progress)
+        config = config.replace(beta=choice.beta, preserve_budget=None)
     betas = check_betas(config.beta)
-    if len(betas) != len(minus_list):
-        raise ValueError(
-            f"config.beta={config.beta!r} has {len(betas)} weight(s) but {len(minus_list)} D- statistics were given: "
-            "give one beta per knowledge set (a float for one set, a list for several)."
-        )
     _check_comparable(plus_stats, minus_list, labels)
     targets = resolve_targets(model, config.target_modules)
     check_rank(targets, config.r)  # unsupported layers and ranks before the statistics are bound
@@ -81,7 +75,6 @@ def get_sclora_model(
 
     sparse = _sparse_negative_modules(model, config, minus)
     peft_model = build_residual_adapter(model, config, factors, show_progress=show_progress, desc="SC-LoRA init")
-    peft_model.sclora_beta_choice = choice  # what beta="auto" chose (None for a given beta)
     if config.lock_subspace:  # B = Q frozen: every update of A keeps B A x in span(Q) (paper's limitation, lifted)
         for name, parameter in peft_model.named_parameters():
             if ".lora_B." in name:
