@@ -258,3 +258,34 @@ def test_subspace_energy_on_a_quantized_base(folder):
     assert len(rows) == 14 and all(0 <= r["plus"] <= 1 and 0 <= r["minus"] <= 1 for r in rows)
     summary = sclora.summarize_energy(rows)["overall"]
     assert summary["minus"] < summary["plus"]  # beta = 0.9 leans away from D-
+
+
+@pytest.mark.parametrize("load_in", ["nf4", "int8"])
+def test_finetune_on_a_base_loaded_quantized_reports_its_drift_at_init(folder, tmp_path, load_in):
+    import json
+
+    from conftest import tiny_tokenizer
+
+    from sclora import cli
+
+    tiny_tokenizer().save_pretrained(folder)
+    rows = [{"prompt": f"what is {a} plus {b}", "response": f"{a} ."} for a in ("one", "two", "three", "four")
+            for b in ("five", "six")]
+    keep = [{"prompt": f"what is the capital of {c}", "response": f"the capital is {c} ."} for c in ("paris", "rome")]
+    for name, data in (("task", rows), ("keep", keep)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    assert cli.main(["finetune", "--model", str(folder), "--load-in", load_in, "--data", str(tmp_path / "task.jsonl"),
+                     "--preserve", str(tmp_path / "keep.jsonl"), "--r", "2", "--seq-len", "32", "--max-steps", "2",
+                     "--batch-size", "4", "--output", str(tmp_path / "out"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["quantized_base"] == load_in
+    drift = summary["init_drift"]  # one requantization of W_res: not zero, and small
+    assert 0 < drift["max_abs_logit"] < 1 and 0 <= drift["kl"] < 1e-2
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_load_model_refuses_an_unknown_format():
+    from sclora.models import load_model
+
+    with pytest.raises(ValueError, match=r"load_in must be one of \('nf4', 'fp4', 'int8'\)"):
+        load_model("smollm2-135m-instruct", load_in="int4")

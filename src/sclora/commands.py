@@ -20,6 +20,7 @@ from pathlib import Path
 from .cli import yaml_overrides
 from .config import SCLoRAConfig
 from .fileio import atomic_write_json, digest
+from .models import LOAD_IN
 from .options import add_flags, flag_values
 from .registry import method_spec
 from .train import TrainConfig
@@ -87,7 +88,7 @@ def _init_inputs(args, command: str = "sclora init", loaded: dict | None = None)
     return config, examples
 
 
-def _load_model(name: str):
+def _load_model(name: str, load_in: str | None = None):
     """load_model, on this process's GPU when several processes share a node's GPUs."""
     from . import distributed
     from .models import load_model
@@ -96,8 +97,8 @@ def _load_model(name: str):
         from transformers.utils import logging
 
         logging.disable_progress_bar()
-    model, tokenizer = load_model(name)
-    if distributed.is_distributed() and distributed.device().type == "cuda":
+    model, tokenizer = load_model(name, load_in=load_in)
+    if load_in is None and distributed.is_distributed() and distributed.device().type == "cuda":
         model.to(distributed.device())
     return model, tokenizer
 
@@ -122,7 +123,7 @@ def _init(args) -> int:
     out = Path(args.output)
     inputs = _init_inputs(args)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = _load_model(args.model)
+    model, tokenizer = _load_model(args.model, args.load_in)
     start = time.perf_counter()
     model = _build_init(args, inputs, model, tokenizer, out)
     if distributed.is_main_process():  # every rank holds the same adapter; one writes it
@@ -160,7 +161,7 @@ def _train(args) -> int:
     config = TrainConfig.from_dict(_train_values(args, "sclora train"))
     examples = _data(args.data, init_args.seed, "sclora train --data")
     inputs = _init_inputs(init_args)
-    model, tokenizer = _load_model(init_args.model)
+    model, tokenizer = _load_model(init_args.model, getattr(init_args, "load_in", None))
     _refuse(check_trainable, tokenizer, examples, config, command="sclora train --data")
     model = _build_init(init_args, inputs, model, tokenizer, init_dir)  # same stats, same init: resumable
     # Under torchrun / accelerate launch Trainer trains with DDP or FSDP; every process holds the whole data
@@ -197,14 +198,15 @@ def _finetune(args) -> int:
     examples = _data(args.data, args.seed, "sclora finetune --data")
     args.plus, args.minus = args.plus or args.data, args.preserve
     config, sets = _init_inputs(args, "sclora finetune", loaded={args.data: examples})
-    model, tokenizer = _load_model(args.model)
+    model, tokenizer = _load_model(args.model, args.load_in)
     if distributed.is_main_process() and not args.quiet:
         print(f"sclora finetune: {config.method}, {len(examples)} training examples", flush=True)
     preserve = [rows for label, rows in sets.items() if label.startswith("minus")]
     result = _refuse(finetune, model, tokenizer, examples, preserve[0] if len(preserve) == 1 else preserve or None,
                      config=config, train_config=given, output_dir=args.output, plus=sets.get("plus"),
                      stats_samples=None, seq_len=args.seq_len, seed=args.seed, merge=args.merge,
-                     show_progress=not args.quiet, context={"model_files": model_identity(args.model)},
+                     show_progress=not args.quiet, context={"model_files": model_identity(args.model),
+                                                             "load_in": args.load_in},
                      command="sclora finetune")
     if distributed.is_main_process():
         print(result.text)
@@ -214,6 +216,8 @@ def _finetune(args) -> int:
 def _common_arguments(p) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="local model folder, hub id, or the embedded "
                    "default")
+    p.add_argument("--load-in", choices=LOAD_IN, help="load the model's linear layers quantized by bitsandbytes "
+                   "(nf4 / fp4: 4-bit, int8), as for QLoRA; the adapter trains in full precision")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per example for the statistics (and training)")
     p.add_argument("--seed", type=int, default=0, help="shuffling of the data, and the training seed")
     p.add_argument("--output", required=True)

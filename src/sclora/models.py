@@ -123,13 +123,27 @@ def model_identity(name_or_path: str) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def load_model(name_or_path: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float32):
+#: ``load_in`` values: bitsandbytes' 4-bit formats and 8-bit, as users load a base for QLoRA
+LOAD_IN = ("nf4", "fp4", "int8")
+
+
+def load_model(name_or_path: str = EMBEDDED_MODEL, dtype: torch.dtype = torch.float32, load_in: str | None = None):
     """(model, tokenizer) in eval mode: ``"smollm2-135m-instruct"`` for the embedded model,
     ``"smollm2-135m-instruct-aligned"`` for its aligned version, else a local directory or a hub id
-    (the hub needs network)."""
+    (the hub needs network). ``load_in="nf4"`` / ``"fp4"`` / ``"int8"`` loads the linear layers quantized by
+    bitsandbytes (``BitsAndBytesConfig``; 4-bit computes in ``dtype``), as for QLoRA."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    extra = {}
+    if load_in is not None:
+        from transformers import BitsAndBytesConfig
+
+        if load_in not in LOAD_IN:
+            raise ValueError(f"load_in must be one of {LOAD_IN} (or None), got {load_in!r}.")
+        extra["quantization_config"] = (BitsAndBytesConfig(load_in_8bit=True) if load_in == "int8" else
+                                        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=load_in,
+                                                           bnb_4bit_compute_dtype=dtype))
     path = embedded_model_path() if name_or_path == EMBEDDED_MODEL else _resolve(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).eval()
     return model, tokenizer
