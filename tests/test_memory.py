@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import platform
 
-import torch
 
 from sclora.memory import release_freed_memory
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from sclora import cli, fileio
 from sclora.data import resolve_data
-from sclora.experiments import commands, data
+from sclora.experiments import data
 from sclora.experiments.folder import StaleResultsError
 from sclora.experiments.spec import load_config
 from sclora.fileio import parse_yaml

@@ -10,14 +10,12 @@ wrappers over the kit and the library. (``init``, ``train`` and ``finetune`` are
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 from ..cli import yaml_overrides
-from ..fileio import atomic_dir, atomic_write_json, digest, locked, safe_name
+from ..fileio import atomic_dir, atomic_write_json, locked, safe_name
 
 __all__ = ["add_commands", "install_aligned"]
 
