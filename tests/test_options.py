@@ -142,3 +142,20 @@ def test_a_beta_count_other_than_the_preserve_count_is_refused_before_the_model_
     with pytest.raises(SystemExit, match=r"but 2 knowledge set\(s\) are to be preserved.*--preserve was given 2"):
         cli.main(argv)
     assert not (tmp_path / "out").exists()
+
+
+def test_init_with_two_minus_sets_then_train_rebuilds_the_same_init(files):
+    tmp_path, model = files
+    assert cli.main(["init", "--model", str(model), "--plus", str(tmp_path / "task.jsonl"),
+                     "--minus", str(tmp_path / "capitals.jsonl"), "--minus", str(tmp_path / "refusals.jsonl"),
+                     "--beta", "0.3", "--beta", "0.5", "--r", "2", "--seq-len", "32", "--output", str(tmp_path / "init"),
+                     "--quiet"]) == 0
+    saved = SCLoRAConfig.from_pretrained(tmp_path / "init")
+    assert saved.beta == [0.3, 0.5] and saved.r == 2
+    stats = sorted(p.name.split("-")[0] for p in (tmp_path / "init" / "stats").iterdir())
+    assert stats == ["minus_0", "minus_1", "plus"]
+    assert cli.main(["train", "--init", str(tmp_path / "init"), "--data", str(tmp_path / "task.jsonl"),
+                     "--max-steps", "1", "--batch-size", "4", "--max-length", "32", "--output", str(tmp_path / "ft"),
+                     "--quiet"]) == 0
+    assert (tmp_path / "ft" / "adapter" / "adapter_model.safetensors").exists()
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "init" / "stats").iterdir()) == stats  # reused
