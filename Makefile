@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # from resolving pyproject's range to a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: test demo demo-init setup clean bench experiments-small
+.PHONY: test demo demo-init setup clean bench experiments-small docs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# The documentation site: mkdocs.yml, docs/; --strict fails on a broken link, a missing page or an unresolved
+# docstring reference. The CLI reference and the methods table are generated from the code (docs/hooks.py).
+$(VENV)/.docs: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 test: $(VENV)/.installed
 	$(VENV)/bin/lint-imports  # the layer contracts in pyproject.toml

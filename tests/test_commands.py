@@ -119,36 +119,6 @@ def test_presets_and_catalogue_names_come_from_the_kit(files, monkeypatch):
     assert len(resolve_data("knowledge:5")) == 5 and len(resolve_data("trivia:3:2")) == 3
 
 
-def _readme_blocks(section: str) -> dict[str, list[str]]:
-    """The fenced code blocks of a README section, by language."""
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
-    blocks: dict[str, list[str]] = {}
-    for chunk in body.split("```")[1::2]:
-        language, _, code = chunk.partition("\n")
-        blocks.setdefault(language.strip(), []).append(code)
-    return blocks
-
-
-def test_the_readme_your_own_data_commands_run_verbatim(files):
-    import shlex
-
-    tmp_path, _ = files  # my-model, task.jsonl and keep.jsonl, as the README names them
-    blocks = _readme_blocks("Your own data")
-    [commands_block] = blocks["bash"]
-    lines = commands_block.replace("\\\n", " ").strip().splitlines()
-    assert lines and all(line.startswith("sclora ") for line in lines)
-    for line in lines:
-        subprocess.run([sys.executable, "-m", "sclora", *shlex.split(line)[1:], "--quiet"], check=True, cwd=tmp_path)
-    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
-    loading = blocks["python"][0]
-    assert "PeftModel.from_pretrained" in loading
-    subprocess.run([sys.executable, "-c", loading + "\nimport sys\nassert 'sclora' not in sys.modules\n"
-                    "print(type(model).__name__, type(merged).__name__)"], check=True, cwd=tmp_path)
-
-
 def test_data_with_nothing_to_train_on_is_refused_before_the_statistics(files, monkeypatch):
     tmp_path, model = files
     monkeypatch.setattr(commands, "_build_init", lambda *a, **k: pytest.fail("statistics were collected"))
