@@ -133,3 +133,9 @@ def test_a_second_call_finds_the_run_done_and_writes_the_same_adapter(tmp_path):
     assert again.training.resumed_from == first.training.steps and "already trained" in again.text
     y = load_file(again.adapter_dir / "adapter_model.safetensors")
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_checkpoints_of_another_knowledge_set_are_never_resumed(tmp_path):
+    run(tmp_path, CAPITALS)
+    with pytest.raises(ValueError, match="Cannot resume from .*used different settings"):
+        run(tmp_path, REFUSALS)  # same data, same config: only D- differs

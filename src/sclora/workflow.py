@@ -220,8 +220,9 @@ def finetune(
         from .export import save_initial_adapter
 
         save_initial_adapter(model, out / "initial_adapter")
-    run_context = digest({"config": config.to_dict(), "statistics": sorted(str(s) for s in stats.values()),
-                          "sets": {k: len(v) for k, v in sets.items()}, "context": context})
+    # what a resume of the checkpoints must match beyond the training config and examples (train() checks those)
+    run_context = digest({"config": config.to_dict(), "sets": {k: digest(v) for k, v in sets.items()},
+                          "seq_len": seq_len, "context": context})
     result = train(model, tokenizer, examples, train_config, out / "checkpoints", show_progress=show_progress,
                    context=run_context)
     adapter_dir, merged_dir = export_model(model, tokenizer, out, merge)
