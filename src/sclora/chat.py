@@ -12,8 +12,8 @@ def build_prompt(tokenizer, user: str, *, chat: bool = True, system: str | None 
 
     Most templates place the message verbatim between a fixed prefix and suffix; for those the two are rendered
     once (checked with two probe messages that must come back verbatim, whitespace and control characters
-    included) and reused, which is ~20x faster than rendering Jinja for every example. A template that
-    changes the message (trims it, branches on it) fails the check and is rendered every time."""
+    included) and reused, which is much faster than rendering Jinja for every example (docs/performance.md).
+    A template that changes the message (trims it, branches on it) fails the check and is rendered every time."""
     template = getattr(tokenizer, "chat_template", None)
     if not chat or template is None:
         return user

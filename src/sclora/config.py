@@ -51,9 +51,10 @@ class SCLoRAConfig:
     absolute value of its largest activation, as the CorDA authors and PEFT do);
     ``dtype`` the precision of the decomposition, ``eigen_solver`` its algorithm: ``"eigh"`` (full
     eigendecomposition, the default and reference), ``"lobpcg"`` (block LOBPCG on the top r: fastest for
-    large modules and small r, e.g. 4096-dim at r=16), ``"mixed"`` (float32 eigh refined in float64: 1.3-1.8x
-    at 576-dim, r=16), or ``"auto"`` (whichever measured fastest at equal accuracy for each module's size;
-    benchmarks/eigensolver.py). All reach the float64 eigh subspace to ~1e-8 in projector distance.
+    large modules and small r, e.g. 4096-dim at r=16), ``"mixed"`` (float32 eigh refined in float64: faster
+    than eigh at 576-dim, r=16), or ``"auto"`` (whichever measured fastest at equal accuracy for each module's
+    size; benchmarks/eigensolver.py, timings in docs/performance.md). All reach the float64 eigh subspace to ~1e-8
+    in projector distance.
     """
 
     method: str = option("sc_lora", "The initialization method.", choices=METHODS)

@@ -3,9 +3,10 @@
 Theorem 1 needs only the r algebraically largest eigenpairs of dCov. "eigh" computes all of them (the
 reference); "lobpcg" is block LOBPCG with Rayleigh-Ritz (only products dCov @ X, X with r + a few guard
 columns); "mixed" refines a float32 eigh in float64; "auto" picks the one measured fastest at equal
-accuracy for the size (benchmarks/eigensolver.py). The fast solvers stop when the projector onto the top r
-Ritz vectors changes by less than 1e-8 (float64) between iterations and hand over to eigh when they do not
-converge or meet a near-tie, so they return eigh's subspace up to that tolerance.
+accuracy for the size (benchmarks/eigensolver.py; timings in docs/performance.md). The fast solvers stop
+when the projector onto the top r Ritz vectors changes by less than 1e-8 (float64) between iterations and
+hand over to eigh when they do not converge or meet a near-tie, so they return eigh's subspace up to that
+tolerance.
 """
 
 from __future__ import annotations
@@ -93,11 +94,11 @@ def top_eigenpairs(op: Operator, rank: int, solver: str, info: dict | None = Non
 
 
 def auto_solver(n: int, rank: int, dtype: torch.dtype) -> str:
-    """The solver measured fastest at equal accuracy (benchmarks/eigensolver.py, one CPU thread): LOBPCG
-    when its k = rank + guard columns are a small slice of the space (n = 1536 and 4096 at r = 16: 3-4x
-    and ~30x faster than eigh; its per-iteration 3k x 3k Rayleigh-Ritz makes it lose at r = 128), else
-    the float64 refinement of a float32 eigh (1.3-1.8x at n = 576, r = 16), else eigh (small n or
-    large r, and every float32 case below n = 1536)."""
+    """The solver measured fastest at equal accuracy (benchmarks/eigensolver.py, one CPU thread; timings in
+    docs/performance.md): LOBPCG when its k = rank + guard columns are a small slice of the space (it wins at
+    n = 1536 and 4096 with r = 16; its per-iteration 3k x 3k Rayleigh-Ritz makes it lose at r = 128), else
+    the float64 refinement of a float32 eigh (it wins at n = 576, r = 16), else eigh (small n or large r,
+    and every float32 case below n = 1536)."""
     k = rank + _guard(rank, n)
     if 48 * k <= n:
         return "lobpcg"
@@ -203,7 +204,7 @@ def _mixed(op: Operator, rank: int, guard: int, info: dict, max_iter: int = MIXE
     float64 residual R = A X - X diag(theta) and subtracts the correction -(A - theta_j)^{-1} r_j
     solved in the float32 eigenbasis outside the top k (a Jacobi-Davidson / Newton step with the float32
     decomposition as the inverse), then a float64 Rayleigh-Ritz step; each step gains about
-    log10(gap / (eps32 ||A||)) digits. A float32 eigh costs ~0.55x a float64 one."""
+    log10(gap / (eps32 ||A||)) digits. A float32 eigh costs about half a float64 one (docs/performance.md)."""
     k = min(op.size, rank + guard)
     w32, v32 = torch.linalg.eigh(op.dense(torch.float32))
     w32, v32 = w32.flip(0), v32.flip(1)

@@ -2,11 +2,10 @@
 
 glibc raises its mmap threshold each time a large block is freed, so after the first few temporaries of a
 decomposition (float64 covariances, eigenvector blocks: MBs each) later ones are carved from the heap and stay
-resident when freed. Measured on SmolLM2's init (docs/performance.md): +180 MB of peak RSS during the
-decomposition, +65 MB with the threshold pinned; during the statistics pass the forwards' freed activations kept
-50-150 MB resident, a different amount in every run (peak 1078-1145 MB in five identical runs, 1073 MB in each of
-five with a trim after every batch). :func:`release_freed_memory` asks glibc to return free heap pages
-(``malloc_trim(0)``, ~2-3 ms); it frees nothing still in use and is a no-op where glibc is not the allocator.
+resident when freed, in the decomposition and, from the forwards' freed activations, during the statistics pass
+(by a different amount in every run). :func:`release_freed_memory` asks glibc to return free heap pages
+(``malloc_trim(0)``); it frees nothing still in use and is a no-op where glibc is not the allocator. What this
+saves and costs on SmolLM2's init is measured in docs/performance.md.
 """
 
 from __future__ import annotations

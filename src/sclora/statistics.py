@@ -77,7 +77,7 @@ class FileSums(Mapping):
     (:meth:`CovarianceStats.offload`, ``CovarianceStats.load(..., lazy=True)``). The file stays open, so replacing
     or deleting it afterwards does not change what these statistics read. Read with ``os.pread`` into a fresh
     tensor rather than through safetensors' memory map: mapped pages count in the process's resident memory
-    (+180 MB of peak RSS on SmolLM2's init, docs/performance.md), copies are freed as soon as a module is done."""
+    (measured on SmolLM2's init: docs/performance.md), copies are freed as soon as a module is done."""
 
     def __init__(self, path: str, device: str = "cpu"):
         self.path, self.device = path, device
@@ -537,7 +537,7 @@ def collect_covariances(
             state["mask"] = batch["attention_mask"].bool()
             state["dense"] = bool(state["mask"].all())
             forward(batch)
-            release_freed_memory()  # the forward's freed temporaries: glibc would keep 50-150 MB resident
+            release_freed_memory()  # the forward's freed temporaries, else glibc keeps them resident (performance.md)
             n_samples += int(state["mask"].any(dim=1).sum())
             n_tokens += int(state["mask"].sum())
             if (i + 1) % FINITE_CHECK_EVERY == 0:  # non-finite sums stay non-finite: checking now and then fails early
@@ -602,8 +602,8 @@ GRAM_STRIP: int | None = None
 
 def gram_strip(d: int) -> int:
     """Strip width for a d x d Gram: narrow strips skip more of the lower triangle, wide ones make more
-    efficient products. d // 6 within [96, 384] was the fastest width measured at d = 576, 1536 and 4096
-    (benchmarks/gram.py, benchmarks/results/gram.json)."""
+    efficient products. d // 6 within [96, 384] is the fastest width measured at d = 576, 1536 and 4096
+    (benchmarks/gram.py; the timings are in docs/performance.md)."""
     return GRAM_STRIP or max(96, min(384, d // 6))
 
 

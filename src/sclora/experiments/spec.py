@@ -132,7 +132,8 @@ class ExperimentConfig:
     evaluate: dict = field(default_factory=dict)
     diagnostics: bool = True  # subspace diagnostics of residual inits (diagnostics.json)
     evaluate_steps: list[int] = field(default_factory=list)  # also evaluate at these optimizer steps (frontier)
-    judge: dict = field(default_factory=lambda: {"kind": "refusal"})  # sclora.evaluate.judges.make_judge arguments
+    # arguments of sclora.experiments.evaluate.judges.make_judge
+    judge: dict = field(default_factory=lambda: {"kind": "refusal"})
     report: dict = field(default_factory=dict)  # for `sclora report`: title, utility / preservation metric names
 
     def __post_init__(self):

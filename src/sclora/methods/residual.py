@@ -23,7 +23,7 @@ from ..targets import resolve_targets
 
 ADAPTER = "default"
 #: float64 bytes of weights decomposed between two heap trims: every module of a 7B model, every few layers of
-#: SmolLM2, whose 210 trims per init (~2.4 ms each) cost 5% of a beta sweep and no peak memory (docs/performance.md)
+#: SmolLM2, where a trim after every module costs time and saves no peak memory (measured: docs/performance.md)
 TRIM_AFTER_BYTES = 64 * 2**20
 
 #: (module name, W0, scaling) -> (A, B, W_res)

@@ -3,8 +3,8 @@
 TriviaQA: ``Question: {q}?\\nAnswer:``; NQ-open: ``Q: {q}?\\nA:``; greedy until newline, ``.`` or
 ``,``. lm-eval scores with HF-evaluate's exact match: leading whitespace removed, (NQ-open only)
 articles removed by regex, lowercased, ``string.punctuation`` deleted, then string equality with
-any accepted answer. :func:`exact_match` is the more forgiving SQuAD-style normalization the
-issue asks for (articles removed everywhere, whitespace collapsed).
+any accepted answer. :func:`exact_match` is the more forgiving SQuAD-style normalization
+(articles removed everywhere, whitespace collapsed).
 """
 
 from __future__ import annotations
