@@ -32,6 +32,9 @@ def get_sclora_model(
 ) -> PeftModel:
     """Wrap ``model`` in a PEFT LoRA model initialized by SC-LoRA from D+ / D- statistics.
 
+    Like PEFT's ``get_peft_model`` this changes ``model`` itself (its target layers are wrapped and their weights
+    replaced by W_res): initialize a fresh copy for each β of a sweep.
+
     Several knowledge sets: ``minus_stats`` is a list of statistics and ``config.beta`` a list of as many
     weights; dCov = (1 - sum_i beta_i) Cov+ - sum_i beta_i Cov-_i, each Cov-_i normalized on its own."""
     minus_list = [minus_stats] if isinstance(minus_stats, CovarianceStats) else list(minus_stats)
