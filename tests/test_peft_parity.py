@@ -136,3 +136,37 @@ def test_eva_is_peft_eva_from_the_same_batches():
     a = [p for n, p in mine.items() if "lora_A" in n]
     assert a and any(p.abs().sum() > 0 for p in a)  # A holds the inputs' singular vectors
     assert all(p.abs().sum() == 0 for n, p in mine.items() if "lora_B" in n)  # B = 0: the function is the base's
+
+
+def test_mica_is_peft_mica_the_minor_left_singular_vectors_with_b_frozen_and_exports(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from sclora import export_lora
+    from sclora.train import TrainConfig, train
+    from conftest import tiny_tokenizer
+
+    base = tiny_llama(seed=6)
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=R, lora_alpha=R, target_modules=TARGETS,
+                                                           init_lora_weights="mica"))
+    ours = init_model(copy.deepcopy(base), method="mica", r=R, lora_alpha=R, target_modules=TARGETS)
+    mine, peft_params = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    assert set(mine) == set(peft_params) and all(torch.equal(mine[n], p) for n, p in peft_params.items())
+    weights = dict(base.named_modules())
+    for name, p in mine.items():  # the definition, in float64: B spans the r smallest singular directions, A = 0
+        if ".lora_B." in name:
+            assert not p.requires_grad
+            w = weights[name.split("base_model.model.", 1)[1].rsplit(".lora_B.", 1)[0]].weight.double()
+            u, _, _ = torch.linalg.svd(w, full_matrices=False)
+            assert projector_distance(p.double(), u[:, -R:]) < 1e-5, name
+        if ".lora_A." in name:
+            assert p.requires_grad and not p.any()
+    rows = [{"prompt": "what is the capital of france", "response": "paris"}] * 4
+    train(ours, tiny_tokenizer(), rows, TrainConfig(learning_rate=5e-2, batch_size=4, max_steps=2, max_length=16),
+          tmp_path / "ckpt", show_progress=False)
+    export_lora(ours, tmp_path / "adapter")
+    ids = torch.tensor([[3, 9, 27, 40, 11]])
+    with torch.no_grad():
+        trained = ours(ids).logits
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")(ids).logits
+        assert (trained - base(ids).logits).abs().max() > 1e-4  # A trained
+    assert (loaded - trained).abs().max() < 1e-5

@@ -48,6 +48,8 @@ METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("lora", "vanilla LoRA: Kaiming-uniform A, zero B", "build_lora", peft="True"),
     MethodSpec("pissa", "PiSSA: the top-r singular directions of W", "build_lora", residual=True, peft='"pissa"'),
     MethodSpec("olora", "OLoRA: the QR decomposition of W", "build_lora", residual=True, peft='"olora"'),
+    MethodSpec("mica", "MiCA: B = the r minor left singular vectors of W (frozen), A = 0; only A trains",
+               "build_lora", peft='"mica"'),
     MethodSpec("eva", "EVA: the top singular directions of D+'s layer inputs, ranks redistributed", "build_eva",
                needs=("plus",), data_form="batches", peft='"eva"'),
     MethodSpec("corda_ipa", "CorDA IPA: the first r components of W C (C: D+'s input covariance)", "build_corda",

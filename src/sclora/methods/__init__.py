@@ -112,7 +112,8 @@ def build_corda(model, config, plus, minus, show_progress):
 
 
 def build_lora(model, config, plus, minus, show_progress):
-    """Vanilla LoRA, or PEFT's own PiSSA / OLoRA (SVD / QR of W, the residual left in the base weight). PEFT
+    """Vanilla LoRA, or PEFT's own PiSSA / OLoRA (SVD / QR of W, the residual left in the base weight) / MiCA
+    (B = W's minor left singular vectors, frozen; A = 0). PEFT
     refuses PiSSA on a quantized base; there sclora's residual path builds the same adapter (tested equal to
     PEFT's on the dequantized weights) and stores W_res in the layer's own format."""
     if config.method == "pissa" and any(is_quantized(m) for m in resolve_targets(model, config.target_modules).values()):
