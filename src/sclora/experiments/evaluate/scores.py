@@ -126,6 +126,12 @@ def math_nll(model, tokenizer, items, *, batch_size=8, show_progress=False, desc
     return [-s / n for s, n in scores]
 
 
+def math_val_nll(model, tokenizer, items, *, batch_size=8, show_progress=False, **_):
+    """:func:`math_nll` on a validation split (the items a learning rate or other setting is chosen on, kept apart
+    from the evaluation items)."""
+    return math_nll(model, tokenizer, items, batch_size=batch_size, show_progress=show_progress, desc="math_val_nll")
+
+
 def math_accuracy(model, tokenizer, items, *, batch_size=8, show_progress=False, desc="math_accuracy",
                   max_new_tokens=256, outputs=None, **_):
     """100 if the final answer of the greedy solution equals the reference answer, else 0; and 100 if an answer
