@@ -325,3 +325,48 @@ def test_an_auto_beta_is_its_own_group_and_its_label_names_the_budget():
                           "SC-LoRA β=(0.4, 0.4) (auto, budget 5%, 20%)"}
     assert names["SC-LoRA β=0.5 (auto, budget 10%)"].value("knowledge_mc") == 57.0
     assert "beta_auto_budget" not in names["SC-LoRA β=0.5 (auto, budget 10%)"].samples
+
+
+def frontier_rows():
+    """LoRA and SC-LoRA at three learning rates: math NLL (utility, lower better) falls with the rate, knowledge EM
+    (preservation) falls too; SC-LoRA keeps 2 points more at equal NLL. Validation NLL is best at the middle rate
+    for LoRA and the highest for SC-LoRA."""
+    rows = [base(math_nll=1.3, knowledge_em=14.0, math_val_nll=1.3)]
+    for lr, nll, em, val_lora, val_sc in ((1e-4, 0.90, 12.0, 0.95, 0.99), (5e-4, 0.80, 10.0, 0.85, 0.88),
+                                          (2e-3, 0.70, 8.0, 0.90, 0.80)):
+        rows.append(row(f"lora-lr{lr}", "lora", lr=lr, math_nll=nll, knowledge_em=em, math_val_nll=val_lora))
+        rows.append(row(f"sc-lr{lr}", "sc_lora", beta=0.8, lr=lr, math_nll=nll, knowledge_em=em + 2,
+                        math_val_nll=val_sc))
+    return rows
+
+
+def test_frontiers_select_on_validation_and_compare_at_matched_utility(tmp_path):
+    from sclora.experiments.evaluate.metrics import metric
+    from sclora.experiments.report.frontier import frontier_curves, frontier_markdown, matched_utility
+
+    rows = frontier_rows()
+    curves = frontier_curves(group_runs(rows))
+    assert [len(c.points) for c in curves] == [3, 3]
+    val, nll, em = metric("math_val_nll"), metric("math_nll"), metric("knowledge_em")
+    selected = {c.points[0].method: c.selected(val).lr for c in curves}
+    assert selected == {"lora": 5e-4, "sc_lora": 2e-3}  # by validation, not by the probe
+    lora, sc = sorted(curves, key=lambda c: c.points[0].method)
+    matched = matched_utility(sc, lora, nll, em, levels=3)
+    assert [round(m["utility"], 6) for m in matched] == [0.9, 0.8, 0.7]
+    assert all(abs(m["difference"] - 2.0) < 1e-9 for m in matched)  # 2 EM points more at every matched NLL
+    text = frontier_markdown(curves, nll, em, val)
+    assert "## Learning-rate frontiers" in text and "| 0.0005 |" in text and "+2.00" in text
+    folder = make_dir(tmp_path, rows)
+    write_report(folder)
+    assert (folder / "figures" / "frontiers.png").read_bytes()[:8] == PNG_MAGIC
+    assert "## Learning-rate frontiers" in (folder / "report.md").read_text()
+
+
+def test_matched_utility_is_empty_when_the_curves_do_not_overlap():
+    from sclora.experiments.evaluate.metrics import metric
+    from sclora.experiments.report.frontier import frontier_curves, matched_utility
+
+    rows = [row(f"a{lr}", "lora", lr=lr, math_nll=0.9 + lr, knowledge_em=10.0) for lr in (1e-4, 2e-4)]
+    rows += [row(f"b{lr}", "sc_lora", beta=0.8, lr=lr, math_nll=0.5 + lr, knowledge_em=12.0) for lr in (1e-4, 2e-4)]
+    lora, sc = sorted(frontier_curves(group_runs(rows)), key=lambda c: c.points[0].method)
+    assert matched_utility(sc, lora, metric("math_nll"), metric("knowledge_em")) == []

@@ -45,6 +45,14 @@ def build_report(rows: list[dict], config: dict | None = None, diagnostics: dict
     if figures:
         parts += ["## Figures", "\n\n".join(f"![{caption}](figures/{name})" for name, caption in figures)]
     layout = infer_layout(rows, config)
+    if layout.utility and layout.preservation:
+        from .frontier import frontier_curves, frontier_markdown, selection_metric
+
+        key = selection_metric(rows)
+        text = frontier_markdown(frontier_curves(group_runs(rows), model=config.get("model")),
+                                 metric(layout.utility[0]), metric(layout.preservation[0]), metric(key) if key else None)
+        if text:
+            parts.append(text)
     mains = [f"{side} metric: {metric(keys[0]).label}" for side, keys in (("main preservation", layout.preservation),
                                                                          ("main utility", layout.utility)) if keys]
     parts += ["## Answers", f"Computed from the numbers above (means over seeds); {'; '.join(mains) or 'no metrics'}.",

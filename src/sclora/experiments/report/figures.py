@@ -31,6 +31,8 @@ def write_figures(rows: list[dict], config: dict | None, diagnostics: dict | Non
         "loss_curves.png": ("Training loss", lambda: _plot_loss(groups, lr_methods)),
         "tradeoff.png": ("Utility vs preservation trade-off",
                          lambda: _plot_tradeoff(groups, utility, preservation, lr_methods, model)),
+        "frontiers.png": ("Learning-rate frontiers: each method over its learning rates",
+                          lambda: _plot_frontiers(groups, rows, utility, preservation, model)),
         "subspace_energy.png": ("Energy of D+ / D− captured by each initial adapter",
                                 lambda: _plot_subspace(diagnostics, [r.get("run") for r in rows])),
     }
@@ -142,6 +144,18 @@ def _plot_tradeoff(groups: list[Group], utility: Metric | None, preservation: Me
     ax.set_title("Trade-off: better is up and to the right (bars: ±1 SE)")
     ax.grid(alpha=0.3)
     return fig
+
+
+def _plot_frontiers(groups: list[Group], rows: list[dict], utility: Metric | None, preservation: Metric | None,
+                    model: str | None):
+    from .frontier import frontier_curves, plot_frontiers, selection_metric
+
+    if utility is None or preservation is None:
+        return None
+    key = selection_metric(rows)
+    base = next((g for g in groups if g.is_base), None)
+    return plot_frontiers(frontier_curves(groups, model=model), base, utility, preservation,
+                          metric(key) if key else None, _new_axes, _axis_label, _orient)
 
 
 def _plot_subspace(diagnostics: dict | None, order: list):

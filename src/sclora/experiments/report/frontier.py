@@ -1,0 +1,162 @@
+"""Learning-rate frontiers: each method's runs over learning rates as one curve in the utility-preservation plane,
+the rate each method is selected at by a validation metric (never by the evaluation items), and each curve's
+preservation at utility levels two curves share (interpolated along the curves: point estimates).
+
+A method "wins" on a frontier only if its curve lies above the other's where their utilities overlap; a lower
+learning rate also forgets less, so one point per method cannot decide it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..evaluate.metrics import Metric
+from .groups import Group, label
+
+__all__ = ["Curve", "frontier_curves", "frontier_markdown", "matched_utility", "plot_frontiers", "selection_metric"]
+
+#: validation metrics a learning rate may be selected on, in order of preference
+VALIDATION = ("math_val_nll",)
+
+
+@dataclass
+class Curve:
+    """One method (variant) over learning rates: its groups sorted by learning rate."""
+
+    name: str
+    points: list[Group]
+
+    def selected(self, validation: Metric) -> Group:
+        """The point with the best validation value."""
+        scored = [g for g in self.points if g.value(validation.key) is not None]
+        return max(scored, key=lambda g: validation.goodness(g.value(validation.key)))
+
+
+def selection_metric(rows: list[dict]) -> str | None:
+    """The validation metric the rows carry, if any."""
+    return next((key for key in VALIDATION if any(key in r for r in rows)), None)
+
+
+def frontier_curves(groups: list[Group], lr_methods: frozenset[str] = frozenset(), model: str | None = None
+                    ) -> list[Curve]:
+    """Groups of the same method and variant at two or more learning rates, as curves."""
+    curves: dict[tuple, list[Group]] = {}
+    for g in groups:
+        if g.is_base or g.lr is None:
+            continue
+        curves.setdefault((g.method, g.beta, g.normalize, g.locked, g.auto_budget), []).append(g)
+    out = []
+    for members in curves.values():
+        if len({g.lr for g in members}) >= 2:
+            members = sorted(members, key=lambda g: g.lr)
+            out.append(Curve(label(members[0], frozenset(), model).split(" (lr")[0], members))
+    return out
+
+
+def _interpolate(points: list[tuple[float, float]], u: float) -> float | None:
+    """Preservation at utility ``u`` along a curve (points in learning-rate order, linear between neighbours);
+    the best such value where the curve passes ``u`` more than once; None outside its utility range."""
+    found = []
+    for (u0, p0), (u1, p1) in zip(points, points[1:]):
+        if min(u0, u1) <= u <= max(u0, u1):
+            found.append(p0 if u1 == u0 else p0 + (p1 - p0) * (u - u0) / (u1 - u0))
+    return max(found) if found else None
+
+
+def matched_utility(a: Curve, b: Curve, utility: Metric, preservation: Metric, levels: int = 5) -> list[dict]:
+    """Preservation of ``a`` and ``b`` at ``levels`` utility values inside both curves' utility ranges (signed so
+    that larger is better for both metrics). Empty when the ranges do not overlap."""
+    def signed(curve):
+        return [(utility.goodness(g.value(utility.key)), preservation.goodness(g.value(preservation.key)))
+                for g in curve.points if g.value(utility.key) is not None and g.value(preservation.key) is not None]
+
+    pa, pb = signed(a), signed(b)
+    if len(pa) < 2 or len(pb) < 2:
+        return []
+    low = max(min(u for u, _ in pa), min(u for u, _ in pb))
+    high = min(max(u for u, _ in pa), max(u for u, _ in pb))
+    if low > high:
+        return []
+    rows = []
+    for i in range(levels):
+        u = low + (high - low) * i / max(1, levels - 1)
+        ya, yb = _interpolate(pa, u), _interpolate(pb, u)
+        if ya is not None and yb is not None:
+            rows.append({"utility": utility.goodness(u), "a": preservation.goodness(ya),
+                         "b": preservation.goodness(yb), "difference": ya - yb})
+    return rows
+
+
+def frontier_markdown(curves: list[Curve], utility: Metric, preservation: Metric, validation: Metric | None) -> str:
+    """The selected-rate table and, for each pair with SC-LoRA, preservation at matched utility."""
+    if not curves:
+        return ""
+    parts = ["## Learning-rate frontiers"]
+    if validation is not None:
+        head = (f"| method | learning rates | selected by {validation.label} | {validation.header} | "
+                f"{utility.header} | {preservation.header} | seeds |")
+        lines = [head, "|---|---|---|---|---|---|---|"]
+        for c in curves:
+            s = c.selected(validation)
+            lines.append(f"| {c.name} | {', '.join(f'{g.lr:g}' for g in c.points)} | {s.lr:g} | "
+                         f"{_fmt(s, validation)} | {_fmt(s, utility)} | {_fmt(s, preservation)} | {s.n} |")
+        parts += [f"Each method at the learning rate its {validation.label} selects (a split kept apart from the "
+                  "evaluation items); ± = standard error.", "\n".join(lines)]
+    sc = [c for c in curves if c.points[0].method == "sc_lora"]
+    others = [c for c in curves if c.points[0].method != "sc_lora"]
+    rows = []
+    for a in sc:
+        for b in others:
+            for m in matched_utility(a, b, utility, preservation):
+                rows.append(f"| {a.name} − {b.name} | {m['utility']:.{utility.digits}f} | "
+                            f"{m['a']:.{preservation.digits}f} | {m['b']:.{preservation.digits}f} | "
+                            f"{m['difference']:+.{preservation.digits}f} |")
+    if rows:
+        parts += [f"Preservation at matched utility, interpolated along each curve (point estimates over the "
+                  f"learning rates; where a curve passes a utility twice its better value): positive = the first "
+                  f"method preserves more at that {utility.label}.",
+                  "| A − B | " + utility.header + " | A | B | A − B |\n|---|---|---|---|---|\n" + "\n".join(rows)]
+    return "\n\n".join(parts)
+
+
+def _fmt(g: Group, m: Metric) -> str:
+    value, se = g.value(m.key), g.se(m.key)
+    if value is None:
+        return "–"
+    return f"{value:.{m.digits}f}" + (f" ± {se:.{m.digits}f}" if se is not None else "")
+
+
+def plot_frontiers(curves: list[Curve], base: Group | None, utility: Metric, preservation: Metric,
+                   validation: Metric | None, new_axes, axis_label, orient):
+    """One line per method through its learning rates (marker size grows with the rate; the selected rate
+    circled), error bars ±1 SE; the base model as a star."""
+    if not curves:
+        return None
+    fig, ax = new_axes((8.2, 5.0))
+    for i, c in enumerate(curves):
+        points = [g for g in c.points if g.value(utility.key) is not None and g.value(preservation.key) is not None]
+        if not points:
+            continue
+        color = f"C{i % 10}"
+        xs, ys = [g.value(utility.key) for g in points], [g.value(preservation.key) for g in points]
+        ax.plot(xs, ys, color=color, alpha=0.6, label=f"{c.name} ({points[0].lr:g} … {points[-1].lr:g})")
+        for rank, g in enumerate(points):
+            ax.errorbar([g.value(utility.key)], [g.value(preservation.key)], xerr=g.se(utility.key),
+                        yerr=g.se(preservation.key), color=color, marker="o", markersize=3 + 1.5 * rank,
+                        linestyle="none", capsize=2, alpha=0.9)
+        if validation is not None:
+            s = c.selected(validation)
+            if s.value(utility.key) is not None and s.value(preservation.key) is not None:
+                ax.plot([s.value(utility.key)], [s.value(preservation.key)], marker="o", markersize=14,
+                        markerfacecolor="none", markeredgecolor=color, linestyle="none")
+    if base is not None and base.value(utility.key) is not None and base.value(preservation.key) is not None:
+        ax.plot([base.value(utility.key)], [base.value(preservation.key)], marker="*", markersize=11, color="0.35",
+                linestyle="none", label="base model")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+              title="method (learning rates)", title_fontsize=7)
+    ax.set_xlabel(axis_label(utility, "→"))
+    ax.set_ylabel(axis_label(preservation, "↑"))
+    orient(ax, utility, "x")
+    orient(ax, preservation, "y")
+    ax.set_title("Learning-rate frontiers (marker size: rate; ring: selected on validation; bars ±1 SE)", fontsize=9)
+    ax.grid(alpha=0.3)
+    return fig
