@@ -375,3 +375,28 @@ def test_a_locked_run_trains_half_the_parameters_and_is_named_so(setup):
     rows = {r["run"]: r for r in json.loads((out / "results.json").read_text())}
     free, locked = rows["sc_lora-beta0.5"], rows["sc_lora-beta0.5-locked"]
     assert 0 < locked["trainable_params"] < free["trainable_params"]  # A only (B frozen at Q)
+
+
+def test_safe_lora_runs_project_the_trained_lora_and_mica_trains_only_a(setup):
+    from conftest import tiny_llama, tiny_tokenizer
+
+    config_path, out = setup
+    unaligned = config_path.parent / "unaligned"
+    tiny_llama(seed=5).save_pretrained(unaligned)
+    tiny_tokenizer().save_pretrained(unaligned)
+    config = yaml.safe_load(config_path.read_text())
+    config["runs"] = [{"method": "lora", "safe_lora": {"unaligned": str(unaligned), "num_proj_layers": 3}},
+                      {"method": "mica"}]
+    config_path.write_text(yaml.safe_dump(config))
+    assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0
+    rows = {r["run"]: r for r in json.loads((out / "results.json").read_text())}
+    safe = rows["lora-safelora"]
+    assert safe["method"] == "safe_lora" and safe["safe_lora_projected"] == 3 and safe["safe_lora_layers"] > 3
+    assert -1 <= safe["safe_lora_threshold"] <= 1
+    assert rows["mica"]["trainable_params"] < safe["trainable_params"]  # MiCA: A only
+    for bad, match in (({"method": "sc_lora", "beta": 0.5, "safe_lora": {"unaligned": "x"}}, "has none"),
+                       ({"method": "lora", "safe_lora": {"num_proj_layers": 3}}, "takes a mapping with unaligned"),
+                       ({"method": "lora", "safe_lora": {"unaligned": "x", "threshold": 2}}, "cosine in")):
+        config["runs"] = [bad]
+        with pytest.raises(ValueError, match=match):
+            load_config_from(config)

@@ -180,6 +180,7 @@ def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, o
     along = _checkpoint_evals(config.evaluate_steps, evaluate, out / "runs" / name / "checkpoint_evals.json")
     result = train(model, exp.tokenizer, exp.sets["train"], train_config, out / "runs" / name,
                    show_progress=exp.show_progress, callbacks=[along], context=fingerprint)
+    safe = _apply_safe_lora(model, exp, run["safe_lora"]) if run.get("safe_lora") else {}
     if hasattr(model, "peft_config"):  # a plain PEFT LoRA adapter for the untouched base: loads without sclora
         from ..export import export_lora
 
@@ -187,7 +188,7 @@ def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, o
     metrics, items = evaluate(model)
     atomic_write(out / "samples" / f"{name}.json", json.dumps(items) + "\n")
     row = {
-        "run": name, "method": method, "learning_rate": train_config.learning_rate,
+        "run": name, "method": "safe_lora" if safe else method, "learning_rate": train_config.learning_rate, **safe,
         **_beta_fields(run, choice),
         "seed": seed, **({"normalize": run["normalize"]} if run.get("normalize") else {}),
         **({"lock_subspace": True} if run.get("lock_subspace") else {}),
@@ -199,6 +200,19 @@ def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, o
     if config.evaluate_steps:
         row["checkpoints"] = along.rows
     return row
+
+
+def _apply_safe_lora(model, exp: _Experiment, options: dict) -> dict:
+    """Safe LoRA on the trained adapter: C from the experiment's model (the aligned one) and ``options["unaligned"]``
+    (its base); returns the row's fields (layers projected, the cosine threshold)."""
+    from ..methods.safe_lora import apply_safe_lora
+    from ..models import load_model
+
+    unaligned, _ = load_model(options["unaligned"], dtype=exp.dtype)
+    result = apply_safe_lora(model, exp.base, unaligned, threshold=options.get("threshold"),
+                             num_proj_layers=options.get("num_proj_layers", 10))
+    return {"safe_lora_projected": len(result.projected), "safe_lora_threshold": result.threshold,
+            "safe_lora_layers": len(result.cosines)}
 
 
 def _beta_fields(run: dict, choice) -> dict:

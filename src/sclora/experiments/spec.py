@@ -199,6 +199,8 @@ class ExperimentConfig:
                 raise ValueError(f"Two runs are named {name!r} ('base' is the untrained model): give each a distinct "
                                  "'name', e.g. name: sc_lora-b08-seed1.")
             names.add(name)
+            if "safe_lora" in run:
+                _check_safe_lora(run)
             try:  # the init's own checks (r, lora_alpha, beta range, one beta per knowledge set, ...)
                 run_init_config(self, run).check_sets(n_minus)
                 run_train_config(self, run)
@@ -242,7 +244,9 @@ def _check_judge(judge: dict) -> None:
 #: and train values); target_modules and the decomposition dtype are the experiment's, shared by its statistics
 RUN_INIT_KEYS = tuple(f.name for f in fields(SCLoRAConfig) if f.name not in ("target_modules", "dtype"))
 RUN_TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig))
-RUN_KEYS = {"name", *RUN_INIT_KEYS, *RUN_TRAIN_KEYS}
+RUN_KEYS = {"name", "safe_lora", *RUN_INIT_KEYS, *RUN_TRAIN_KEYS}
+#: ``safe_lora:`` of a run: Safe LoRA after training, C from the experiment's (aligned) model and ``unaligned``
+SAFE_LORA_KEYS = ("unaligned", "num_proj_layers", "threshold")
 
 
 def _strict(cls, data: dict, what: str):
@@ -288,6 +292,23 @@ def eval_spec(spec: dict, name: str) -> tuple[DataSpec | FileSpec, dict]:
     return data_spec(data_part, f"evaluate.{name} (options: {sorted(EVAL_OPTIONS)})"), options
 
 
+def _check_safe_lora(run: dict) -> None:
+    options = run["safe_lora"]
+    if not isinstance(options, dict) or not isinstance(options.get("unaligned"), str) or set(options) - set(
+            SAFE_LORA_KEYS):
+        raise ValueError(f"run {run}: safe_lora takes a mapping with unaligned (the aligned model's unaligned base, "
+                         f"e.g. smollm2-135m-instruct) and num_proj_layers or threshold; keys {SAFE_LORA_KEYS}.")
+    if method_spec(run["method"]).residual or not method_spec(run["method"]).adapter:
+        raise ValueError(f"run {run}: Safe LoRA projects an update B A; method {run['method']!r} has none (a residual "
+                         "init or full fine-tuning). Use it with lora, mica or eva.")
+    if "num_proj_layers" in options:
+        check_int(options["num_proj_layers"], "safe_lora.num_proj_layers", 1)
+    threshold = options.get("threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not -1 <= threshold <= 1):
+        raise ValueError(f"run {run}: safe_lora.threshold must be a cosine in [-1, 1], got {threshold!r}.")
+
+
 def run_normalize(config: ExperimentConfig, run: dict) -> str:
     """The statistics normalization a run uses: its own ``normalize``, else the method's own where it has one
     (CorDA: its authors' and PEFT's per-sample scaling, ``abs_of_max``), else the experiment's."""
@@ -324,6 +345,8 @@ def run_name(run: dict) -> str:
         name += "-locked"
     if "name" not in run and run.get("normalize") is not None:
         name += f"-{run['normalize']}"
+    if "name" not in run and run.get("safe_lora"):
+        name += "-safelora"
     if "name" not in run and run.get("seed") is not None:
         name += f"-seed{run['seed']}"
     return name

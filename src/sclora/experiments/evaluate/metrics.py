@@ -50,6 +50,7 @@ METRICS = {m.key: m for m in (
     Metric("math_nll", "Math NLL", False, 3),
     Metric("math_val_nll", "Math NLL (validation)", False, 3),
     Metric("rouge1", "ROUGE-1", True, 2),
+    Metric("val_rouge1", "ROUGE-1 (validation)", True, 2),
     Metric("rouge2", "ROUGE-2", True, 2),
     Metric("rougeL", "ROUGE-L", True, 2),
     Metric("benign_refusal_rate", "Benign refusal (%)", False, 1),
@@ -85,6 +86,7 @@ EVALUATIONS = {e.name: e for e in (
     Evaluation("safety", ("harmfulness_score", "harmfulness_rate")),
     Evaluation("benign_refusal", ("benign_refusal_rate",)),
     Evaluation("summary_rouge", ("rouge1", "rouge2", "rougeL")),
+    Evaluation("summary_val_rouge", ("val_rouge1",)),  # ROUGE-1 on a validation split: selects learning rates
 )}
 
 

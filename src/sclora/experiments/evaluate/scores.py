@@ -231,6 +231,15 @@ def benign_refusal(model, tokenizer, items, *, batch_size=8, show_progress=False
                                                                  show_progress=False)]
 
 
+def summary_val_rouge(model, tokenizer, items, *, batch_size=8, show_progress=False, max_new_tokens=96, outputs=None,
+                      **_):
+    """ROUGE-1 of :func:`summary_rouge` on a validation split (where a learning rate is chosen, apart from the
+    evaluation items)."""
+    scores = summary_rouge(model, tokenizer, items, batch_size=batch_size, show_progress=show_progress,
+                           desc="summary_val_rouge", max_new_tokens=max_new_tokens, outputs=outputs)
+    return {"val_rouge1": scores["rouge1"]}
+
+
 def summary_rouge(model, tokenizer, items, *, batch_size=8, show_progress=False, desc="summary_rouge",
                   max_new_tokens=96, outputs=None, **_):
     """ROUGE-1, ROUGE-2 and ROUGE-L F1 (%) of the greedy summary against the reference (rouge-score, stemming)."""

@@ -15,7 +15,7 @@ from .groups import Group, label
 __all__ = ["Curve", "frontier_curves", "frontier_markdown", "matched_utility", "plot_frontiers", "selection_metric"]
 
 #: validation metrics a learning rate may be selected on, in order of preference
-VALIDATION = ("math_val_nll",)
+VALIDATION = ("math_val_nll", "val_rouge1")
 
 
 @dataclass

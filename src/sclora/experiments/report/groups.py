@@ -69,11 +69,13 @@ def infer_layout(rows: list[dict], config: dict | None = None) -> Layout:
     return layout
 
 
-PAPER_ORDER = ("base", "full", "lora", "pissa", "olora", "eva", "corda_ipa", "corda_kpa", "salora", "sc_lora")
+PAPER_ORDER = ("base", "full", "lora", "safe_lora", "mica", "pissa", "olora", "eva", "corda_ipa", "corda_kpa", "salora",
+               "sc_lora")
 
 
 METHOD_NAMES = {"base": "Base model", "full": "Full fine-tuning", "lora": "LoRA", "pissa": "PiSSA", "olora": "OLoRA", "eva": "EVA",
-                "corda_ipa": "CorDA IPA", "corda_kpa": "CorDA KPA", "salora": "SaLoRA", "sc_lora": "SC-LoRA"}
+                "corda_ipa": "CorDA IPA", "corda_kpa": "CorDA KPA", "salora": "SaLoRA", "sc_lora": "SC-LoRA",
+                "mica": "MiCA", "safe_lora": "Safe LoRA (on LoRA)"}
 
 
 NOT_METRICS = {"seed", "beta", "learning_rate", "beta_auto_budget"}
