@@ -59,6 +59,10 @@ METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("salora", "SaLoRA: a fixed module removing D-'s output directions, B0 on D+'s", "build_salora",
                needs=("plus", "minus"), side="output", residual=True,
                reference="the authors' code (a float64 rewrite of their formulas)"),
+    MethodSpec("guardspace", "GuardSpace: CorDA KPA on D-'s input covariance, A's input projected on the null "
+               "space of D-'s activations", "build_guardspace", needs=("minus",), side="input",
+               normalize="abs_of_max", residual=True, several_sets=True,
+               reference="the authors' code (a float64 rewrite of their formulas)"),
     MethodSpec("full", "full fine-tuning: every weight trains, no adapter", "build_full", adapter=False),
 )}
 

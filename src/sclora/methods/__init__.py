@@ -19,13 +19,14 @@ from ..statistics import CovarianceStats, collect_covariances
 from ..targets import resolve_targets
 from .builtin import get_eva_model, get_lora_model, prepare_full_finetuning
 from .corda import corda_factors, get_corda_model
+from .guardspace import get_guardspace_model, guardspace_factors
 from .residual import get_pissa_model
 from .salora import get_salora_model, salora_factors
 from .sc_lora import BetaChoice, choose_beta, get_sclora_model
 
-__all__ = ["BetaChoice", "choose_beta", "corda_factors", "get_corda_model", "get_eva_model", "get_lora_model",
-           "get_salora_model", "get_sclora_model", "init_model", "prepare_full_finetuning", "salora_factors",
-           "several_sets"]
+__all__ = ["BetaChoice", "choose_beta", "corda_factors", "get_corda_model", "get_eva_model", "get_guardspace_model",
+           "get_lora_model", "get_salora_model", "get_sclora_model", "guardspace_factors", "init_model",
+           "prepare_full_finetuning", "salora_factors", "several_sets"]
 
 Data = CovarianceStats | Iterable[Mapping[str, torch.Tensor]] | None
 #: D- may also be several knowledge sets: a list of statistics (or of batch lists), one beta each.
@@ -109,6 +110,20 @@ def build_corda(model, config, plus, minus, show_progress):
     data, label = (plus, "plus") if mode == "ipa" else (minus, "minus")
     return get_corda_model(model, config, _stats(model, config, data, label, show_progress), mode,
                            show_progress=show_progress)
+
+
+def build_guardspace(model, config, plus, minus, show_progress):
+    """GuardSpace: D-'s input covariance for the decomposition and the null space, or ``minus=[decomposition set,
+    null-space set]`` (the authors' two harmful-prompt sets)."""
+    if several_sets(minus):
+        if len(minus) != 2:
+            raise ValueError(f"method='guardspace' takes minus= one harmful set or two (the decomposition set, the "
+                             f"null-space set), got {len(minus)}.")
+        stats = _stats(model, config, minus[0], "minus[0]", show_progress)
+        null_stats = _stats(model, config, minus[1], "minus[1] (null space)", show_progress)
+    else:
+        stats, null_stats = _stats(model, config, minus, "minus", show_progress), None
+    return get_guardspace_model(model, config, stats, null_stats, show_progress=show_progress)
 
 
 def build_lora(model, config, plus, minus, show_progress):
