@@ -352,7 +352,7 @@ def test_frontiers_select_on_validation_and_compare_at_matched_utility(tmp_path)
     assert selected == {"lora": 5e-4, "sc_lora": 2e-3}  # by validation, not by the probe
     lora, sc = sorted(curves, key=lambda c: c.points[0].method)
     matched = matched_utility(sc, lora, nll, em, levels=3)
-    assert [round(m["utility"], 6) for m in matched] == [0.9, 0.8, 0.7]
+    assert [round(m["utility"], 6) for m in matched] == [round(0.9 - 0.2 * (i + 0.5) / 3, 6) for i in range(3)]
     assert all(abs(m["difference"] - 2.0) < 1e-9 for m in matched)  # 2 EM points more at every matched NLL
     text = frontier_markdown(curves, nll, em, val)
     assert "## Learning-rate frontiers" in text and "| 0.0005 |" in text and "+2.00" in text
@@ -370,3 +370,38 @@ def test_matched_utility_is_empty_when_the_curves_do_not_overlap():
     rows += [row(f"b{lr}", "sc_lora", beta=0.8, lr=lr, math_nll=0.5 + lr, knowledge_em=12.0) for lr in (1e-4, 2e-4)]
     lora, sc = sorted(frontier_curves(group_runs(rows)), key=lambda c: c.points[0].method)
     assert matched_utility(sc, lora, metric("math_nll"), metric("knowledge_em")) == []
+
+
+def frontier_samples(rows):
+    """Per-item scores whose means are the rows' values: 100 utility items (NLL around the row's value) and 200
+    preservation items (EM 0 or 100, the first ones correct), so a higher EM means the same items plus more."""
+    import numpy as np
+
+    out = {}
+    rng = np.random.default_rng(0)
+    for r in rows:
+        nll = np.full(100, r["math_nll"]) + rng.normal(0, 0.01, 100)
+        nll += r["math_nll"] - nll.mean()
+        k = int(round(r["knowledge_em"] * 2))  # correct items out of 200
+        em = np.zeros(200)
+        em[:k] = 100.0
+        out[r["run"]] = {"math_nll": nll.tolist(), "knowledge_em": em.tolist()}
+    return out
+
+
+def test_matched_utility_intervals_decide_a_real_gap_and_not_a_tiny_one():
+    from sclora.experiments.evaluate.metrics import metric
+    from sclora.experiments.report.frontier import frontier_curves, matched_utility_intervals
+
+    nll, em = metric("math_nll"), metric("knowledge_em")
+    rows = frontier_rows()  # SC-LoRA keeps 2 EM points more at every matched NLL: 4 of 200 items
+    lora, sc = sorted(frontier_curves(group_runs(rows)), key=lambda c: c.points[0].method)
+    clear = matched_utility_intervals(sc, lora, nll, em, frontier_samples(rows), levels=3, n_boot=400)
+    assert [m["verdict"] for m in clear] == ["A preserves more"] * 3 and all(m["low"] > 0 for m in clear)
+    for r in rows:  # the gap shrinks to half an item out of 200: no bootstrap interval can exclude 0
+        if r["method"] == "sc_lora":
+            r["knowledge_em"] -= 1.75
+    lora, sc = sorted(frontier_curves(group_runs(rows)), key=lambda c: c.points[0].method)
+    tiny = matched_utility_intervals(sc, lora, nll, em, frontier_samples(rows), levels=3, n_boot=400)
+    assert tiny and all(m["verdict"] != "B preserves more" for m in tiny)
+    assert any(m["verdict"].startswith("undecided") for m in tiny)

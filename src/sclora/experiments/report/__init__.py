@@ -36,7 +36,8 @@ class ReportError(Exception):
 
 
 def build_report(rows: list[dict], config: dict | None = None, diagnostics: dict | None = None,
-                 figures: list[tuple[str, str]] = (), paired: list[dict] | None = None) -> str:
+                 figures: list[tuple[str, str]] = (), paired: list[dict] | None = None,
+                 samples: dict[str, dict] | None = None) -> str:
     """report.md's text; ``figures`` are (file name under figures/, caption) pairs already written; ``paired`` the
     paired differences (:func:`paired_comparisons`), None when the per-item scores were not kept."""
     config = config or {}
@@ -50,7 +51,8 @@ def build_report(rows: list[dict], config: dict | None = None, diagnostics: dict
 
         key = selection_metric(rows)
         text = frontier_markdown(frontier_curves(group_runs(rows), model=config.get("model")),
-                                 metric(layout.utility[0]), metric(layout.preservation[0]), metric(key) if key else None)
+                                 metric(layout.utility[0]), metric(layout.preservation[0]), metric(key) if key else None,
+                                 samples)
         if text:
             parts.append(text)
     mains = [f"{side} metric: {metric(keys[0]).label}" for side, keys in (("main preservation", layout.preservation),
@@ -101,20 +103,26 @@ def write_report(directory: str | os.PathLike) -> Path:
     folder = Path(directory)
     rows, config, diagnostics = load_experiment(folder)
     figures = write_figures(rows, config, diagnostics, folder / "figures")
-    paired = _paired(folder, rows, config)
+    samples = _samples(folder, rows)
+    paired = _paired(folder, rows, config, samples)
     path = folder / "report.md"
-    atomic_write(path, build_report(rows, config, diagnostics, figures, paired))
+    atomic_write(path, build_report(rows, config, diagnostics, figures, paired, samples))
     return path
 
 
-def _paired(folder: Path, rows: list[dict], config: dict) -> list[dict] | None:
-    """Paired differences from samples/<run>.json, stored in paired.json; read back from paired.json when the
-    samples are gone (a committed results folder); None when neither exists (older folders)."""
+def _samples(folder: Path, rows: list[dict]) -> dict[str, dict]:
+    """The per-item scores runs kept in samples/<run>.json, by run."""
     samples = {}
     for row in rows:
         path = folder / "samples" / f"{row['run']}.json"
         if path.is_file():
             samples[row["run"]] = _read_json(path)
+    return samples
+
+
+def _paired(folder: Path, rows: list[dict], config: dict, samples: dict[str, dict]) -> list[dict] | None:
+    """Paired differences from the per-item ``samples``, stored in paired.json; read back from paired.json when the
+    samples are gone (a committed results folder); None when neither exists (older folders)."""
     if samples:
         paired = paired_comparisons(rows, config, samples)
         atomic_write(folder / "paired.json", json.dumps(paired, indent=1) + "\n")

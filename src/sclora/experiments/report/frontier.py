@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from ..evaluate.metrics import Metric
 from .groups import Group, label
 
-__all__ = ["Curve", "frontier_curves", "frontier_markdown", "matched_utility", "plot_frontiers", "selection_metric"]
+__all__ = ["Curve", "frontier_curves", "frontier_markdown", "matched_utility", "matched_utility_intervals",
+           "plot_frontiers", "selection_metric"]
 
 #: validation metrics a learning rate may be selected on, in order of preference
 VALIDATION = ("math_val_nll", "val_rouge1")
@@ -63,8 +64,8 @@ def _interpolate(points: list[tuple[float, float]], u: float) -> float | None:
 
 
 def matched_utility(a: Curve, b: Curve, utility: Metric, preservation: Metric, levels: int = 5) -> list[dict]:
-    """Preservation of ``a`` and ``b`` at ``levels`` utility values inside both curves' utility ranges (signed so
-    that larger is better for both metrics). Empty when the ranges do not overlap."""
+    """Preservation of ``a`` and ``b`` at ``levels`` utility values spread inside both curves' shared utility range
+    (the midpoints of ``levels`` equal slices). Empty when the ranges do not overlap."""
     def signed(curve):
         return [(utility.goodness(g.value(utility.key)), preservation.goodness(g.value(preservation.key)))
                 for g in curve.points if g.value(utility.key) is not None and g.value(preservation.key) is not None]
@@ -77,8 +78,8 @@ def matched_utility(a: Curve, b: Curve, utility: Metric, preservation: Metric, l
     if low > high:
         return []
     rows = []
-    for i in range(levels):
-        u = low + (high - low) * i / max(1, levels - 1)
+    for i in range(levels):  # inside the shared range, not on its ends, which resampled curves often miss
+        u = low + (high - low) * (i + 0.5) / levels
         ya, yb = _interpolate(pa, u), _interpolate(pb, u)
         if ya is not None and yb is not None:
             rows.append({"utility": utility.goodness(u), "a": preservation.goodness(ya),
@@ -86,8 +87,65 @@ def matched_utility(a: Curve, b: Curve, utility: Metric, preservation: Metric, l
     return rows
 
 
-def frontier_markdown(curves: list[Curve], utility: Metric, preservation: Metric, validation: Metric | None) -> str:
-    """The selected-rate table and, for each pair with SC-LoRA, preservation at matched utility."""
+def _item_means(group: Group, samples: dict[str, dict], key: str):
+    """The group's per-item scores for ``key``, averaged over its runs (seeds), or None where a run kept none."""
+    import numpy as np
+
+    rows = [samples.get(run, {}).get(key) for run in group.runs]
+    if not rows or any(r is None for r in rows) or len({len(r) for r in rows}) != 1:
+        return None
+    return np.mean(np.asarray(rows, dtype=np.float64), axis=0)
+
+
+def matched_utility_intervals(a: Curve, b: Curve, utility: Metric, preservation: Metric, samples: dict[str, dict],
+                              levels: int = 5, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> list[dict]:
+    """:func:`matched_utility` with a paired bootstrap over items: the utility items and the preservation items are
+    resampled (the same draw for every run, as all runs score the same items; a run's seeds averaged item by item),
+    both curves rebuilt from the resampled means, and the difference taken at the same utility levels. Each entry
+    adds ``low`` / ``high`` (the central ``level`` of the bootstrap differences, over the draws where both curves
+    reach the level) and a ``verdict``. Empty when a point lacks per-item scores."""
+    import numpy as np
+
+    points = [g for g in a.points + b.points]
+    u_items = [_item_means(g, samples, utility.key) for g in points]
+    p_items = [_item_means(g, samples, preservation.key) for g in points]
+    if any(x is None for x in u_items + p_items):
+        return []
+    estimate = matched_utility(a, b, utility, preservation, levels)
+    if not estimate:
+        return []
+    rng = np.random.default_rng(seed)
+    n_u, n_p = len(u_items[0]), len(p_items[0])
+    u, p = np.stack(u_items), np.stack(p_items)
+    draws = {i: [] for i in range(len(estimate))}
+    n_a = len(a.points)
+    for _ in range(n_boot):
+        iu, ip = rng.integers(0, n_u, n_u), rng.integers(0, n_p, n_p)
+        mu, mp = u[:, iu].mean(axis=1), p[:, ip].mean(axis=1)
+        ca = [(utility.goodness(x), preservation.goodness(y)) for x, y in zip(mu[:n_a], mp[:n_a])]
+        cb = [(utility.goodness(x), preservation.goodness(y)) for x, y in zip(mu[n_a:], mp[n_a:])]
+        for i, e in enumerate(estimate):
+            target = utility.goodness(e["utility"])
+            ya, yb = _interpolate(ca, target), _interpolate(cb, target)
+            if ya is not None and yb is not None:
+                draws[i].append(ya - yb)
+    tail = (1 - level) / 2
+    out = []
+    for i, e in enumerate(estimate):
+        values = np.asarray(draws[i])
+        if values.size < n_boot // 2:  # the level lies outside one curve in most draws: no interval
+            out.append({**e, "low": None, "high": None, "verdict": "undecided (the curves rarely both reach it)"})
+            continue
+        low, high = (float(q) for q in np.quantile(values, [tail, 1 - tail]))
+        verdict = "A preserves more" if low > 0 else "B preserves more" if high < 0 else "undecided"
+        out.append({**e, "low": low, "high": high, "verdict": verdict})
+    return out
+
+
+def frontier_markdown(curves: list[Curve], utility: Metric, preservation: Metric, validation: Metric | None,
+                      samples: dict[str, dict] | None = None) -> str:
+    """The selected-rate table and, for each pair with SC-LoRA, preservation at matched utility (with paired
+    bootstrap intervals over items when the per-item ``samples`` are given)."""
     if not curves:
         return ""
     parts = ["## Learning-rate frontiers"]
@@ -106,15 +164,21 @@ def frontier_markdown(curves: list[Curve], utility: Metric, preservation: Metric
     rows = []
     for a in sc:
         for b in others:
-            for m in matched_utility(a, b, utility, preservation):
+            matched = (matched_utility_intervals(a, b, utility, preservation, samples) if samples else []) or \
+                matched_utility(a, b, utility, preservation)
+            for m in matched:
+                interval = (f"[{m['low']:+.{preservation.digits}f}, {m['high']:+.{preservation.digits}f}] "
+                            f"{m['verdict']}" if m.get("low") is not None else m.get("verdict", "point estimate"))
                 rows.append(f"| {a.name} − {b.name} | {m['utility']:.{utility.digits}f} | "
                             f"{m['a']:.{preservation.digits}f} | {m['b']:.{preservation.digits}f} | "
-                            f"{m['difference']:+.{preservation.digits}f} |")
+                            f"{m['difference']:+.{preservation.digits}f} | {interval} |")
     if rows:
-        parts += [f"Preservation at matched utility, interpolated along each curve (point estimates over the "
-                  f"learning rates; where a curve passes a utility twice its better value): positive = the first "
-                  f"method preserves more at that {utility.label}.",
-                  "| A − B | " + utility.header + " | A | B | A − B |\n|---|---|---|---|---|\n" + "\n".join(rows)]
+        parts += [f"Preservation at matched utility, interpolated along each curve over its learning rates (where a "
+                  f"curve passes a utility twice, its better value): positive = A preserves more at that "
+                  f"{utility.label}. Intervals: 95% paired bootstrap over the evaluation items (utility and "
+                  f"preservation items resampled, each run's seeds averaged item by item).",
+                  "| A − B | " + utility.header + " | A | B | A − B | 95% interval, verdict |\n"
+                  "|---|---|---|---|---|---|\n" + "\n".join(rows)]
     return "\n\n".join(parts)
 
 
