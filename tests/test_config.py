@@ -145,8 +145,8 @@ def test_overriding_fields_after_the_fact_gives_what_naming_them_first_gives(fir
     assert SCLoRAConfig.from_pretrained(folder).replace(**later) == named
     # the defaults themselves: the method's own normalization, alpha = r
     assert named.resolved_alpha == ({**first, **later}.get("lora_alpha") or named.r)
-    corda = named.method.startswith("corda")
-    assert named.resolved_normalize == ({**first, **later}.get("normalize") or ("abs_of_max" if corda else "none"))
+    own = "abs_of_max" if named.method in ("corda_ipa", "corda_kpa", "guardspace") else "none"  # the authors'
+    assert named.resolved_normalize == ({**first, **later}.get("normalize") or own)
 
 
 def test_init_model_overrides_take_the_overridden_methods_defaults():

@@ -36,6 +36,8 @@ def test_each_record_says_what_its_init_does(name):
         with pytest.raises(ValueError, match=f"needs {label} data"):
             init_model(tiny_llama(seed=3), method=name, r=2, show_progress=False, **data)
     data = {k: random_batches(seed=i + 1) for i, k in enumerate(spec.needs)}
+    if name == "guardspace":  # fewer D- tokens than the layers' widths, so its null space is not empty
+        data["minus"] = random_batches(n_batches=1, batch_size=2, seq_len=8, seed=2)
     torch.manual_seed(0)
     out = init_model(model, method=name, r=2, show_progress=False, **data, **(SMALL if name == "salora" else {}))
     assert hasattr(out, "peft_config") is spec.adapter
