@@ -106,8 +106,9 @@ def test_4bit_reads_its_dequantization_and_writes_the_same_format(quant_type, st
 
 def test_4bit_in_the_cpu_kernels_packed_layout_reads_what_that_kernel_computes_with():
     layer = linear4bit(cpu_kernel=True)
-    if not layer.support_avx512bf16_for_cpu:
-        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack 4-bit weights here")
+    if not layer.support_avx512bf16_for_cpu:  # no AVX512-BF16: bitsandbytes keeps the generic layout
+        assert_forward_keeps_the_storage(layer)
+        return
     before = read_weight(layer, torch.float64)
     with torch.no_grad():
         out = layer(X)  # repacks: bf16 block scales, another nibble order
@@ -119,6 +120,17 @@ def test_4bit_in_the_cpu_kernels_packed_layout_reads_what_that_kernel_computes_w
     write_weight(layer, packed)
     assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
     assert torch.equal(read_weight(layer, torch.float64), packed)  # on the grid already: requantized exactly
+
+
+def assert_forward_keeps_the_storage(layer):
+    """A forward on bitsandbytes' generic path leaves the stored 4-bit weight as it was and computes with it."""
+    stored = layer.weight.data.clone()
+    with torch.no_grad():
+        out = layer(X)
+    assert torch.equal(layer.weight.data, stored)
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    torch.testing.assert_close(out.double(), X.double() @ read_weight(layer, torch.float64).T + 0.1,
+                               rtol=1e-5, atol=1e-5)
 
 
 def relative_error(out, want):
@@ -182,8 +194,9 @@ def test_a_4bit_shape_the_cpu_kernel_cannot_run_is_written_onto_the_generic_path
 
 def test_without_cpu_repacking_leaves_the_storage_as_it_was():
     layer = linear4bit(cpu_kernel=True)
-    if not layer.support_avx512bf16_for_cpu:
-        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack 4-bit weights here")
+    if not layer.support_avx512bf16_for_cpu:  # no AVX512-BF16: there is nothing to switch off, storage stays
+        assert_forward_keeps_the_storage(layer)
+        return
     model = nn.Sequential(layer)
     stored = layer.weight.data.clone()
     with without_cpu_repacking(model), torch.no_grad():
