@@ -25,6 +25,7 @@ TRAIN_VALUES = {
     "lr_scheduler": ("linear", "linear"), "warmup_ratio": ("0.1", 0.1), "weight_decay": ("0.01", 0.01),
     "max_grad_norm": ("0.5", 0.5), "max_length": ("64", 64), "bf16": (None, True), "logging_steps": ("2", 2),
     "save_steps": ("3", 3), "save_total_limit": ("1", 1), "max_steps": ("9", 9), "chat": (None, True),
+    "orthogonal_penalty": ("0.5", 0.5),
 }
 
 

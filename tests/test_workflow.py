@@ -106,7 +106,7 @@ def test_suggested_settings_give_enough_steps_and_the_papers_batch_on_large_data
     assert steps >= TARGET_STEPS or config.num_epochs == 10 or config.batch_size == micro
     if n >= 128 * TARGET_STEPS * 2:
         assert config.batch_size == 128 and config.num_epochs == 1
-    assert planned_steps(n, config) == math.ceil(max(1, math.ceil(n / micro) // (config.batch_size // micro))
+    assert planned_steps(n, config) == math.ceil(max(1, math.ceil(math.ceil(n / micro) / (config.batch_size // micro)))
                                                  * config.num_epochs)
 
 

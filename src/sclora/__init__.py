@@ -32,6 +32,7 @@ from .subspace import (
     sc_lora_factors,
     sc_subspace,
 )
+from .stages import StaleStageError
 from .train import TrainConfig, TrainResult, train
 from .workflow import FinetuneResult, finetune, suggest_train_config
 
@@ -46,6 +47,7 @@ __all__ = [
     "FinetuneResult",
     "NonUniqueSubspaceWarning",
     "SCLoRAConfig",
+    "StaleStageError",
     "TrainConfig",
     "TrainResult",
     "captured_energy",

@@ -51,9 +51,10 @@ def _config(args, command: str) -> SCLoRAConfig:
         raise SystemExit(f"{command}: {err}") from None
 
 
-def _init_inputs(args, command: str = "sclora init", loaded: dict | None = None):
+def _init_inputs(args, command: str = "sclora init", loaded: dict | None = None, inherited: int = 0):
     """The init's config and data from ``args``, all checked before any model is loaded; ``loaded`` maps data
-    values already read to their examples (finetune's --data, which is also D+ by default)."""
+    values already read to their examples (finetune's --data, which is also D+ by default); ``inherited`` counts
+    the knowledge sets earlier stages bring (finetune --after)."""
     from .models import check_model
 
     config = _config(args, command)
@@ -66,13 +67,14 @@ def _init_inputs(args, command: str = "sclora init", loaded: dict | None = None)
     minus = [minus] if isinstance(minus, str) else list(minus)  # init_args.json of a single --minus
     if "minus" in spec.needs:
         try:
-            config.check_sets(max(1, len(minus)))  # one --beta (or --budget) per knowledge set
+            config.check_sets(max(1, len(minus) + inherited))  # one --beta (or --budget) per knowledge set
         except ValueError as err:
-            raise SystemExit(f"{command}: {err} ({flags['minus']} was given {len(minus)} time(s))") from None
+            brought = f", --after brings {inherited} more" if inherited else ""
+            raise SystemExit(f"{command}: {err} ({flags['minus']} was given {len(minus)} time(s){brought})") from None
     wanted = {"plus": [args.plus]} if "plus" in spec.needs else {}
     if "minus" in spec.needs:
         wanted.update({("minus" if len(minus) == 1 else f"minus_{i}"): [v] for i, v in enumerate(minus)} or
-                      {"minus": [None]})
+                      ({} if inherited else {"minus": [None]}))
     examples = {}
     for label, (value,) in wanted.items():
         flag = flags[label.split("_")[0]]
@@ -193,29 +195,61 @@ def _finetune(args) -> int:
     from .workflow import finetune
     from .models import model_identity
 
-    _config(args, "sclora finetune")  # bad values before any data is read
+    config = _config(args, "sclora finetune")  # bad values before any data is read
     given = {"max_length": args.seq_len, "seed": args.seed, **_train_values(args, "sclora finetune")}
+    inherited = _after(args, config)
     examples = _data(args.data, args.seed, "sclora finetune --data")
     args.plus, args.minus = args.plus or args.data, args.preserve
-    config, sets = _init_inputs(args, "sclora finetune", loaded={args.data: examples})
+    config, sets = _init_inputs(args, "sclora finetune", loaded={args.data: examples}, inherited=inherited)
     model, tokenizer = _load_model(args.model, args.load_in)
     if distributed.is_main_process() and not args.quiet:
         print(f"sclora finetune: {config.method}, {len(examples)} training examples", flush=True)
     preserve = [rows for label, rows in sets.items() if label.startswith("minus")]
     result = _refuse(finetune, model, tokenizer, examples, preserve[0] if len(preserve) == 1 else preserve or None,
+                     after=args.after, keep_earlier=args.keep_earlier, replay=args.replay,
                      config=config, train_config=given, output_dir=args.output, plus=sets.get("plus"),
                      stats_samples=None, seq_len=args.seq_len, seed=args.seed, merge=args.merge,
-                     show_progress=not args.quiet, context={"model_files": model_identity(args.model),
-                                                             "load_in": args.load_in},
+                     show_progress=not args.quiet, context={"model": args.model, "load_in": args.load_in,
+                                                             "model_files": model_identity(args.model)},
                      command="sclora finetune")
     if distributed.is_main_process():
         print(result.text)
     return 0
 
 
+def _after(args, config) -> int:
+    """With --after: the base model and its loading taken from the chain (a different --model / --load-in is
+    refused), the chain checked; the number of knowledge sets the earlier stages bring. Without: the defaults."""
+    from .stages import inherited_sets, read_chain
+
+    if args.after is None:
+        args.model = args.model or DEFAULT_MODEL
+        if args.replay:
+            raise SystemExit("sclora finetune: --replay mixes in earlier stages' examples; give --after DIR.")
+        return 0
+    try:
+        chain = read_chain(args.after)
+        n = len(inherited_sets(chain, args.keep_earlier)) if "minus" in method_spec(config.method).needs else 0
+    except ValueError as err:
+        raise SystemExit(f"sclora finetune --after: {err}") from None
+    base = chain[0]["record"]["base"].get("context") or {}
+    if "model" not in base:
+        raise SystemExit(f"sclora finetune --after: {chain[0]['output_dir']} was not made by `sclora finetune` (it "
+                         "does not name its model); continue that chain in Python: sclora.finetune(..., after=...).")
+    for flag, key in (("--model", "model"), ("--load-in", "load_in")):
+        value = getattr(args, key)
+        if value is not None and value != base[key]:
+            raise SystemExit(f"sclora finetune: {flag} {value} differs from the chain's base ({base[key]}, from "
+                             f"{chain[0]['output_dir']}); leave {flag} out with --after.")
+    args.model, args.load_in = base["model"], base["load_in"]
+    return n
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
 def _common_arguments(p) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct", help="local model folder, hub id, or the embedded "
-                   "default")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="local model folder, hub id, or the embedded default")
     p.add_argument("--load-in", choices=LOAD_IN, help="load the model's linear layers quantized by bitsandbytes "
                    "(nf4 / fp4: 4-bit, int8), as for QLoRA; the adapter trains in full precision")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per example for the statistics (and training)")
@@ -233,6 +267,7 @@ def add_commands(sub) -> None:
     """Add the library's subcommands to the ``sclora`` parser (entry point ``sclora.commands``)."""
     ft = sub.add_parser("finetune", help="your data, one command: statistics -> init -> train -> adapter, resumable")
     _common_arguments(ft)
+    ft.set_defaults(model=None)  # --model and --after: the chain's base; a different one is refused
     ft.add_argument("--stats-samples", type=int, default=256,
                     help="examples of --data / --preserve the statistics use (the paper: 256 each)")
     ft.add_argument("--data", required=True, help="what to learn (D+ and the training set): " + DATA_HELP)
@@ -240,6 +275,14 @@ def add_commands(sub) -> None:
                     "presets safety, knowledge. Repeat it for several knowledge sets, with one --beta (or "
                     "--budget) each")
     ft.add_argument("--plus", help="D+ for the statistics, if not --data")
+    ft.add_argument("--after", metavar="DIR", help="continue a chain: start from the model an earlier `sclora "
+                    "finetune --output DIR` left (its base and adapters; --model is taken from it) and keep what it "
+                    "learned and kept (its task and knowledge sets join D-, before --preserve's)")
+    ft.add_argument("--keep-earlier", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --after: the earlier stages' tasks join D- (--no-keep-earlier: only their knowledge "
+                    "sets)")
+    ft.add_argument("--replay", type=float, default=0.0, metavar="SHARE",
+                    help="with --after: also train on this share (e.g. 0.1) of each earlier task's examples")
     ft.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     ft.add_argument("--merge", action="store_true", help="also write merged/: the base model with the adapter merged")
     add_flags(ft, SCLoRAConfig, title="initialization (SCLoRAConfig)")

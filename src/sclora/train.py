@@ -28,7 +28,7 @@ from .chat import example_segments
 from .fileio import atomic_write_json
 from .options import option
 
-__all__ = ["PadCollator", "Tokenized", "TrainConfig", "TrainResult", "tokenize_examples", "train"]
+__all__ = ["PadCollator", "Tokenized", "TrainConfig", "TrainResult", "orthogonal_loss", "tokenize_examples", "train"]
 
 IGNORE_INDEX = -100
 TRAIN_LOG = "train_log.json"
@@ -67,6 +67,9 @@ class TrainConfig:
     save_total_limit: int | None = option(2, "Newest checkpoints kept (None: all).")
     max_steps: int = option(-1, "Optimizer steps to train; -1: num_epochs.")
     chat: bool = option(True, "Wrap prompts in the tokenizer's chat template.")
+    orthogonal_penalty: float = option(0.0, "O-LoRA's lambda_1: adds lambda * sum |A_earlier A_new^T| over the target "
+                                       "modules to the loss, keeping the new adapter's input directions orthogonal "
+                                       "to earlier stages' (its authors use 0.5); needs earlier stages (after=).")
 
     def __post_init__(self):
         from transformers.trainer_utils import SchedulerType
@@ -98,6 +101,7 @@ class TrainConfig:
         number("warmup_ratio", 0.0, high=1.0)
         number("weight_decay", 0.0)
         number("max_grad_norm", 0.0)
+        number("orthogonal_penalty", 0.0)
         steps = self.max_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or (steps < 1 and steps != -1):
             raise ValueError(f"max_steps must be -1 (train for num_epochs) or a positive integer, got {steps!r}.")
@@ -337,6 +341,56 @@ def _progress_callback():
     return Progress()
 
 
+def orthogonal_loss(pairs) -> torch.Tensor:
+    """O-LoRA's orthogonality penalty (Wang et al. 2023): ``sum |A_earlier A_new^T|`` (entrywise) over ``pairs``
+    of (earlier stacked A, the new adapter's A)."""
+    return sum(torch.mm(old.to(new), new.T).abs().sum() for old, new in pairs)
+
+
+def _orthogonal_pairs(model, earlier: Mapping | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(earlier A, trainable A) for every adapted module of ``model`` that an earlier adapter also adapted."""
+    if not earlier:
+        raise ValueError("orthogonal_penalty > 0 (O-LoRA) keeps the new adapter orthogonal to earlier stages' "
+                         "adapters, and none were given: train after an earlier stage (sclora.finetune(..., "
+                         "after=...)) or set orthogonal_penalty=0.")
+    pairs = []
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or "default" not in lora_a:
+            continue
+        key = name.removeprefix("base_model.model.")
+        if key in earlier:
+            weight = lora_a["default"].weight
+            if earlier[key].shape[1] != weight.shape[1]:
+                raise ValueError(f"orthogonal_penalty: the earlier adapter's A of {key} has {earlier[key].shape[1]} "
+                                 f"inputs, the new one {weight.shape[1]}: the stages adapt another model.")
+            pairs.append((earlier[key].detach().to(weight.device), weight))
+    if not pairs:
+        raise ValueError("orthogonal_penalty: no module of the new adapter was adapted by an earlier stage; give the "
+                         "earlier stages' target modules.")
+    return pairs
+
+
+def _penalized_trainer(weight: float, pairs):
+    """Trainer whose loss gains ``weight * orthogonal_loss(pairs)`` once per optimizer step."""
+    from transformers import Trainer
+
+    class PenalizedTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            loss = out[0] if return_outputs else out
+            penalty = weight * orthogonal_loss(pairs)
+            # a loss normalized over the whole accumulated batch is summed over its micro-batches, and Trainer
+            # divides the others by the accumulation steps itself: the penalty counts once per step either way
+            if (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func:
+                penalty = penalty / self.current_gradient_accumulation_steps
+            loss = loss + penalty.to(loss)
+            return (loss, *out[1:]) if return_outputs else loss
+
+    return PenalizedTrainer
+
+
 def _training_arguments(config: TrainConfig, output_dir: str, show_progress: bool):
     """Trainer's arguments for ``config``. ``config.batch_size`` stays the global batch under data parallelism:
     micro-batch x gradient accumulation x processes."""
@@ -396,6 +450,7 @@ def train(
     show_progress: bool = True,
     callbacks: Sequence | None = None,
     context=None,
+    orthogonal_to: Mapping | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place on examples with transformers' Trainer: ``{"prompt", "response"}``, chat
     ``{"messages"}`` or ``{"text"}`` (see :func:`tokenize_examples`; :func:`sclora.data.load_examples` reads them
@@ -428,6 +483,10 @@ def train(
     from: one a killed process left half-written (no readable ``trainer_state.json`` for its step, or no
     weights) is removed with a warning, and the newest complete one is used. ``callbacks`` are extra
     ``transformers.TrainerCallback`` objects. The model is left in the mode it came in.
+
+    With ``config.orthogonal_penalty`` > 0 (O-LoRA), ``orthogonal_to`` maps target module names to the earlier
+    adapters' stacked A matrices (:func:`sclora.stages.earlier_lora_A`), and every optimizer step's loss gains
+    ``orthogonal_penalty * sum |A_earlier A^T|`` (:func:`orthogonal_loss`).
     """
     from transformers import Trainer
 
@@ -441,6 +500,7 @@ def train(
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("The model has no trainable parameter; wrap it with sclora.init_model first.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    penalty = _orthogonal_pairs(model, orthogonal_to) if config.orthogonal_penalty > 0 else None
 
     # Creating the arguments sets up the processes under torchrun / accelerate launch (DDP, FSDP).
     args = _training_arguments(config, output_dir, show_progress)
@@ -480,7 +540,7 @@ def train(
     distributed.barrier()
 
     meter = _meter_callback()
-    trainer = Trainer(
+    trainer = (_penalized_trainer(config.orthogonal_penalty, penalty) if penalty else Trainer)(
         model=model,
         args=args,
         train_dataset=_ListDataset(items),

@@ -99,7 +99,8 @@ def planned_steps(n_examples: int, config: TrainConfig) -> int:
     """Optimizer steps ``config`` takes over ``n_examples`` (Trainer's count for one process)."""
     if config.max_steps > 0:
         return config.max_steps
-    per_epoch = max(1, math.ceil(n_examples / config.micro_batch_size) // config.gradient_accumulation_steps)
+    # Trainer counts a last, shorter accumulation as a step
+    per_epoch = max(1, math.ceil(math.ceil(n_examples / config.micro_batch_size) / config.gradient_accumulation_steps))
     return math.ceil(per_epoch * config.num_epochs)
 
 
@@ -109,6 +110,9 @@ def finetune(
     data,
     preserve=None,
     *,
+    after=None,
+    keep_earlier: bool = True,
+    replay: float = 0.0,
     config: SCLoRAConfig | None = None,
     train_config: TrainConfig | Mapping | None = None,
     output_dir: str | Path,
@@ -138,12 +142,32 @@ def finetune(
     Writes ``output_dir/adapter`` (a PEFT LoRA adapter for the untouched base model; full fine-tuning:
     ``output_dir/model``), with ``merge`` also ``output_dir/merged``, and ``output_dir/summary.json``.
     ``context`` is anything further a resume must match (e.g. the model files' identity).
+
+    Continual fine-tuning (:mod:`sclora.stages`): ``after`` is an earlier stage (its FinetuneResult or output
+    folder) and ``model`` the base that chain started from. The earlier stages' adapters are merged into it, their
+    knowledge sets and (``keep_earlier``) their tasks join D- before ``preserve``'s sets (one beta or budget per set,
+    in that order; the error lists them), and ``replay`` (a share, e.g. 0.1) of each earlier task's examples joins
+    the training data. ``output_dir/stage.json`` records the chain, so a later stage can continue it and a stage
+    whose earlier ones changed is refused as stale.
     """
+    from . import stages
+
     from .data import resolve_data
 
     config = config if config is not None else SCLoRAConfig()
     spec = method_spec(config.method)
     out = Path(output_dir)
+    chain = stages.read_chain(after)  # a missing, unfinished or changed earlier stage: refused before any work
+    if isinstance(replay, bool) or not isinstance(replay, (int, float)) or not 0 <= replay < 1:
+        raise ValueError(f"replay must be a share in [0, 1) of each earlier task's examples, got {replay!r}.")
+    if replay and not chain:
+        raise ValueError("replay mixes in earlier stages' examples; none were given (after=).")
+    if chain and not spec.adapter:
+        raise ValueError(f"method {config.method!r} trains no adapter; a stage after earlier ones needs an adapter "
+                         "method (each stage's adapter is merged into the next stage's base).")
+    if chain and _quantized_base(model):
+        raise ValueError("after= on a 4-bit / 8-bit base: merging the earlier stages' adapters into quantized weights "
+                         "would round them; load the base in full precision (or bf16) for a chain of stages.")
 
     def examples_of(value, what: str) -> list[dict]:
         if isinstance(value, (list, tuple)) and all(isinstance(row, Mapping) for row in value):
@@ -157,18 +181,29 @@ def finetune(
     if not examples:
         raise ValueError("data holds no examples; give at least one example to learn.")
     sets = {"plus": examples_of(plus, "plus") if plus is not None else examples}
-    preserved = _knowledge_sets(preserve)
-    if "minus" in spec.needs and not preserved:
+    given = _knowledge_sets(preserve)
+    kept = stages.distinct(stages.inherited_sets(chain, keep_earlier) + [
+        ("preserve" if len(given) == 1 else f"preserve[{i}]", examples_of(value, "preserve" if len(given) == 1
+                                                                           else f"preserve[{i}]"))
+        for i, value in enumerate(given)])  # a set given again (e.g. the same knowledge set) counts once
+    if "minus" in spec.needs and not kept:
         raise ValueError(f"method {config.method!r} needs the knowledge to keep: pass preserve= (a file or "
                          "examples; a list of them for several sets).")
-    if preserved and "minus" not in spec.needs:
+    if given and "minus" not in spec.needs:
         warnings.warn(f"method {config.method!r} does not use preserve=; it is ignored.", stacklevel=2)
-        preserved = []
-    config.check_sets(max(1, len(preserved)))
-    for i, value in enumerate(preserved):
-        sets[_minus_label(i, len(preserved))] = examples_of(value, f"preserve[{i}]" if len(preserved) > 1
-                                                            else "preserve")
+    if "minus" in spec.needs:
+        try:
+            config.check_sets(max(1, len(kept)))
+        except ValueError as err:
+            if not chain:
+                raise
+            names = "; ".join(f"{i + 1}. {name}" for i, (name, _) in enumerate(kept))
+            raise ValueError(f"{err} This stage keeps {len(kept)} knowledge set(s), in this order: {names}.") from None
+        for i, (_, rows) in enumerate(kept):
+            sets[_minus_label(i, len(kept))] = rows
     sets = {label: rows for label, rows in sets.items() if label.startswith("minus") or label in spec.needs}
+    task = examples
+    examples = examples + stages.replay_examples(chain, replay, seed)
     if stats_samples is not None:
         sets = {label: rows[:stats_samples] for label, rows in sets.items()}
 
@@ -177,15 +212,37 @@ def finetune(
         given = {"max_length": seq_len, **(train_config or {})}
         train_config, chosen = suggest_train_config(len(examples), adapter=spec.adapter, given=given)
     check_trainable(tokenizer, examples, train_config)
+    if train_config.orthogonal_penalty > 0 and not chain:
+        raise ValueError("orthogonal_penalty > 0 (O-LoRA) keeps the adapter orthogonal to earlier stages' adapters; "
+                         "none were given: pass after= (or set orthogonal_penalty=0).")
     steps = planned_steps(len(examples), train_config)
     if steps < MIN_STEPS and distributed.is_main_process():
         warnings.warn(f"{len(examples)} examples at batch_size={train_config.batch_size} and num_epochs="
                       f"{train_config.num_epochs:g} give {steps} optimizer step(s): too few for the adapter to "
                       f"learn much. Lower batch_size or raise num_epochs for at least {MIN_STEPS}.", stacklevel=2)
 
+    links = [{"output_dir": c["output_dir"], "digest": c["digest"]} for c in chain]
+    stages.check_not_stale(out, links)
+    if chain:
+        stages.check_base(model, chain, stages.base_fingerprint(model, config.target_modules))
+    base = chain[0]["record"]["base"] if chain else \
+        {"fingerprint": stages.base_fingerprint(model, config.target_modules), "context": context}
     out.mkdir(parents=True, exist_ok=True)
+    record = {"status": "running", "base": base, "chain": links, "method": config.method,
+              "keep_earlier": keep_earlier, "replay": replay,
+              "task": stages.write_examples(out, "task", task),
+              "preserved": [{"name": name, "task": stages.is_task(name),
+                             **stages.write_examples(out, f"preserve_{i}", rows)}
+                            for i, (name, rows) in enumerate(kept)]}
+    if distributed.is_main_process():
+        stages.write_stage(out, {**record, "config": config.to_dict()})
     start = time.perf_counter()
+    merge_seconds = 0.0
+    if chain:
+        model = stages.apply_chain(model, chain)
+        merge_seconds = time.perf_counter() - start
     stats, data_args = init_data(model, tokenizer, config, sets, out, seq_len, show_progress)
+    stats_seconds = time.perf_counter() - start - merge_seconds
     probe = _probe_batch(tokenizer, sets.get("plus") or examples, seq_len) if spec.residual or \
         config.quantize_residual else None
     before = _logits(model, probe) if probe is not None else None
@@ -222,15 +279,19 @@ def finetune(
         save_initial_adapter(model, out / "initial_adapter")
     # what a resume of the checkpoints must match beyond the training config and examples (train() checks those)
     run_context = digest({"config": config.to_dict(), "sets": {k: digest(v) for k, v in sets.items()},
-                          "seq_len": seq_len, "context": context})
+                          "seq_len": seq_len, "context": context, **({"chain": links} if links else {})})
     result = train(model, tokenizer, examples, train_config, out / "checkpoints", show_progress=show_progress,
-                   context=run_context)
+                   context=run_context,
+                   orthogonal_to=stages.earlier_lora_A(chain) if train_config.orthogonal_penalty > 0 else None)
     adapter_dir, merged_dir = export_model(model, tokenizer, out, merge)
     summary = {
         "method": config.method, "r": config.r,
         "beta": config.beta if spec.name == "sc_lora" else None,
         "beta_chosen_for_budget": choice.budget if choice else None,
         "examples": {"data": len(examples), **{k: len(v) for k, v in sets.items()}},
+        "after": [c["output_dir"] for c in chain], "kept_sets": [name for name, _ in kept],
+        "replayed_examples": len(examples) - len(task), "statistics_seconds": round(stats_seconds, 1),
+        "merge_seconds": round(merge_seconds, 1),
         "train": {k: getattr(train_config, k) for k in ("learning_rate", "batch_size", "num_epochs", "max_steps")},
         "chosen": chosen, "planned_steps": steps,
         "initial_subspace_energy": energy, "init_drift": drift, "quantization": quantization,
@@ -244,6 +305,9 @@ def finetune(
     text = summary_text(summary)
     if distributed.is_main_process():
         atomic_write_json(out / "summary.json", summary)
+        stages.write_stage(out, {**record, "config": config.to_dict(), "status": "done",
+                                 "adapter": adapter_dir.name if adapter_dir else None,
+                                 "merged": merged_dir.name if merged_dir else None})
     return FinetuneResult(out, adapter_dir, merged_dir, config, train_config, choice,
                           energy, drift, result, chosen, summary, text, model)
 
@@ -363,6 +427,12 @@ def summary_text(s: dict) -> str:
     beta = s["beta"]
     beta_text = "" if beta is None else f" (beta {_numbers(beta)}{chosen})"
     lines = [f"sclora finetune: {s['method']}{beta_text}, rank {s['r']}, {s['examples']['data']} training examples"]
+    if s.get("after"):
+        replayed = f", {s['replayed_examples']} of them replayed from earlier tasks" if s.get("replayed_examples") \
+            else ""
+        lines.append(f"  stage {len(s['after']) + 1} of a chain, after {', '.join(s['after'])}{replayed}; "
+                     f"D- sets: {', '.join(s['kept_sets']) or 'none'}; statistics {s['statistics_seconds']} s, "
+                     f"merging the earlier adapters {s['merge_seconds']} s")
     t = s["train"]
     picked = f"; chosen from the data: {', '.join(sorted(s['chosen']))}" if s.get("chosen") else ""
     lines.append(f"  training: lr {t['learning_rate']:g}, batch {t['batch_size']}, "
