@@ -22,13 +22,16 @@ import yaml
 from ...fileio import atomic_write
 from ..evaluate.metrics import Metric, metric
 from .claims import Answer, answers, decided
+from .continual import (continual_differences, continual_rows, continual_table, transfer_metrics,
+                        write_continual_figures)
 from .figures import write_figures
 from .groups import Group, Layout, group_runs, infer_layout
 from .paired import paired_comparisons, paired_markdown
 from .tables import report_tables
 
-__all__ = ["Answer", "Group", "Layout", "Metric", "ReportError", "answers", "build_report", "group_runs", "infer_layout",
-           "load_experiment", "paired_comparisons", "report_tables", "write_figures", "write_report"]
+__all__ = ["Answer", "Group", "Layout", "Metric", "ReportError", "answers", "build_report", "continual_differences",
+           "continual_rows", "continual_table", "group_runs", "infer_layout", "load_experiment", "paired_comparisons",
+           "report_tables", "transfer_metrics", "write_continual_figures", "write_figures", "write_report"]
 
 
 class ReportError(Exception):
