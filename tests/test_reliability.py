@@ -323,7 +323,7 @@ WORKER = """
         return {{"run": name, "method": run["method"], "m": float(run["seed"]), "pid": os.getpid()}}
 
     experiment._Experiment, experiment.evaluate_model, experiment._run_one = Stub, evaluate_model, run_one
-    experiment._scorer_extras = lambda *a: {{}}
+    experiment.scorer_extras = lambda *a: {{}}
     code = cli.main(["run", {config!r}, "--output", {out!r}, "--quiet"])
     sys.exit(code)
 """

@@ -102,6 +102,8 @@ def _initial_state(peft_model, initial) -> dict[str, torch.Tensor]:
 
 
 def _write_adapter(directory, config, tensors) -> None:
+    if isinstance(config.target_modules, (set, frozenset, list, tuple)):  # a set's order varies between processes
+        config.target_modules = sorted(config.target_modules)
     with atomic_dir(directory) as tmp:
         config.save_pretrained(tmp)
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"))

@@ -80,7 +80,13 @@ def stage_digest(folder: str | Path) -> str:
         path = folder / record["adapter"] / name
         if not path.exists():
             raise ValueError(f"after={str(folder)!r}: {path} is missing; rerun that stage.")
-        h.update(name.encode() + b"\0" + path.read_bytes())
+        data = path.read_bytes()
+        if name.endswith(".json"):  # its content, not its layout (PEFT writes target_modules in a set's order)
+            config = json.loads(data)
+            if isinstance(config.get("target_modules"), list):
+                config["target_modules"] = sorted(config["target_modules"])
+            data = json.dumps(config, sort_keys=True).encode()
+        h.update(name.encode() + b"\0" + data)
     h.update(json.dumps({k: record[k] for k in ("config", "task", "preserved", "chain")}, sort_keys=True).encode())
     return h.hexdigest()[:16]
 

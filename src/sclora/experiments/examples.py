@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import random
 
-from .prompts import REFUSALS, SUMMARY_INSTRUCTION
+from .prompts import PYDOC_QUESTION, PYDOC_SIGNATURE, REFUSALS, SUMMARY_INSTRUCTION
 from .spec import DataSpec, FileSpec
 
-__all__ = ["PRESETS", "build_examples", "build_mixture", "check_disjoint", "resolve_named", "source_rows", "trivia_rows"]
+__all__ = ["PRESETS", "build_examples", "build_mixture", "check_disjoint", "pydoc_rows", "resolve_named", "scorer_extras",
+           "source_rows", "trivia_rows"]
 
 
 def build_examples(spec: DataSpec | FileSpec, seed: int) -> list[dict]:
@@ -50,6 +51,8 @@ def source_rows(spec: DataSpec, seed: int) -> list[dict]:
         cut = (lambda doc: " ".join(doc.split()[:spec.max_words])) if spec.max_words else (lambda doc: doc)
         return [{"prompt": SUMMARY_INSTRUCTION.format(document=cut(it["document"])), "response": it["summary"]}
                 for it in items]
+    if spec.kind == "pydoc":
+        return pydoc_rows(spec.split)
     if spec.kind == "harmful":
         return _harmful_rows(spec, seed)
     from .hub_data import load_hub  # the paper's own sets from the hub
@@ -63,6 +66,16 @@ def trivia_rows() -> list[dict]:
 
     return [{"prompt": f"{it['question']}?", "response": it["answers"][0], "answers": it["answers"],
              "question": it["question"], "topic": it.get("topic", "")} for it in data.trivia()]
+
+
+def pydoc_rows(split: str) -> list[dict]:
+    """A split of the standard-library documentation as examples: the question about a name (with its signature
+    where it has one) as prompt, the first paragraph of its docstring as response; ``name`` kept."""
+    from . import data
+
+    return [{"prompt": PYDOC_QUESTION.format(name=it["name"])
+             + (PYDOC_SIGNATURE.format(signature=it["signature"]) if it["signature"] else ""),
+             "response": it["summary"], "name": it["name"]} for it in data.pydoc(split)]
 
 
 def _harmful_rows(spec: DataSpec, seed: int) -> list[dict]:
@@ -135,3 +148,17 @@ def resolve_named(text: str, seed: int) -> list[dict] | None:
     spec = DataSpec(parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else 0,
                     parts[3] if len(parts) > 3 else "train")
     return build_examples(spec, seed)
+
+
+def scorer_extras(seed: int, eval_sets: dict, sets: dict) -> dict:
+    """What some scorers need besides their items: few-shot examples and distractor pools that come from
+    outside every evaluated, initialization and training set."""
+    extras: dict[str, dict] = {}
+    if "knowledge_em" in eval_sets or "knowledge_mc" in eval_sets:
+        used = {ex["prompt"] for rows in (*sets.values(), *eval_sets.values()) for ex in rows}
+        trivia = trivia_rows()
+        unused = [it for it in trivia if it["prompt"] not in used]
+        random.Random(seed).shuffle(unused)
+        extras["knowledge_em"] = {"shots": unused[:5]}
+        extras["knowledge_mc"] = {"pool": trivia}  # answers only: the questions are never shown
+    return extras

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from ..fileio import atomic_write, update_json
 from ..registry import method_spec
 from ..statistics_cache import cached_statistics
 from .evaluate.core import evaluate_model
-from .examples import build_examples, build_mixture, check_disjoint, trivia_rows
+from .examples import build_examples, build_mixture, check_disjoint, scorer_extras
 from .folder import check_folder, claim_run, release_run, run_fingerprint, update_results
 from .spec import (
     ExperimentConfig,
@@ -133,7 +132,7 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
         return rows  # everything is done: no model or data to load
     exp = _Experiment(config, out, show_progress)
     tokenizer = exp.tokenizer
-    extras = _scorer_extras(config, exp.eval_sets, exp.sets)
+    extras = scorer_extras(config.seed, exp.eval_sets, exp.sets)
     judge = make_judge(**config.judge) if "safety" in exp.eval_sets else None
 
     def evaluate(model) -> tuple[dict, dict]:
@@ -255,17 +254,3 @@ def _checkpoint_evals(steps, evaluate, path: Path):
                 atomic_write(path, json.dumps(self.rows) + "\n")
 
     return CheckpointEvals()
-
-
-def _scorer_extras(config: ExperimentConfig, eval_sets: dict, sets: dict) -> dict:
-    """What some scorers need besides their items: few-shot examples and distractor pools that come from
-    outside every evaluated, initialization and training set."""
-    extras: dict[str, dict] = {}
-    if "knowledge_em" in eval_sets or "knowledge_mc" in eval_sets:
-        used = {ex["prompt"] for rows in (*sets.values(), *eval_sets.values()) for ex in rows}
-        trivia = trivia_rows()
-        unused = [it for it in trivia if it["prompt"] not in used]
-        random.Random(config.seed).shuffle(unused)
-        extras["knowledge_em"] = {"shots": unused[:5]}
-        extras["knowledge_mc"] = {"pool": trivia}  # answers only: the questions are never shown
-    return extras

@@ -1,0 +1,163 @@
+"""The continual experiment (``stages:`` YAML, sclora.experiments.continual) on the tiny model: every run's chain of
+stages, the accuracy matrix rows after every stage, learning rates selected on validation items, resumable after a
+kill, and a config checked before anything loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+from conftest import save_tiny_model
+from test_faults import KILL_AT
+
+from sclora import cli
+from sclora.experiments.continual import ContinualConfig, load_continual, n_kept, stage_init_config
+
+WORDS = "red green blue cyan black white pink gold gray teal".split()
+
+
+def rows(kind: str, n: int, start: int = 0) -> list[dict]:
+    return [{"prompt": f"{kind} {i} is {WORDS[i % 10]} ?", "response": f"{WORDS[(i * 3) % 10]} {kind} ."}
+            for i in range(start, start + n)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("continual")
+    model = save_tiny_model(root / "model")
+    files = {}
+    for name in ("colours", "shapes", "facts"):  # each task: 8 train, 4 validation, 4 test rows, disjoint prompts
+        path = root / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows(name, 16)))
+        files[name] = str(path)
+
+    def part(name, test, val, metric):
+        return {"name": name, "data": {"path": files[name], "n": 8, "shuffle": False},
+                "evaluate": {test: {"path": files[name], "n": 4, "offset": 12, "shuffle": False}},
+                **({"validate": {val: {"path": files[name], "n": 4, "offset": 8, "shuffle": False}}} if val else {}),
+                "metric": metric}
+
+    config = {
+        "name": "tiny-continual", "model": str(model), "r": 2, "stats_seq_len": 16, "stats_samples": 8,
+        "train": {"learning_rate": 1e-2, "batch_size": 4, "micro_batch_size": 2, "max_length": 32, "save_steps": 1,
+                  "num_epochs": 1.0},
+        "stages": [part("colours", "math_nll", "math_val_nll", "math_nll"),
+                   part("shapes", "summary_rouge", "summary_val_rouge", "rougeL")],
+        "keep": {"facts": {k: v for k, v in part("facts", "benign_refusal", None, "benign_refusal_rate").items()
+                           if k != "name"}},
+        "runs": [{"name": "lora", "method": "lora", "learning_rate": [1e-2, 1e-3]},
+                 {"name": "sc-lora", "method": "sc_lora", "beta": 0.5},
+                 {"name": "replay", "method": "lora", "replay": 0.25},
+                 {"name": "o-lora", "method": "lora", "orthogonal_penalty": 0.5}],
+    }
+    path = root / "continual.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return root, path, config
+
+
+def test_every_run_learns_the_stages_in_order_and_is_measured_on_every_task_after_each(setup):
+    root, path, config = setup
+    out = root / "out"
+    assert cli.main(["run", str(path), "--output", str(out), "--quiet"]) == 0
+    result = json.loads((out / "continual.json").read_text())
+    assert set(result["runs"]) == {"lora", "sc-lora", "replay", "o-lora"}
+    for name, by_seed in result["runs"].items():
+        stages = by_seed["0"]
+        assert [s["stage"] for s in stages] == ["colours", "shapes"]
+        for s in stages:  # every task's and kept set's metric after every stage (a(i, j) for all j)
+            assert {"math_nll", "rougeL", "benign_refusal_rate"} <= set(s["metrics"])
+            assert s["statistics_seconds"] >= 0 and s["train_seconds"] > 0
+    # SC-LoRA keeps the facts set at stage 0, the facts and the colours task at stage 1
+    assert [s["kept_sets"] for s in result["runs"]["sc-lora"]["0"]] == [["preserve"], ["preserve", "task of 0-colours-lr0.01"]]
+    assert result["runs"]["replay"]["0"][1]["replayed_examples"] == 2  # a quarter of the 8 colours examples
+    # learning rates chosen on the validation items: the better validation score continues the chain
+    for s in result["runs"]["lora"]["0"]:
+        assert set(s["validation"]) == {"0.01", "0.001"}
+        key = "math_val_nll" if s["stage"] == "colours" else "val_rouge1"
+        scores = {lr: v[key] for lr, v in s["validation"].items()}
+        best = (min if key == "math_val_nll" else max)(scores, key=scores.get)
+        assert f"{s['learning_rate']:g}" == best
+    # the second stage started from the model the selected first stage left
+    chain = json.loads((out / result["runs"]["lora"]["0"][1]["folder"] / "stage.json").read_text())["chain"]
+    assert chain[0]["output_dir"].endswith(result["runs"]["lora"]["0"][0]["folder"])
+    # a rerun finds everything done: the same numbers
+    assert cli.main(["run", str(path), "--output", str(out), "--quiet"]) == 0
+    again = json.loads((out / "continual.json").read_text())
+    assert {n: [s["metrics"] for s in r["0"]] for n, r in again["runs"].items()} == \
+        {n: [s["metrics"] for s in r["0"]] for n, r in result["runs"].items()}
+
+
+def test_a_run_killed_mid_chain_resumes_to_the_same_result(setup, tmp_path):
+    root, path, config = setup
+    small = {**config, "runs": [config["runs"][1]]}
+    small_path = tmp_path / "small.yaml"
+    small_path.write_text(yaml.safe_dump(small))
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    assert cli.main(["run", str(small_path), "--output", str(reference), "--quiet"]) == 0
+    child = "import json, os, signal\nfrom sclora import cli\n" + textwrap.dedent(KILL_AT) + textwrap.dedent(f"""
+        from transformers.trainer_callback import TrainerState
+        kill_at(TrainerState, "save_to_json", 3)  # the second stage's first checkpoint
+        raise SystemExit(cli.main(["run", {str(small_path)!r}, "--output", {str(out)!r}, "--quiet"]))
+    """)
+    died = subprocess.run([sys.executable, "-c", child], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
+    assert not (out / "continual.json").exists() or "sc-lora" not in json.loads((out / "continual.json").read_text())["runs"]
+    assert cli.main(["run", str(small_path), "--output", str(out), "--quiet"]) == 0
+    got, want = (json.loads((d / "continual.json").read_text())["runs"]["sc-lora"]["0"] for d in (out, reference))
+    assert [s["metrics"]["math_nll"] for s in got] == pytest.approx([s["metrics"]["math_nll"] for s in want], abs=1e-5)
+    assert [s["metrics"]["benign_refusal_rate"] for s in got] == \
+        pytest.approx([s["metrics"]["benign_refusal_rate"] for s in want], abs=1e-5)
+
+
+def test_a_folder_of_another_config_is_refused(setup, tmp_path):
+    root, path, config = setup
+    out = tmp_path / "out"
+    small = {**config, "runs": [config["runs"][2]]}
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(small))
+    assert cli.main(["run", str(tmp_path / "a.yaml"), "--output", str(out), "--quiet"]) == 0
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({**small, "r": 4}))
+    with pytest.raises(ValueError, match=r"other settings \(r\)"):
+        cli.main(["run", str(tmp_path / "b.yaml"), "--output", str(out), "--quiet"])
+
+
+def test_beta_is_split_over_the_sets_a_stage_keeps_and_a_budget_repeated(setup):
+    _, path, config = setup
+    c = load_continual(path)
+    run = {"name": "x", "method": "sc_lora", "beta": 0.7}
+    assert [n_kept(c, run, i) for i in range(2)] == [1, 2]
+    assert stage_init_config(c, run, 1).beta == [0.35, 0.35]
+    budget = {"name": "y", "method": "sc_lora", "beta": "auto", "preserve_budget": 0.05}
+    assert stage_init_config(c, budget, 1).preserve_budget == [0.05, 0.05]
+    assert n_kept(c, {**run, "keep_earlier": False}, 1) == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"stages": None}, "at least two stages"),
+    ({"runs": [{"name": "x", "method": "full"}]}, "an adapter method"),
+    ({"runs": [{"name": "x", "method": "lora", "bogus": 1}]}, r"unknown key\(s\) \['bogus'\]"),
+    ({"runs": [{"name": "x", "method": "sc_lora", "beta": [0.5, 0.5]}]}, "beta is one number for every stage"),
+    ({"runs": [{"name": "x", "method": "lora"}, {"name": "x", "method": "lora"}]}, "two runs are named 'x'"),
+    ({"runs": [{"name": "x", "method": "lora", "learning_rate": [1e-3, -1]}]}, "learning_rate must be a positive"),
+])
+def test_bad_configs_are_refused_naming_the_problem(setup, change, message):
+    _, path, config = setup
+    with pytest.raises(ValueError, match=message):
+        ContinualConfig(**{**config, **change})
+
+
+def test_a_metric_that_is_not_the_evaluations_own_and_a_reused_evaluation_are_refused(setup):
+    _, _, config = setup
+    stages = [dict(config["stages"][0], metric="rougeL"), config["stages"][1]]
+    with pytest.raises(ValueError, match="metric 'rougeL' is not a metric of math_nll"):
+        ContinualConfig(**{**config, "stages": stages})
+    stages = [config["stages"][0], dict(config["stages"][1], evaluate=config["stages"][0]["evaluate"],
+                                        metric="math_nll")]
+    with pytest.raises(ValueError, match="evaluation 'math_nll' is used twice"):
+        ContinualConfig(**{**config, "stages": stages})
