@@ -86,6 +86,16 @@ def test_every_run_learns_the_stages_in_order_and_is_measured_on_every_task_afte
     # the second stage started from the model the selected first stage left
     chain = json.loads((out / result["runs"]["lora"]["0"][1]["folder"] / "stage.json").read_text())["chain"]
     assert chain[0]["output_dir"].endswith(result["runs"]["lora"]["0"][0]["folder"])
+    # the report: ACC / BWT / FWT per run, figures, and each stage's selected rate
+    assert cli.main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert all(name in report for name in ("lora", "sc-lora", "replay", "o-lora", "BWT", "FWT"))
+    assert (out / "figures" / "continual_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    from sclora.experiments.report.continual import load_continual as load_scores
+
+    data = load_scores(out)
+    saved = json.loads((out / "samples" / "lora" / "seed0" / "1.json").read_text())["items"]
+    assert data["scores"]["lora"]["0"][1]["shapes"] == saved["rougeL"] and data["higher_is_better"]["colours"] is False
     # a rerun finds everything done: the same numbers
     assert cli.main(["run", str(path), "--output", str(out), "--quiet"]) == 0
     again = json.loads((out / "continual.json").read_text())

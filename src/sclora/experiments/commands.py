@@ -156,6 +156,15 @@ def _report(args) -> int:
 
     status = 0
     for directory in args.dirs:
+        if (Path(directory) / "continual.json").exists():  # a continual experiment (stages:)
+            from .report.continual import write_continual_report
+
+            try:
+                print(f"wrote {write_continual_report(directory)}")
+            except ValueError as err:
+                print(f"sclora report: {err}", file=sys.stderr)
+                status = 1
+            continue
         try:
             path = write_report(directory)
         except ReportError as err:

@@ -43,7 +43,8 @@ from pathlib import Path
 from ..evaluate.metrics import Metric
 from .figures import _axis_label, _orient, _save
 
-__all__ = ["continual_differences", "continual_rows", "continual_table", "transfer_metrics",
+__all__ = ["continual_differences", "continual_rows", "continual_table", "load_continual", "transfer_metrics",
+           "write_continual_report",
            "write_continual_figures"]
 
 LEVEL = 0.95
@@ -548,3 +549,67 @@ def _plot_stages(rows: list[dict]):
         ax.set_visible(False)
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, title="method", title_fontsize=8)
     return fig
+
+
+def load_continual(directory: str | Path) -> dict:
+    """The per-item scores of a continual experiment folder (``sclora run`` on a config with ``stages:``), in the
+    form :func:`continual_rows` reads: ``scores``, ``base``, ``tasks``, ``kept``, ``higher_is_better``; each task and
+    kept set is scored by its config ``metric``."""
+    import json
+
+    import yaml
+
+    from ..evaluate.metrics import METRICS
+
+    out = Path(directory)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    results = json.loads((out / "continual.json").read_text())
+    metric = {s["name"]: s["metric"] for s in config["stages"]}
+    metric.update({name: part["metric"] for name, part in config.get("keep", {}).items()})
+    tasks, kept = [s["name"] for s in config["stages"]], list(config.get("keep", {}))
+
+    def items(path: Path) -> dict:
+        scored = json.loads(path.read_text())["items"]
+        return {name: scored[key] for name, key in metric.items()}
+
+    base = {seed: items(out / "samples" / "base" / f"seed{seed}.json") for seed in results["base"]}
+    scores = {run: {seed: [items(out / "samples" / run / f"seed{seed}" / f"{i}.json") for i in range(len(stages))]
+                    for seed, stages in by_seed.items() if len(stages) == len(tasks)}
+              for run, by_seed in results["runs"].items()}
+    scores = {run: by_seed for run, by_seed in scores.items() if by_seed}
+    return {"scores": scores, "base": base, "tasks": tasks, "kept": kept,
+            "higher_is_better": {name: METRICS[key].higher_is_better for name, key in metric.items()},
+            "metric": metric, "results": results, "config": config}
+
+
+def write_continual_report(directory: str | Path) -> Path:
+    """``report.md`` (per method ACC / BWT / FWT and the kept sets with CIs, the pairwise differences, each stage's
+    selected learning rate, statistics and training time) and the figures of a continual experiment folder."""
+    from ...fileio import atomic_write
+
+    out = Path(directory)
+    data = load_continual(out)
+    if not data["scores"]:
+        raise ValueError(f"{out}: no run has finished all its stages yet; rerun `sclora run` to finish them.")
+    args = (data["scores"], data["base"], data["tasks"], data["kept"], data["higher_is_better"])
+    rows, differences = continual_rows(*args), continual_differences(*args)
+    figures = write_continual_figures(rows, out / "figures")
+    lines = [f"# {data['config'].get('report', {}).get('title') or data['config']['name']}", "",
+             "Tasks in stage order, scored by: " + ", ".join(f"{t} ({data['metric'][t]})" for t in data["tasks"])
+             + (("; kept sets: " + ", ".join(f"{k} ({data['metric'][k]})" for k in data["kept"])) if data["kept"]
+                else "") + ". ACC: mean final score; BWT: mean change of each earlier task from right after it was "
+             "learned to the end (negative: forgetting); FWT: score on a task before training on it minus the base "
+             "model's. 95% CIs: paired bootstrap over items and seeds.", "",
+             continual_table(rows, differences), "", "## Stages", "",
+             "| run | seed | stage | learning rate (validation-selected) | kept sets (D-) | replayed | statistics s | "
+             "training s |", "|---|---|---|---|---|---|---|---|"]
+    for run, by_seed in data["results"]["runs"].items():
+        for seed, stages in by_seed.items():
+            for s in stages:
+                lines.append(f"| {run} | {seed} | {s['stage']} | {s['learning_rate']:g} | "
+                             f"{', '.join(s['kept_sets']) or '-'} | {s['replayed_examples']} | "
+                             f"{s['statistics_seconds']} | {s['train_seconds']} |")
+    lines += ["", *[f"![{caption}](figures/{name})" for name, caption in figures], ""]
+    path = out / "report.md"
+    atomic_write(path, "\n".join(lines))
+    return path
