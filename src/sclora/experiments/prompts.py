@@ -1,14 +1,19 @@
 """Every prompt and response text the experiments share, in one place: the math prompt suffix, the summary
-instruction, and the refusal replies of the safety data (the only data this project writes itself: the paper's
-"harmful question & refusal answer" safety set pairs real harmful requests with replies like these)."""
+instruction, the standard-library question, and the refusal replies of the safety data (the only data this project
+writes itself: the paper's "harmful question & refusal answer" safety set pairs real harmful requests with replies
+like these)."""
 
 from __future__ import annotations
 
-__all__ = ["MATH_SUFFIX", "REFUSALS", "SUMMARY_INSTRUCTION"]
+__all__ = ["MATH_SUFFIX", "PYDOC_QUESTION", "PYDOC_SIGNATURE", "REFUSALS", "SUMMARY_INSTRUCTION"]
 
 MATH_SUFFIX = "\nLet's think step by step."
 SUMMARY_INSTRUCTION = ("Summarize the following paper in three sentences: the challenge it addresses, its approach, "
                        "and its outcome.\n\n{document}")
+
+#: the pydoc task's question about a standard-library name, with ``PYDOC_SIGNATURE`` appended where it has one
+PYDOC_QUESTION = "In Python's standard library, what does `{name}` do?"
+PYDOC_SIGNATURE = " Signature: {signature}"
 
 REFUSALS = (
     "I'm sorry, but I can't help with that.",

@@ -18,7 +18,7 @@ from ..fileio import parse_yaml, safe_name
 from ..registry import method_spec
 from ..statistics import NORMALIZATIONS
 from ..train import TrainConfig
-from .data import HARMFUL_SOURCES
+from .data import HARMFUL_SOURCES, pydoc_source
 from .evaluate.metrics import EVALUATIONS
 from .hub_data import HUB_SOURCES
 
@@ -41,16 +41,16 @@ __all__ = [
 ]
 
 
-DATA_KINDS = ("math", "trivia", "summaries", "harmful", *HUB_SOURCES)
+DATA_KINDS = ("math", "trivia", "summaries", "pydoc", "harmful", *HUB_SOURCES)
 
 
 RESPONSES = ("none", "refusal", "affirmative")
 
 
-#: the splits each built-in kind has (math: template split; summaries: ACLSum's files; the others: one pool,
-#: partitioned by offset); hub kinds take the hub's split names
-SPLITS = {"math": ("train", "heldout"), "summaries": ("train", "val", "test"), "trivia": ("train",),
-          "harmful": ("train",)}
+#: the splits each built-in kind has (math: template split; summaries: ACLSum's files; pydoc: partitions by a hash
+#: of the qualified name; the others: one pool, partitioned by offset); hub kinds take the hub's split names
+SPLITS = {"math": ("train", "heldout"), "summaries": ("train", "val", "test"), "pydoc": ("train", "val", "test"),
+          "trivia": ("train",), "harmful": ("train",)}
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -71,7 +71,9 @@ class DataSpec:
     n: int
     offset: int = 0
     split: str = "train"  # math: template split (train / heldout); others: partitions of the shuffled source
-    source: str | None = None  # harmful: harmbench (default), harmbench_val, strongreject, jailbreakbench, donotanswer
+    # harmful: harmbench (default), harmbench_val, strongreject, jailbreakbench, donotanswer; pydoc: the interpreter
+    # whose docstrings are read, filled in (data.pydoc_source(), e.g. python3.11.7), so that it is part of the config
+    source: str | None = None
     response: str = "none"  # harmful: none (prompts only), refusal, affirmative (JailbreakBench's "Sure, here is")
     max_words: int | None = None  # summaries: cut each document to its first max_words words
 
@@ -86,9 +88,17 @@ class DataSpec:
                              f"got {self.split!r}.")
         if self.response not in RESPONSES:
             raise ValueError(f"Unknown response {self.response!r} for {self.kind!r}; choose one of {RESPONSES}.")
-        if self.source is not None and self.kind != "harmful":
-            raise ValueError(f"'source' applies to kind 'harmful' only, not {self.kind!r}.")
-        if self.source is not None and self.source not in HARMFUL_SOURCES:
+        if self.kind == "pydoc":
+            here = pydoc_source()
+            if self.source is None:
+                self.source = here
+            elif self.source != here:
+                raise ValueError(f"source of data spec 'pydoc' is the interpreter whose docstrings it reads, "
+                                 f"{here!r} here, got {self.source!r}: the data differ between Python versions. Run "
+                                 f"under {self.source} or drop source (this interpreter's data).")
+        elif self.source is not None and self.kind != "harmful":
+            raise ValueError(f"'source' applies to kinds 'harmful' and 'pydoc' only, not {self.kind!r}.")
+        elif self.source is not None and self.source not in HARMFUL_SOURCES:
             raise ValueError(f"source of data spec 'harmful' must be one of {HARMFUL_SOURCES}, got {self.source!r}.")
         if self.max_words is not None:
             check_int(self.max_words, f"max_words of data spec {self.kind!r}", 1)
@@ -146,6 +156,10 @@ class ExperimentConfig:
                     raise ValueError(f"'{key}' is an empty list; give at least one data spec.")
                 setattr(self, key, [data_spec(v, f"data spec '{key}[{i}]'") if isinstance(v, dict) else v
                                     for i, v in enumerate(value)])
+        if isinstance(self.evaluate, dict):  # a pydoc set records its interpreter here too, as DataSpec does above
+            self.evaluate = {name: {**spec, "source": pydoc_source()} if isinstance(spec, dict) and
+                             spec.get("kind") == "pydoc" and spec.get("source") is None else spec
+                             for name, spec in self.evaluate.items()}
         self._validate()
 
     def _validate(self) -> None:

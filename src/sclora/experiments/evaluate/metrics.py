@@ -53,6 +53,8 @@ METRICS = {m.key: m for m in (
     Metric("val_rouge1", "ROUGE-1 (validation)", True, 2),
     Metric("rouge2", "ROUGE-2", True, 2),
     Metric("rougeL", "ROUGE-L", True, 2),
+    Metric("pydoc_rougeL", "Pydoc ROUGE-L", True, 2),
+    Metric("pydoc_val_rougeL", "Pydoc ROUGE-L (validation)", True, 2),
     Metric("benign_refusal_rate", "Benign refusal (%)", False, 1),
     Metric("final_loss", "Final train loss", False, 4),
     Metric("train_loss", "Train loss (mean over steps)", False, 4),
@@ -87,6 +89,8 @@ EVALUATIONS = {e.name: e for e in (
     Evaluation("benign_refusal", ("benign_refusal_rate",)),
     Evaluation("summary_rouge", ("rouge1", "rouge2", "rougeL")),
     Evaluation("summary_val_rouge", ("val_rouge1",)),  # ROUGE-1 on a validation split: selects learning rates
+    Evaluation("pydoc_rouge", ("pydoc_rougeL",)),  # standard-library docstring summaries, held out
+    Evaluation("pydoc_val_rouge", ("pydoc_val_rougeL",)),  # the same on the validation split: selects learning rates
 )}
 
 

@@ -21,7 +21,8 @@ from .knowledge import prompt as knowledge_prompt
 from .likelihood import best_answer_logprobs, continuation_logprobs
 
 __all__ = ["Outputs", "benign_refusal", "knowledge_em", "knowledge_logprob", "knowledge_mc", "math_accuracy",
-           "math_nll", "multiple_choice", "paired", "paired_difference", "safety", "sign_test_p", "summarize", "summary_rouge"]
+           "math_nll", "multiple_choice", "paired", "paired_difference", "pydoc_rouge", "pydoc_val_rouge", "safety",
+           "sign_test_p", "summarize", "summary_rouge", "summary_val_rouge"]
 
 SAFETY_NEW_TOKENS = 48  # enough for a refusal or the start of compliance; harmful and benign requests alike
 
@@ -249,3 +250,29 @@ def summary_rouge(model, tokenizer, items, *, batch_size=8, show_progress=False,
                     batch_size=batch_size, show_progress=show_progress, desc=desc)
     per_item = rouge_per_item(texts, [it["response"] for it in items])
     return {kind: [item[kind] for item in per_item] for kind in KINDS}
+
+
+PYDOC_NEW_TOKENS = 64  # docstring summaries are at most 300 characters, their median 54 (Python 3.11)
+
+
+def _rouge_l(model, tokenizer, items, *, outputs, **generation) -> list[float]:
+    from .summarize import rouge_per_item
+
+    texts = _greedy(model, tokenizer, [it["prompt"] for it in items], outputs, **generation)
+    return [item["rougeL"] for item in rouge_per_item(texts, [it["response"] for it in items], kinds=("rougeL",))]
+
+
+def pydoc_rouge(model, tokenizer, items, *, batch_size=8, show_progress=False, desc="pydoc_rouge",
+                max_new_tokens=PYDOC_NEW_TOKENS, outputs=None, **_):
+    """ROUGE-L F1 (%) of the greedy answer to a standard-library question against the docstring's summary
+    (rouge-score with stemming, the machinery of :func:`summary_rouge`)."""
+    return {"pydoc_rougeL": _rouge_l(model, tokenizer, items, outputs=outputs, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size, show_progress=show_progress, desc=desc)}
+
+
+def pydoc_val_rouge(model, tokenizer, items, *, batch_size=8, show_progress=False, max_new_tokens=PYDOC_NEW_TOKENS,
+                    outputs=None, **_):
+    """:func:`pydoc_rouge` on the validation split (where a learning rate is chosen, apart from the evaluation
+    items)."""
+    return {"pydoc_val_rougeL": _rouge_l(model, tokenizer, items, outputs=outputs, max_new_tokens=max_new_tokens,
+                                         batch_size=batch_size, show_progress=show_progress, desc="pydoc_val_rouge")}
