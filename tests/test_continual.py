@@ -47,7 +47,7 @@ def setup(tmp_path_factory):
         "name": "tiny-continual", "model": str(model), "r": 2, "stats_seq_len": 16, "stats_samples": 8,
         "train": {"learning_rate": 1e-2, "batch_size": 4, "micro_batch_size": 2, "max_length": 32, "save_steps": 1,
                   "num_epochs": 1.0},
-        "stages": [part("colours", "math_nll", "math_val_nll", "math_nll"),
+        "stages": [part("colours", "pydoc_rouge", "pydoc_val_rouge", "pydoc_rougeL"),
                    part("shapes", "summary_rouge", "summary_val_rouge", "rougeL")],
         "keep": {"facts": {k: v for k, v in part("facts", "benign_refusal", None, "benign_refusal_rate").items()
                            if k != "name"}},
@@ -71,7 +71,7 @@ def test_every_run_learns_the_stages_in_order_and_is_measured_on_every_task_afte
         stages = by_seed["0"]
         assert [s["stage"] for s in stages] == ["colours", "shapes"]
         for s in stages:  # every task's and kept set's metric after every stage (a(i, j) for all j)
-            assert {"math_nll", "rougeL", "benign_refusal_rate"} <= set(s["metrics"])
+            assert {"pydoc_rougeL", "rougeL", "benign_refusal_rate"} <= set(s["metrics"])
             assert s["statistics_seconds"] >= 0 and s["train_seconds"] > 0
     # SC-LoRA keeps the facts set at stage 0, the facts and the colours task at stage 1
     assert [s["kept_sets"] for s in result["runs"]["sc-lora"]["0"]] == [["preserve"], ["preserve", "task of 0-colours-lr0.01"]]
@@ -79,9 +79,9 @@ def test_every_run_learns_the_stages_in_order_and_is_measured_on_every_task_afte
     # learning rates chosen on the validation items: the better validation score continues the chain
     for s in result["runs"]["lora"]["0"]:
         assert set(s["validation"]) == {"0.01", "0.001"}
-        key = "math_val_nll" if s["stage"] == "colours" else "val_rouge1"
+        key = "pydoc_val_rougeL" if s["stage"] == "colours" else "val_rouge1"
         scores = {lr: v[key] for lr, v in s["validation"].items()}
-        best = (min if key == "math_val_nll" else max)(scores, key=scores.get)
+        best = max(scores, key=scores.get)  # the first of equal scores, as max() takes it
         assert f"{s['learning_rate']:g}" == best
     # the second stage started from the model the selected first stage left
     chain = json.loads((out / result["runs"]["lora"]["0"][1]["folder"] / "stage.json").read_text())["chain"]
@@ -95,7 +95,7 @@ def test_every_run_learns_the_stages_in_order_and_is_measured_on_every_task_afte
 
     data = load_scores(out)
     saved = json.loads((out / "samples" / "lora" / "seed0" / "1.json").read_text())["items"]
-    assert data["scores"]["lora"]["0"][1]["shapes"] == saved["rougeL"] and data["higher_is_better"]["colours"] is False
+    assert data["scores"]["lora"]["0"][1]["shapes"] == saved["rougeL"] and data["higher_is_better"]["colours"] is True
     # a rerun finds everything done: the same numbers
     assert cli.main(["run", str(path), "--output", str(out), "--quiet"]) == 0
     again = json.loads((out / "continual.json").read_text())
@@ -121,7 +121,7 @@ def test_a_run_killed_mid_chain_resumes_to_the_same_result(setup, tmp_path):
     assert not (out / "continual.json").exists() or "sc-lora" not in json.loads((out / "continual.json").read_text())["runs"]
     assert cli.main(["run", str(small_path), "--output", str(out), "--quiet"]) == 0
     got, want = (json.loads((d / "continual.json").read_text())["runs"]["sc-lora"]["0"] for d in (out, reference))
-    assert [s["metrics"]["math_nll"] for s in got] == pytest.approx([s["metrics"]["math_nll"] for s in want], abs=1e-5)
+    assert [s["metrics"]["pydoc_rougeL"] for s in got] == pytest.approx([s["metrics"]["pydoc_rougeL"] for s in want], abs=1e-5)
     assert [s["metrics"]["benign_refusal_rate"] for s in got] == \
         pytest.approx([s["metrics"]["benign_refusal_rate"] for s in want], abs=1e-5)
 
@@ -165,9 +165,9 @@ def test_bad_configs_are_refused_naming_the_problem(setup, change, message):
 def test_a_metric_that_is_not_the_evaluations_own_and_a_reused_evaluation_are_refused(setup):
     _, _, config = setup
     stages = [dict(config["stages"][0], metric="rougeL"), config["stages"][1]]
-    with pytest.raises(ValueError, match="metric 'rougeL' is not a metric of math_nll"):
+    with pytest.raises(ValueError, match="metric 'rougeL' is not a metric of pydoc_rouge"):
         ContinualConfig(**{**config, "stages": stages})
     stages = [config["stages"][0], dict(config["stages"][1], evaluate=config["stages"][0]["evaluate"],
-                                        metric="math_nll")]
-    with pytest.raises(ValueError, match="evaluation 'math_nll' is used twice"):
+                                        metric="pydoc_rougeL")]
+    with pytest.raises(ValueError, match="evaluation 'pydoc_rouge' is used twice"):
         ContinualConfig(**{**config, "stages": stages})

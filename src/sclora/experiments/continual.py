@@ -254,6 +254,12 @@ def _check_folder(config: ContinualConfig, out: Path, archive: bool) -> str:
 
     files = model_identity(config.model)
     key = {"config": {k: v for k, v in config.plain().items() if k not in ("runs", "report")}, "model_files": files}
+    specs = [spec for part in [*config.stages, *config.keep.values()]
+             for spec in [part["data"], *part["evaluate"].values(), *part.get("validate", {}).values()]]
+    if any(spec.get("kind") == "pydoc" for spec in specs):
+        from .data import pydoc_source
+
+        key["pydoc_source"] = pydoc_source()  # the docstrings are the running interpreter's
     out.mkdir(parents=True, exist_ok=True)
     path = out / "experiment.json"
     if path.exists():
