@@ -342,14 +342,13 @@ def _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_pro
         for lr in learning_rates(config, run):
             folder = out / "runs" / run["name"] / f"seed{seed}" / f"{i}-{stage['name']}-lr{lr:g}"
             model, tokenizer = base_model()
-            start = time.perf_counter()
-            result = sclora.finetune(
+            result = _finished(folder, model) or sclora.finetune(
                 model, tokenizer, sets.train[stage["name"]], keep if i == 0 else None,
                 after=after, keep_earlier=run.get("keep_earlier", True), replay=run.get("replay", 0.0) if i else 0.0,
                 config=stage_init_config(config, run, i), train_config=stage_train_config(config, run, lr, seed, i),
                 output_dir=folder, stats_samples=config.stats_samples, seq_len=config.stats_seq_len, seed=seed,
                 show_progress=show_progress, context={"experiment": key, "model": config.model})
-            seconds = time.perf_counter() - start
+            seconds = result.summary["init_seconds"] + result.summary["train_seconds"]
             fingerprint = digest([key, run, seed, i, lr, sclora.stages.stage_digest(folder)])
             validation = evaluate(result.model, {n: sets.validate[n] for n in stage.get("validate", {})},
                                   folder / "validation.json", fingerprint) if "validate" in stage else {}
@@ -366,6 +365,25 @@ def _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_pro
                      "steps": s["steps"], "final_loss": s["final_loss"]})
         after = folder
     return rows
+
+
+def _finished(folder: Path, base):
+    """A stage this experiment folder finished: the model it left (the base with the chain's adapters and its own
+    merged in) and its summary, without recomputing anything (a recomputed init can differ in the last bits under
+    another thread count, which would make the stages after it stale); None if it has not finished. The folder
+    check (another config is refused) and the chain's digests (a changed earlier stage is refused) keep it valid."""
+    from types import SimpleNamespace
+
+    from ..stages import STAGE_FILE, apply_chain, read_chain
+
+    try:
+        done = json.loads((folder / STAGE_FILE).read_text()).get("status") == "done"
+    except (OSError, ValueError):
+        return None
+    if not done or not (folder / "summary.json").exists():
+        return None
+    model = apply_chain(base, read_chain(folder))
+    return SimpleNamespace(model=model, summary=json.loads((folder / "summary.json").read_text()))
 
 
 def _goodness(stage: dict, validation: dict) -> float:
