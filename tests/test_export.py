@@ -70,3 +70,38 @@ def test_merge_and_save_gives_a_plain_model_with_the_finetuned_function(tmp_path
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in n for n, _ in reloaded.named_parameters())
     torch.testing.assert_close(logits(reloaded), tuned, atol=1e-4, rtol=1e-4)
+
+
+def _weights(peft_model) -> dict:
+    return {n: p.detach().double().clone() for n, p in peft_model.named_parameters()}
+
+
+@pytest.mark.parametrize("method", ["sc_lora", "corda_kpa", "lora"])
+def test_restore_initial_adapter_turns_another_init_into_the_saved_one(tmp_path, method):
+    # the saved init, and another init of the same base from other data / another seed: as different as a
+    # recomputed init can get where eigenvalues nearly tie
+    def init(seed):
+        model = tiny_llama(seed=7)
+        torch.manual_seed(seed)  # LoRA's random A
+        return sclora.init_model(model, method=method, r=3, plus=random_batches(2, seed=1 + seed),
+                                 minus=random_batches(2, seed=3 + seed), show_progress=False)
+
+    first = init(0)
+    sclora.save_initial_adapter(first, tmp_path / "init", "inputs-1")
+    other = init(1)
+    want, before = _weights(first), _weights(other)
+    assert max((want[n] - before[n]).abs().max() for n in want) > 1e-3  # the two inits differ
+    from sclora.export import restore_initial_adapter
+
+    assert not restore_initial_adapter(other, tmp_path / "init", "inputs-2", residual=method != "lora")
+    assert all(torch.equal(before[n], p.detach().double()) for n, p in other.named_parameters())  # untouched
+    assert restore_initial_adapter(other, tmp_path / "init", "inputs-1", residual=method != "lora")
+    got = _weights(other)
+    for name in want:  # A0, B0 exactly; each W_res = W - s B0 A0 to float32 rounding of the weight
+        assert torch.allclose(got[name], want[name], atol=1e-6, rtol=0), name
+    torch.testing.assert_close(logits(other), logits(first), atol=1e-5, rtol=1e-5)
+    # and a model trained from it exports to the same adapter as one trained from the saved init
+    tuned = logits(train_a_little(other))
+    sclora.export_lora(other, tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny_llama(seed=7), tmp_path / "adapter")
+    torch.testing.assert_close(logits(reloaded), tuned, atol=1e-4, rtol=1e-4)

@@ -137,5 +137,9 @@ def test_a_second_call_finds_the_run_done_and_writes_the_same_adapter(tmp_path):
 
 def test_checkpoints_of_another_knowledge_set_are_never_resumed(tmp_path):
     run(tmp_path, CAPITALS)
-    with pytest.raises(ValueError, match="Cannot resume from .*used different settings"):
+    with pytest.raises(ValueError, match="finished stage made from other inputs"):
         run(tmp_path, REFUSALS)  # same data, same config: only D- differs
+    record = tmp_path / "out" / "stage.json"  # as if killed after its last checkpoint: its checkpoints refuse
+    record.write_text(json.dumps({**json.loads(record.read_text()), "status": "running"}))
+    with pytest.raises(ValueError, match="Cannot resume from .*used different settings"):
+        run(tmp_path, REFUSALS)

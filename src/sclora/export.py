@@ -19,6 +19,7 @@ import os
 
 import torch
 from peft import PeftModel
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,19 +28,67 @@ from .methods.residual import ADAPTER as _ADAPTER
 from .methods.residual import adapter_layers as _layers
 from .methods.residual import remember_initial_adapter
 
-__all__ = ["export_lora", "merge_and_save", "remember_initial_adapter", "save_initial_adapter"]
+__all__ = ["export_lora", "merge_and_save", "remember_initial_adapter", "restore_initial_adapter",
+           "save_initial_adapter"]
 
 INITIAL_ADAPTER_FILE = "sclora_initial_adapter.safetensors"
 
 
-def save_initial_adapter(peft_model: PeftModel, directory: str | os.PathLike) -> str:
-    """Write the remembered initial adapter, so that a later process can export the trained model."""
+def save_initial_adapter(peft_model: PeftModel, directory: str | os.PathLike, fingerprint: str | None = None) -> str:
+    """Write the remembered initial adapter, so that a later process can export the trained model; ``fingerprint``
+    (what the init was made from) lets :func:`restore_initial_adapter` recognise it."""
     state = _initial_state(peft_model, None)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, INITIAL_ADAPTER_FILE)
     with atomic_path(path) as tmp:
-        save_file({k: v.cpu().contiguous() for k, v in state.items()}, tmp)
+        save_file({k: v.cpu().contiguous() for k, v in state.items()}, tmp,
+                  metadata={"fingerprint": fingerprint} if fingerprint else None)
     return path
+
+
+@torch.no_grad()
+def restore_initial_adapter(peft_model: PeftModel, directory: str | os.PathLike, fingerprint: str, *,
+                            residual: bool) -> bool:
+    """Turn ``peft_model``, just initialized, into the model the initial adapter in ``directory`` was saved from
+    (with the same ``fingerprint``): each layer's A, B set to the saved A0, B0 and, for a ``residual`` init, its
+    base weight moved by s (B A - B0 A0), so that W_res + s B0 A0 is still the original weight. A resumed run then
+    continues from the very init its checkpoints were trained from, also where recomputing it gives another one
+    (another thread count or machine rounds differently, and near-equal eigenvalues turn that into another
+    subspace). An init recomputed to the same bits is left as it is. Returns False, changing nothing, when there
+    is no such file, it was saved for other inputs or
+    layers, a base layer is quantized, or a non-residual init starts with B != 0."""
+    from .layers import layer_kind, read_weight, write_weight
+
+    path = os.path.join(directory, INITIAL_ADAPTER_FILE)
+    if not os.path.exists(path):
+        return False
+    with safe_open(path, "pt") as f:
+        if (f.metadata() or {}).get("fingerprint") != fingerprint:
+            return False
+    saved = load_file(path)
+    layers = _layers(peft_model)
+    if set(saved) != {f"{name}.lora_{x}" for name in layers for x in "AB"}:
+        return False
+    if any(layer_kind(layer.get_base_layer()) not in ("linear", "conv1d") for layer in layers.values()):
+        return False
+    if not residual and any(saved[f"{n}.lora_B"].any() or layer.lora_B[_ADAPTER].weight.any()
+                            for n, layer in layers.items()):
+        return False
+    if all(torch.equal(layer.lora_A[_ADAPTER].weight.cpu(), saved[f"{n}.lora_A"]) and
+           torch.equal(layer.lora_B[_ADAPTER].weight.cpu(), saved[f"{n}.lora_B"]) for n, layer in layers.items()):
+        return True  # recomputed to the same bits: nothing to change (and nothing rounded)
+    for name, layer in layers.items():
+        a, b = layer.lora_A[_ADAPTER].weight, layer.lora_B[_ADAPTER].weight
+        a0, b0 = saved[f"{name}.lora_A"].to(a.device), saved[f"{name}.lora_B"].to(b.device)
+        if residual:
+            base = layer.get_base_layer()
+            s = layer.scaling[_ADAPTER]
+            write_weight(base, read_weight(base, torch.float64)
+                         + s * (b.double() @ a.double() - b0.double() @ a0.double()))
+        a.data.copy_(a0)
+        b.data.copy_(b0)
+    remember_initial_adapter(peft_model)
+    return True
 
 
 @torch.no_grad()

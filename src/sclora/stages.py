@@ -30,7 +30,7 @@ from torch import nn
 
 from .fileio import atomic_write, atomic_write_json, digest
 
-__all__ = ["STAGE_FILE", "StaleStageError", "apply_chain", "check_not_stale", "earlier_lora_A", "inherited_sets",
+__all__ = ["STAGE_FILE", "StaleStageError", "apply_chain", "check_not_stale", "earlier_lora_A", "finished_stage", "inherited_sets",
            "read_chain", "replay_examples", "stage_digest", "write_examples", "write_stage"]
 
 STAGE_FILE = "stage.json"
@@ -233,6 +233,24 @@ def earlier_lora_A(chain: list[dict]) -> dict[str, torch.Tensor]:
 
 def is_task(name: str) -> bool:
     return name.startswith(TASK_PREFIX)
+
+
+def finished_stage(out: Path, inputs: str) -> dict | None:
+    """The record of the stage finished in ``out`` from the same ``inputs`` (their digest), with its adapter and
+    summary on disk; None when nothing has finished there. A stage finished there from other inputs is refused:
+    training into its folder would overwrite what later stages may have been trained after."""
+    try:
+        record = json.loads((out / STAGE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("format") != FORMAT or record.get("status") != "done" or "inputs" not in record:
+        return None
+    if record["inputs"] != inputs:
+        raise ValueError(f"{out} holds a finished stage made from other inputs (model, data, init or training "
+                         f"settings): give another output folder, or delete {out} to train it again.")
+    if not record.get("adapter") or not (out / "summary.json").exists():
+        return None
+    return record
 
 
 def write_stage(out: Path, record: Mapping) -> None:

@@ -12,11 +12,12 @@ after a crash continues where it stopped. ``sclora finetune`` on the command lin
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -223,12 +224,19 @@ def finetune(
 
     links = [{"output_dir": c["output_dir"], "digest": c["digest"]} for c in chain]
     stages.check_not_stale(out, links)
+    fingerprint = stages.base_fingerprint(model, config.target_modules)
     if chain:
-        stages.check_base(model, chain, stages.base_fingerprint(model, config.target_modules))
-    base = chain[0]["record"]["base"] if chain else \
-        {"fingerprint": stages.base_fingerprint(model, config.target_modules), "context": context}
+        stages.check_base(model, chain, fingerprint)
+    base = chain[0]["record"]["base"] if chain else {"fingerprint": fingerprint, "context": context}
+    # everything the stage's result depends on: a finished stage made from the same is returned as it is on disk
+    inputs = digest({"base": fingerprint, "context": context, "chain": links, "config": config.to_dict(),
+                     "train": train_config.to_dict(), "examples": digest(examples),
+                     "sets": {k: digest(v) for k, v in sets.items()}, "seq_len": seq_len, "merge": merge})
+    done = stages.finished_stage(out, inputs)  # one made from other inputs: refused
+    if done is not None and not _quantized_base(model) and config.quantize_residual is None:
+        return _finished_result(model, chain, out, done, train_config, chosen)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"status": "running", "base": base, "chain": links, "method": config.method,
+    record = {"status": "running", "inputs": inputs, "base": base, "chain": links, "method": config.method,
               "keep_earlier": keep_earlier, "replay": replay,
               "task": stages.write_examples(out, "task", task),
               "preserved": [{"name": name, "task": stages.is_task(name),
@@ -261,6 +269,11 @@ def finetune(
 
     model = init_model(model, config.replace(quantize_residual=None), plus=data_args.get("plus"),
                        minus=data_args.get("minus"), show_progress=show_progress)
+    restored = False
+    if hasattr(model, "peft_config"):  # an interrupted run of this stage resumes from the init it trained from
+        from .export import restore_initial_adapter
+
+        restored = restore_initial_adapter(model, out / "initial_adapter", inputs, residual=spec.residual)
     quantization = None
     if config.quantize_residual is not None:  # after the full-precision init, the frozen base in 4-bit
         from .quantize import quantize_frozen_linears
@@ -273,10 +286,10 @@ def finetune(
         from .diagnostics import subspace_energy, summarize_energy
 
         energy = summarize_energy(subspace_energy(model, stats["plus"], _minus(stats)))["overall"]
-    if distributed.is_main_process() and hasattr(model, "peft_config"):
+    if distributed.is_main_process() and hasattr(model, "peft_config") and not restored:
         from .export import save_initial_adapter
 
-        save_initial_adapter(model, out / "initial_adapter")
+        save_initial_adapter(model, out / "initial_adapter", inputs)
     # what a resume of the checkpoints must match beyond the training config and examples (train() checks those)
     run_context = digest({"config": config.to_dict(), "sets": {k: digest(v) for k, v in sets.items()},
                           "seq_len": seq_len, "context": context, **({"chain": links} if links else {})})
@@ -295,13 +308,16 @@ def finetune(
         "train": {k: getattr(train_config, k) for k in ("learning_rate", "batch_size", "num_epochs", "max_steps")},
         "chosen": chosen, "planned_steps": steps,
         "initial_subspace_energy": energy, "init_drift": drift, "quantization": quantization,
-        "quantized_base": quantized_base, "init_seconds": round(init_seconds, 1),
+        "quantized_base": quantized_base, "init_seconds": round(init_seconds, 1), "init_restored": restored,
         "steps": result.steps, "final_loss": result.final_loss, "loss_fell": loss_fell(result.loss_history),
+        "loss_history": [list(p) for p in result.loss_history],
+        "beta_choice": asdict(choice) if choice else None,
         "train_seconds": round(result.train_seconds, 1), "tokens_per_second": round(result.tokens_per_second, 1),
         "resumed_from_step": result.resumed_from, "truncated_examples": result.truncated_examples,
         "dropped_examples": result.dropped_examples,
         "written": [str(p) for p in (adapter_dir, merged_dir) if p is not None],
     }
+    summary = json.loads(json.dumps(summary))  # as summary.json holds it (tuples as lists)
     text = summary_text(summary)
     if distributed.is_main_process():
         atomic_write_json(out / "summary.json", summary)
@@ -310,6 +326,42 @@ def finetune(
                                  "merged": merged_dir.name if merged_dir else None})
     return FinetuneResult(out, adapter_dir, merged_dir, config, train_config, choice,
                           energy, drift, result, chosen, summary, text, model)
+
+
+def _finished_result(base: nn.Module, chain: list[dict], out: Path, record: dict, train_config: TrainConfig,
+                     chosen: dict) -> FinetuneResult:
+    """The FinetuneResult of the finished stage in ``out``, read from disk without recomputing anything: the base
+    with the earlier stages' adapters merged in and this stage's adapter loaded on top (a recomputed init could
+    differ in its last bits on another machine or thread count, and would make the stages after it stale)."""
+    from peft import PeftModel
+
+    from . import stages
+
+    summary = {**json.loads((out / "summary.json").read_text()), "train_seconds": 0.0,
+               "tokens_per_second": 0.0}  # this call trained nothing
+    summary["resumed_from_step"] = summary["steps"]
+    model = PeftModel.from_pretrained(stages.apply_chain(base, chain), out / record["adapter"])
+    config = SCLoRAConfig.from_pretrained(out)
+    choice = summary.get("beta_choice")
+    training = TrainResult(steps=summary["steps"], train_seconds=0.0, tokens_per_second=0.0,
+                           loss_history=[tuple(p) for p in summary.get("loss_history", [])],
+                           final_loss=summary["final_loss"], resumed_from=summary["steps"],
+                           dropped_examples=summary["dropped_examples"],
+                           truncated_examples=summary["truncated_examples"])
+    merged = out / record["merged"] if record.get("merged") else None
+    return FinetuneResult(out, out / record["adapter"], merged, config, train_config,
+                          _beta_choice(choice) if choice else None, summary["initial_subspace_energy"],
+                          summary["init_drift"], training, chosen, summary, summary_text(summary), model)
+
+
+def _beta_choice(saved: dict):
+    """A BetaChoice from its summary.json form (JSON lists back to the tuples of several sets)."""
+    from .methods import BetaChoice
+
+    def tuples(value):
+        return tuple(tuples(v) for v in value) if isinstance(value, list) else value
+
+    return BetaChoice(**{k: [tuples(t) for t in v] if k == "tried" else tuples(v) for k, v in saved.items()})
 
 
 def _knowledge_sets(preserve) -> list:

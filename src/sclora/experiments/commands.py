@@ -60,23 +60,25 @@ def _eval(args) -> int:
 
 
 def _run(args) -> int:
+    from .continual import is_continual, load_continual, plan_continual, run_continual
     from .folder import check_folder, read_results, results_table, running_elsewhere
     from .runner import run_experiment
-    from .spec import load_config, run_name
+    from .spec import load_config, plan, run_name
 
-    overrides = yaml_overrides(args.set)
-    from .continual import is_continual
-
-    if is_continual(args.config):
-        return _run_continual(args, overrides)
-    config = load_config(args.config, overrides)
+    continual = is_continual(args.config)  # a config with ``stages:``: chains of stages, one process
+    config = (load_continual if continual else load_config)(args.config, yaml_overrides(args.set))
     if args.dry_run:
-        from .spec import plan
-
-        print(plan(config))
+        print((plan_continual if continual else plan)(config))
         return 0
     if not args.output:
         raise SystemExit("sclora run: --output DIR is required (or use --dry-run to only check the config).")
+    if continual:
+        if args.workers != 1:
+            raise SystemExit("sclora run: a continual experiment runs its stages in order in one process; leave out "
+                             "--workers.")
+        run_continual(config, args.output, show_progress=not args.quiet, archive=args.archive)
+        print(f"wrote {Path(args.output) / 'continual.json'}; `sclora report {args.output}` for the metrics and figures")
+        return 0
     if args.workers < 1:
         raise SystemExit(f"sclora run: --workers must be >= 1, got {args.workers}.")
     check_folder(config, Path(args.output), archive=args.archive)  # before any worker looks at the folder
@@ -97,24 +99,6 @@ def _run(args) -> int:
         if free:
             print(f"not finished: {', '.join(free)} (their process stopped); rerun this command to finish them")
             return 3
-    return 0
-
-
-def _run_continual(args, overrides: dict) -> int:
-    """``sclora run`` on a config with ``stages:``: every run's chain of stages, then its continual-learning table."""
-    from .continual import load_continual, plan_continual, run_continual
-
-    config = load_continual(args.config, overrides)
-    if args.dry_run:
-        print(plan_continual(config))
-        return 0
-    if not args.output:
-        raise SystemExit("sclora run: --output DIR is required (or use --dry-run to only check the config).")
-    if args.workers != 1:
-        raise SystemExit("sclora run: a continual experiment runs its stages in order in one process; leave out "
-                         "--workers.")
-    run_continual(config, args.output, show_progress=not args.quiet, archive=args.archive)
-    print(f"wrote {Path(args.output) / 'continual.json'}; `sclora report {args.output}` for the metrics and figures")
     return 0
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from ..registry import method_spec
 from ..train import TrainConfig
 from .evaluate.metrics import EVALUATIONS, METRICS
 from .examples import scorer_extras
+from .folder import StaleResultsError, archive_folder
 from .spec import _check_judge, check_int, data_spec, eval_spec
 
 __all__ = ["ContinualConfig", "is_continual", "load_continual", "plan_continual", "run_continual"]
@@ -269,12 +268,10 @@ def _check_folder(config: ContinualConfig, out: Path, archive: bool) -> str:
                              if before["config"].get(k) != key["config"].get(k))
             changed += ["model files"] if before.get("model_files") != files else []
             if not archive:
-                from .folder import StaleResultsError
-
                 raise StaleResultsError(f"{out} holds a continual experiment made with other settings ({', '.join(changed)}"
-                                        "); use a new --output folder or --archive to move it aside.")
-            shutil.move(str(out), str(out.with_name(f"{out.name}.archive-{time.strftime('%Y%m%d-%H%M%S')}")))
-            out.mkdir(parents=True)
+                                        "); use a new --output folder, or --archive to move it to "
+                                        f"{out / 'archive'}/<time>/ and start afresh.")
+            archive_folder(out)
     atomic_write_json(path, key)
     atomic_write(out / "config.yaml", yaml.safe_dump(config.plain(), sort_keys=False))
     return digest(key)
@@ -342,7 +339,7 @@ def _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_pro
         for lr in learning_rates(config, run):
             folder = out / "runs" / run["name"] / f"seed{seed}" / f"{i}-{stage['name']}-lr{lr:g}"
             model, tokenizer = base_model()
-            result = _finished(folder, model) or sclora.finetune(
+            result = sclora.finetune(
                 model, tokenizer, sets.train[stage["name"]], keep if i == 0 else None,
                 after=after, keep_earlier=run.get("keep_earlier", True), replay=run.get("replay", 0.0) if i else 0.0,
                 config=stage_init_config(config, run, i), train_config=stage_train_config(config, run, lr, seed, i),
@@ -365,25 +362,6 @@ def _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_pro
                      "steps": s["steps"], "final_loss": s["final_loss"]})
         after = folder
     return rows
-
-
-def _finished(folder: Path, base):
-    """A stage this experiment folder finished: the model it left (the base with the chain's adapters and its own
-    merged in) and its summary, without recomputing anything (a recomputed init can differ in the last bits under
-    another thread count, which would make the stages after it stale); None if it has not finished. The folder
-    check (another config is refused) and the chain's digests (a changed earlier stage is refused) keep it valid."""
-    from types import SimpleNamespace
-
-    from ..stages import STAGE_FILE, apply_chain, read_chain
-
-    try:
-        done = json.loads((folder / STAGE_FILE).read_text()).get("status") == "done"
-    except (OSError, ValueError):
-        return None
-    if not done or not (folder / "summary.json").exists():
-        return None
-    model = apply_chain(base, read_chain(folder))
-    return SimpleNamespace(model=model, summary=json.loads((folder / "summary.json").read_text()))
 
 
 def _goodness(stage: dict, validation: dict) -> float:

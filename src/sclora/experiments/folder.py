@@ -104,7 +104,7 @@ def check_folder(config: ExperimentConfig, out: Path, *, archive: bool = False) 
                 f"rerun with --archive to move the old results to {out / 'archive'}/<time>/ and start afresh "
                 "(cached statistics are kept: their file names carry a digest of what made them).")
         if changes:
-            _archive(out)
+            archive_folder(out)
         atomic_write(out / "config.yaml", yaml.safe_dump(as_plain(config), sort_keys=False))
         atomic_write(out / MODEL_FILE, json.dumps({"model": config.model, "files": model_files}) + "\n")
     return model_files
@@ -151,7 +151,7 @@ def _stale(config: ExperimentConfig, out: Path, model_files: str | None) -> list
     return changes
 
 
-def _archive(out: Path) -> Path:
+def archive_folder(out: Path) -> Path:
     """Move everything but the statistics cache, locks and earlier archives to ``out/archive/<time>/``."""
     import shutil
 

@@ -172,6 +172,12 @@ def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, o
     method, seed = run["method"], run.get("seed", config.seed)
     start = time.perf_counter()
     model, choice = exp.initialize(run)
+    if hasattr(model, "peft_config"):  # a resumed run continues from the init its checkpoints were trained from
+        from ..export import restore_initial_adapter, save_initial_adapter
+
+        initial = out / "runs" / name / "initial_adapter"
+        if not restore_initial_adapter(model, initial, fingerprint, residual=method_spec(method).residual):
+            save_initial_adapter(model, initial, fingerprint)
     init_seconds = time.perf_counter() - start
     if config.diagnostics and method_spec(method).residual:
         exp.diagnose(name, model, run.get("normalize"))
