@@ -229,9 +229,10 @@ def finetune(
         stages.check_base(model, chain, fingerprint)
     base = chain[0]["record"]["base"] if chain else {"fingerprint": fingerprint, "context": context}
     # everything the stage's result depends on: a finished stage made from the same is returned as it is on disk
+    set_digests = {k: digest(v) for k, v in sets.items()}  # hashed once: the inputs and the checkpoints' context
     inputs = digest({"base": fingerprint, "context": context, "chain": links, "config": config.to_dict(),
                      "train": train_config.to_dict(), "examples": digest(examples),
-                     "sets": {k: digest(v) for k, v in sets.items()}, "seq_len": seq_len, "merge": merge})
+                     "sets": set_digests, "seq_len": seq_len, "merge": merge})
     done = stages.finished_stage(out, inputs)  # one made from other inputs: refused
     if done is not None and not _quantized_base(model) and config.quantize_residual is None:
         return _finished_result(model, chain, out, done, train_config, chosen)
@@ -291,7 +292,7 @@ def finetune(
 
         save_initial_adapter(model, out / "initial_adapter", inputs)
     # what a resume of the checkpoints must match beyond the training config and examples (train() checks those)
-    run_context = digest({"config": config.to_dict(), "sets": {k: digest(v) for k, v in sets.items()},
+    run_context = digest({"config": config.to_dict(), "sets": set_digests,
                           "seq_len": seq_len, "context": context, **({"chain": links} if links else {})})
     result = train(model, tokenizer, examples, train_config, out / "checkpoints", show_progress=show_progress,
                    context=run_context,
