@@ -192,6 +192,51 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, make):
     assert [x for _, x in result_b.loss_history] == pytest.approx([x for _, x in result_a.loss_history], rel=1e-5)
     calls = json.loads((tmp_path / "b" / "train_log.json").read_text())["calls"]
     assert [c["resumed_from"] for c in calls] == [4]
+    # The run's training time survives the interruption: checkpoint-4 records the first call's seconds up to
+    # step 4, and the resumed call adds its own; the tokens are the whole run's, as in the uninterrupted one.
+    state = json.loads((tmp_path / "b" / "checkpoint-4" / "trainer_state.json").read_text())
+    first = state["stateful_callbacks"]["SCLoRAMeter"]["attributes"]["seconds"]
+    assert 0 < first and result_b.total_train_seconds == pytest.approx(first + result_b.train_seconds)
+    assert result_a.total_train_seconds == result_a.train_seconds
+    assert result_b.total_tokens == result_a.total_tokens > result_b.tokens > 0
+    final = json.loads((tmp_path / "b" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert final["stateful_callbacks"]["SCLoRAMeter"]["attributes"]["seconds"] >= first
+
+
+def test_a_run_recorded_before_a_config_field_existed_resumes_at_its_default(tmp_path):
+    """train_run.json written by a version without some TrainConfig field (its run trained at that field's
+    default) still resumes at the default; at another value of that field the resume is refused."""
+    tok, cfg = tiny_tokenizer(), config(max_steps=4, save_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(lora_model(), tok, EXAMPLES, cfg, tmp_path, show_progress=False, callbacks=[Crash(2)])
+    path = tmp_path / "train_run.json"
+    run = json.loads(path.read_text())
+    assert run["config"].pop("weight_decay") == 0.0
+    path.write_text(json.dumps(run))
+    with pytest.raises(ValueError, match=r"different settings \(weight_decay\)"):
+        train(lora_model(), tok, EXAMPLES, config(max_steps=4, save_steps=2, weight_decay=0.1), tmp_path,
+              show_progress=False)
+    path.write_text(json.dumps(run))
+    result = train(lora_model(), tok, EXAMPLES, cfg, tmp_path, show_progress=False)
+    assert result.resumed_from == 2 and result.steps == 4
+
+
+def test_a_checkpoint_without_a_time_record_gives_an_unknown_total(tmp_path):
+    """A checkpoint that does not say what its steps took (saved by another tool) still resumes; the run's total
+    training time is then unknown (None), never this call's time alone."""
+    tok, cfg = tiny_tokenizer(), config(max_steps=4, save_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(lora_model(), tok, EXAMPLES, cfg, tmp_path, show_progress=False, callbacks=[Crash(2)])
+    path = tmp_path / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    del state["stateful_callbacks"]["SCLoRAMeter"]
+    path.write_text(json.dumps(state))
+    result = train(lora_model(), tok, EXAMPLES, cfg, tmp_path, show_progress=False)
+    assert result.resumed_from == 2 and result.steps == 4
+    assert result.total_train_seconds is None and result.train_seconds > 0
+    # The checkpoints this call writes record its own time only as unknown too.
+    final = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
+    assert final["stateful_callbacks"]["SCLoRAMeter"]["attributes"]["seconds"] is None
 
 
 def test_resume_with_other_settings_is_refused_and_resume_false_restarts(tmp_path):

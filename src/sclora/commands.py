@@ -176,7 +176,8 @@ def _train(args) -> int:
                    context=context)
     written = [p for p in export_model(model, tokenizer, out, args.merge) if p is not None]
     if distributed.is_main_process():
-        print(f"{result.steps} steps, {result.train_seconds:.1f} s, {result.tokens_per_second:.1f} tokens/s, "
+        took = "time unknown" if result.total_train_seconds is None else f"{result.total_train_seconds:.1f} s"
+        print(f"{result.steps} steps, {took}, {result.total_tokens_per_second:.1f} tokens/s, "
               f"final loss {result.final_loss:.4f}; wrote " + "; ".join(map(str, written)))
     return 0
 

@@ -146,6 +146,15 @@ class TrainResult:
     dropped_examples: int = 0  # examples whose response max_length cut off entirely
     truncated_examples: int = 0  # examples cut to max_length (still trained on)
     extra: dict = field(default_factory=dict)
+    # wall time of the whole run's training loop: this call's plus, after a resume, the time the checkpoint
+    # records for the calls before it (None if that checkpoint has no such record)
+    total_train_seconds: float | None = None
+    total_tokens: int = 0  # non-padding tokens processed by the whole run
+
+    @property
+    def total_tokens_per_second(self) -> float:
+        t = self.total_train_seconds
+        return self.total_tokens / t if t else float("nan")
 
 
 # --------------------------------------------------------------------------- data
@@ -281,6 +290,13 @@ def _complete_checkpoints(output_dir: str, main: bool) -> list[str]:
     return complete
 
 
+def _with_defaults(recorded: dict) -> dict:
+    """A recorded run config with the TrainConfig fields it does not name (added after it was written) at their
+    defaults, which is what the run trained with; kept as it is if it names a field this version lacks."""
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.name not in _RESUME_FREE}
+    return {**defaults, **recorded} if set(recorded) <= set(defaults) else recorded
+
+
 def _fingerprint(items: list[dict]) -> str:
     digest = hashlib.sha256()
     for item in items:
@@ -292,19 +308,50 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _meter_callback():
+def rounded(x: float | None, digits: int = 1) -> float | None:
+    """``x`` rounded for a report, None where it is unknown (None or not finite)."""
+    return round(x, digits) if x is not None and math.isfinite(x) else None
+
+
+_METER = "SCLoRAMeter"  # its record in each checkpoint's trainer_state.json ("stateful_callbacks")
+
+
+def _recorded_seconds(checkpoint: str | None) -> float | None:
+    """The training-loop seconds ``checkpoint`` records for the run up to its step (0 without a checkpoint)."""
+    if checkpoint is None:
+        return 0.0
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            seconds = json.load(f)["stateful_callbacks"][_METER]["attributes"]["seconds"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds) else None
+
+
+def _meter_callback(earlier_seconds: float | None):
+    """Times the training loop of this call and counts the tokens it processed (after any resume). Each checkpoint
+    records the run's training seconds up to its step (``earlier_seconds``, the resumed checkpoint's record, plus this
+    call's), so a resumed run still knows what its whole training cost."""
     from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
 
-    class Meter(TrainerCallback):
-        """Times the training loop of this call and counts the tokens it processed (after any resume)."""
-
+    class Meter(TrainerCallback, ExportableState):
         def on_train_begin(self, args, state, control, **kwargs):
             self.start, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+            state.stateful_callbacks.setdefault(_METER, self.state())  # a checkpoint saved without one
 
         def on_train_end(self, args, state, control, **kwargs):
             self.seconds = time.perf_counter() - self.start
             self.tokens = state.num_input_tokens_seen - self.tokens0
+            self.total_tokens = state.num_input_tokens_seen
 
+        def state(self) -> dict:
+            start = getattr(self, "start", None)
+            if earlier_seconds is None or start is None:
+                return {"args": {}, "attributes": {"seconds": None}}
+            return {"args": {}, "attributes": {"seconds": earlier_seconds + time.perf_counter() - start}}
+
+    Meter.__name__ = Meter.__qualname__ = _METER
     return Meter()
 
 
@@ -523,6 +570,7 @@ def train(
     if resume_from is not None and os.path.exists(run_path):
         with open(run_path) as f:
             before = json.load(f)
+        before["config"] = _with_defaults(before.get("config", {}))  # a key added since: its default trained
         if before != run:
             changed = sorted(k for k in set(before["config"]) | set(run["config"])
                              if before["config"].get(k) != run["config"].get(k))
@@ -539,7 +587,8 @@ def train(
         atomic_write_json(run_path, run)
     distributed.barrier()
 
-    meter = _meter_callback()
+    earlier_seconds = _recorded_seconds(resume_from)  # None: the checkpoint does not say what earlier calls took
+    meter = _meter_callback(earlier_seconds)
     trainer = (_penalized_trainer(config.orthogonal_penalty, penalty) if penalty else Trainer)(
         model=model,
         args=args,
@@ -576,6 +625,8 @@ def train(
         dropped_examples=dropped,
         truncated_examples=items.truncated,
         extra={"examples": len(items), "max_steps": int(state.max_steps)},
+        total_train_seconds=None if earlier_seconds is None else earlier_seconds + seconds,
+        total_tokens=int(getattr(meter, "total_tokens", tokens)),
     )
     if not main:
         return result

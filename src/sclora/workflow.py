@@ -28,7 +28,7 @@ from .config import SCLoRAConfig
 from .diagnostics import logit_drift
 from .fileio import atomic_dir, atomic_write_json, digest
 from .registry import method_spec
-from .train import TrainConfig, TrainResult, train
+from .train import TrainConfig, TrainResult, rounded, train
 
 __all__ = ["FinetuneResult", "finetune", "suggest_train_config"]
 
@@ -313,7 +313,9 @@ def finetune(
         "steps": result.steps, "final_loss": result.final_loss, "loss_fell": loss_fell(result.loss_history),
         "loss_history": [list(p) for p in result.loss_history],
         "beta_choice": asdict(choice) if choice else None,
-        "train_seconds": round(result.train_seconds, 1), "tokens_per_second": round(result.tokens_per_second, 1),
+        # the whole stage's training, also when it resumed from a checkpoint (None: a checkpoint without a record)
+        "train_seconds": rounded(result.total_train_seconds),
+        "tokens_per_second": rounded(result.total_tokens_per_second),
         "resumed_from_step": result.resumed_from, "truncated_examples": result.truncated_examples,
         "dropped_examples": result.dropped_examples,
         "written": [str(p) for p in (adapter_dir, merged_dir) if p is not None],
@@ -338,13 +340,13 @@ def _finished_result(base: nn.Module, chain: list[dict], out: Path, record: dict
 
     from . import stages
 
-    summary = {**json.loads((out / "summary.json").read_text()), "train_seconds": 0.0,
-               "tokens_per_second": 0.0}  # this call trained nothing
+    summary = json.loads((out / "summary.json").read_text())  # train_seconds: what the stage's training took
     summary["resumed_from_step"] = summary["steps"]
     model = PeftModel.from_pretrained(stages.apply_chain(base, chain), out / record["adapter"])
     config = SCLoRAConfig.from_pretrained(out)
     choice = summary.get("beta_choice")
-    training = TrainResult(steps=summary["steps"], train_seconds=0.0, tokens_per_second=0.0,
+    training = TrainResult(steps=summary["steps"], train_seconds=0.0, tokens_per_second=0.0,  # nothing trained now
+                           total_train_seconds=summary["train_seconds"],
                            loss_history=[tuple(p) for p in summary.get("loss_history", [])],
                            final_loss=summary["final_loss"], resumed_from=summary["steps"],
                            dropped_examples=summary["dropped_examples"],
@@ -514,7 +516,8 @@ def summary_text(s: dict) -> str:
                      f"final loss {s['final_loss']:.4f}")
     else:
         resumed = f", resumed from step {s['resumed_from_step']}" if s["resumed_from_step"] else ""
-        lines.append(f"  trained {s['steps']} steps in {s['train_seconds']} s ({s['tokens_per_second']} tokens/s"
+        took = "an unknown time" if s["train_seconds"] is None else f"{s['train_seconds']} s"
+        lines.append(f"  trained {s['steps']} steps in {took} ({s['tokens_per_second']} tokens/s"
                      f"{resumed}), final loss {s['final_loss']:.4f}")
     if s.get("loss_fell") is False:
         lines.append("  WARNING: the training loss did not fall: the adapter may have learned nothing. Raise the "

@@ -167,7 +167,7 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
 
 def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, out: Path, evaluate,
              fingerprint: str) -> dict:
-    from ..train import train
+    from ..train import rounded, train
 
     method, seed = run["method"], run.get("seed", config.seed)
     start = time.perf_counter()
@@ -198,8 +198,9 @@ def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, o
         "seed": seed, **({"normalize": run["normalize"]} if run.get("normalize") else {}),
         **({"lock_subspace": True} if run.get("lock_subspace") else {}),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "init_seconds": round(init_seconds, 1), "train_seconds": round(result.train_seconds, 1),
-        "train_tokens_per_second": round(result.tokens_per_second, 1), "final_loss": result.final_loss,
+        # the whole training, also when the run resumed from a checkpoint (None: a checkpoint without a record)
+        "init_seconds": round(init_seconds, 1), "train_seconds": rounded(result.total_train_seconds),
+        "train_tokens_per_second": rounded(result.total_tokens_per_second), "final_loss": result.final_loss,
         "loss_history": result.loss_history, **metrics,
     }
     if config.evaluate_steps:
