@@ -51,6 +51,40 @@ def test_run_writes_results_and_resumes(setup, capsys):
     assert (out / "results.json").stat().st_mtime_ns == mtime
 
 
+def test_keep_going_records_a_failed_run_and_goes_on_then_a_rerun_retries_it(setup, monkeypatch, capsys):
+    from sclora.experiments import runner
+
+    config_path, out = setup
+    config = yaml.safe_load(config_path.read_text())
+    config_path.write_text(yaml.safe_dump({**config, "runs": [{"method": "sc_lora", "beta": 0.5}, {"method": "lora"}]}))
+    real = runner._run_one
+
+    def broken(config, exp, run, name, *args):
+        if name == "sc_lora-beta0.5":
+            raise RuntimeError("simulated failure of one run")
+        return real(config, exp, run, name, *args)
+
+    monkeypatch.setattr(runner, "_run_one", broken)
+    # without --keep-going the first failure stops the sweep: the run after it never starts
+    with pytest.raises(RuntimeError, match="simulated"):
+        cli.main(["run", str(config_path), "--output", str(out), "--quiet"])
+    assert [r["run"] for r in json.loads((out / "results.json").read_text())] == ["base"]
+    assert not (out / "failures.json").exists()
+    # with it the failure is recorded (error, traceback, the run's fingerprint) and the next run still finishes
+    assert cli.main(["run", str(config_path), "--output", str(out), "--quiet", "--keep-going"]) == 4
+    assert [r["run"] for r in json.loads((out / "results.json").read_text())] == ["base", "lora"]
+    failure = json.loads((out / "failures.json").read_text())["sc_lora-beta0.5"]
+    assert failure["error"] == "RuntimeError: simulated failure of one run" and "broken" in failure["traceback"]
+    assert "1 run(s) failed" in capsys.readouterr().err
+    # the cause fixed, a rerun retries only the failed run and forgets its failure
+    monkeypatch.setattr(runner, "_run_one", real)
+    assert cli.main(["run", str(config_path), "--output", str(out), "--quiet", "--keep-going"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["run"] for r in rows] == ["base", "lora", "sc_lora-beta0.5"]
+    assert rows[2]["fingerprint"] == failure["fingerprint"]  # the failure named the settings that failed
+    assert json.loads((out / "failures.json").read_text()) == {}
+
+
 def test_unknown_config_key_method_and_too_small_data(setup, tmp_path):
     config_path, out = setup
     base = yaml.safe_load(config_path.read_text())

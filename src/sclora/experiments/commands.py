@@ -61,7 +61,7 @@ def _eval(args) -> int:
 
 def _run(args) -> int:
     from .continual import is_continual, load_continual, plan_continual, run_continual
-    from .folder import check_folder, read_results, results_table, running_elsewhere
+    from .folder import check_folder, read_failures, read_results, results_table, running_elsewhere
     from .runner import run_experiment
     from .spec import load_config, plan, run_name
 
@@ -73,9 +73,9 @@ def _run(args) -> int:
     if not args.output:
         raise SystemExit("sclora run: --output DIR is required (or use --dry-run to only check the config).")
     if continual:
-        if args.workers != 1:
-            raise SystemExit("sclora run: a continual experiment runs its stages in order in one process; leave out "
-                             "--workers.")
+        if args.workers != 1 or args.keep_going:
+            raise SystemExit("sclora run: a continual experiment runs its stages in order in one process, each "
+                             "stage needing the one before; leave out --workers and --keep-going.")
         run_continual(config, args.output, show_progress=not args.quiet, archive=args.archive)
         print(f"wrote {Path(args.output) / 'continual.json'}; `sclora report {args.output}` for the metrics and figures")
         return 0
@@ -83,14 +83,22 @@ def _run(args) -> int:
         raise SystemExit(f"sclora run: --workers must be >= 1, got {args.workers}.")
     check_folder(config, Path(args.output), archive=args.archive)  # before any worker looks at the folder
     helpers = _spawn_workers(args) if args.workers > 1 else []
-    rows = run_experiment(config, args.output, show_progress=not args.quiet, archive=args.archive)
-    failed = [p.args for p in helpers if p.wait() != 0]
+    rows = run_experiment(config, args.output, show_progress=not args.quiet, archive=args.archive,
+                          keep_going=args.keep_going)
+    failed = [p.args for p in helpers if p.wait() not in (0, RUNS_FAILED)]  # RUNS_FAILED: reported below
     if failed:
         raise SystemExit(f"sclora run: {len(failed)} worker process(es) failed; rerun the same command to resume.")
     rows = read_results(args.output)  # with the rows the other workers finished after this process
     print(results_table(rows))
     print(f"wrote {Path(args.output) / 'results.json'} and results.md")
     missing = [n for n in ["base", *(run_name(r) for r in config.runs)] if n not in {r["run"] for r in rows}]
+    failures = {n: f for n, f in read_failures(Path(args.output)).items() if n in missing}
+    if failures:
+        for name, failure in failures.items():
+            print(f"failed: {name}: {failure['error']}", file=sys.stderr)
+        print(f"{len(failures)} run(s) failed (tracebacks in {Path(args.output) / 'failures.json'}); the other runs "
+              "are kept: fix the cause and rerun this command to retry them", file=sys.stderr)
+    missing = [n for n in missing if n not in failures]
     if missing:  # run by other processes on this folder right now, or left by one that died meanwhile
         busy = running_elsewhere(Path(args.output), missing)
         free = [n for n in missing if n not in busy]
@@ -99,7 +107,10 @@ def _run(args) -> int:
         if free:
             print(f"not finished: {', '.join(free)} (their process stopped); rerun this command to finish them")
             return 3
-    return 0
+    return RUNS_FAILED if failures else 0
+
+
+RUNS_FAILED = 4  # `sclora run --keep-going`'s exit status when runs failed (failures.json)
 
 
 def _spawn_workers(args) -> list:
@@ -114,7 +125,8 @@ def _spawn_workers(args) -> list:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     torch.set_num_threads(threads)
     command = [sys.executable, "-m", "sclora", "run", args.config, "--output", args.output, "--quiet",
-               "--workers", "1", *[f"--set={kv}" for kv in args.set or []]]  # after this process's folder check
+               "--workers", "1", *[f"--set={kv}" for kv in args.set or []],  # after this process's folder check
+               *(["--keep-going"] if args.keep_going else [])]
     return [subprocess.Popen(command, env=env) for _ in range(args.workers - 1)]
 
 
@@ -242,6 +254,9 @@ def add_commands(sub) -> None:
                      help="if OUTPUT holds results of other settings, move them to OUTPUT/archive/<time>/ first")
     run.add_argument("--workers", type=int, default=1,
                      help="processes sharing the runs (and the CPU threads); resumable, results merged in one table")
+    run.add_argument("--keep-going", action="store_true",
+                     help="a run that fails is recorded in OUTPUT/failures.json and the sweep goes on (exit status "
+                          f"{RUNS_FAILED} if any failed); without it the first failure stops the sweep")
     run.set_defaults(func=_run)
     dia = sub.add_parser("diagnose", help="subspace diagnostics (captured D+/D- energy) of a config's inits, no training")
     dia.add_argument("config")

@@ -205,6 +205,27 @@ def update_results(out: Path, row: dict | None = None, *, refresh: bool = True) 
         return rows
 
 
+def record_failure(out: Path, name: str, failure: dict | None) -> None:
+    """Under the lock of ``failures.json``: record why run ``name`` failed (``sclora run --keep-going``), or with
+    None forget an earlier failure of it (it has finished since)."""
+    path = out / "failures.json"
+    with locked(path):
+        current = json.loads(path.read_text()) if path.exists() else {}
+        if failure is None and name not in current:
+            return
+        if failure is None:
+            del current[name]
+        else:
+            current[name] = failure
+        atomic_write(path, json.dumps(current, indent=1) + "\n")
+
+
+def read_failures(out: Path) -> dict:
+    """Run name -> why it failed, for the runs of ``out`` that failed and have not finished since."""
+    path = out / "failures.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def claim_run(out: Path, name: str):
     """An open, exclusively flock'ed ``claims/<name>.lock`` if no other process holds run ``name``, else None.
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ from ..registry import method_spec
 from ..statistics_cache import cached_statistics
 from .evaluate.core import evaluate_model
 from .examples import build_examples, build_mixture, check_disjoint, scorer_extras
-from .folder import check_folder, claim_run, release_run, run_fingerprint, update_results
+from .folder import check_folder, claim_run, record_failure, release_run, run_fingerprint, update_results
 from .spec import (
     ExperimentConfig,
     as_list,
@@ -115,8 +117,12 @@ class _Experiment:
 
 
 def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
-                   show_progress: bool = True, archive: bool = False) -> list[dict]:
+                   show_progress: bool = True, archive: bool = False, keep_going: bool = False) -> list[dict]:
     """Run every configured run (skipping finished ones), write results.json / results.md, return rows.
+
+    A run that raises stops the sweep, unless ``keep_going``: then its error and traceback go to
+    ``output_dir/failures.json`` (:func:`~sclora.experiments.folder.read_failures`) and the next run starts; a
+    later call retries it, and its entry goes once it finishes.
 
     A folder that holds results, checkpoints or a config.yaml made with other settings is refused before
     anything is loaded (:class:`StaleResultsError`, listing old and new values); ``archive=True`` moves them
@@ -160,6 +166,15 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
             else:
                 row = _run_one(config, exp, run, name, out, evaluate, fingerprint)
             rows = update_results(out, {**row, "fingerprint": fingerprint})
+            record_failure(out, name, None)
+        except Exception as err:
+            if not keep_going:
+                raise
+            record_failure(out, name, {"error": f"{type(err).__name__}: {err}", "fingerprint": fingerprint,
+                                       "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                       "traceback": traceback.format_exc(limit=-8)})
+            print(f"sclora run: {name} failed ({type(err).__name__}: {err}); going on with the next run "
+                  "(failures.json)", file=sys.stderr)
         finally:
             release_run(claim)
     return rows
