@@ -355,11 +355,42 @@ def test_frontiers_select_on_validation_and_compare_at_matched_utility(tmp_path)
     assert [round(m["utility"], 6) for m in matched] == [round(0.9 - 0.2 * (i + 0.5) / 3, 6) for i in range(3)]
     assert all(abs(m["difference"] - 2.0) < 1e-9 for m in matched)  # 2 EM points more at every matched NLL
     text = frontier_markdown(curves, nll, em, val)
-    assert "## Learning-rate frontiers" in text and "| 0.0005 |" in text and "+2.00" in text
+    assert "## Learning-rate frontiers" in text and "| 5e-4 |" in text and "+2.00" in text
     folder = make_dir(tmp_path, rows)
     write_report(folder)
     assert (folder / "figures" / "frontiers.png").read_bytes()[:8] == PNG_MAGIC
     assert "## Learning-rate frontiers" in (folder / "report.md").read_text()
+
+
+def test_a_sweep_report_states_verdicts_and_compares_only_the_selected_rates(tmp_path):
+    """With per-item scores: the verdicts name the comparison they rest on (best vs best at the validation-selected
+    rates, with the paired interval; matched utility as ranges); answers, claims and the paired-differences table
+    keep only the selected rates (paired.json keeps every pair); a competitor run (MiCA) is paired with SC-LoRA."""
+    import numpy as np
+
+    rows = frontier_rows() + [row("mica", "mica", lr=1e-4, math_nll=0.85, knowledge_em=11.0, math_val_nll=0.86)]
+    folder = make_dir(tmp_path, rows)
+    (folder / "samples").mkdir()
+    samples = frontier_samples(rows[1:])
+    samples["base"] = {"math_nll": [1.3] * 100, "knowledge_em": [100.0] * 28 + [0.0] * 172}
+    for run, scores in samples.items():
+        (folder / "samples" / f"{run}.json").write_text(json.dumps(scores))
+    text = (write_report(folder)).read_text()
+    verdicts = text.split("### Verdicts")[1].split("| A − B")[0]
+    # best vs best: SC-LoRA at 2e-3 (its validation optimum) against LoRA at 5e-4 (LoRA's); EM 10 vs 10 items
+    # alike, NLL 0.70 vs 0.80 (per item: the rows' values plus the same-seed noise), computed here by hand
+    sc, lora = np.asarray(samples["sc-lr0.002"]["math_nll"]), np.asarray(samples["lora-lr0.0005"]["math_nll"])
+    assert f"Math NLL {np.mean(sc - lora):.3f}" in verdicts and "(SC-LoRA β=0.8 better)" in verdicts
+    assert "Best vs best (lr 2e-3 vs 5e-4)" in verdicts and "Knowledge EM (%) 0.00 [0.00, 0.00] (undecided)" in verdicts
+    assert "Matched utility (Knowledge EM (%) at equal Math NLL): SC-LoRA β=0.8 preserves more at Math NLL" in verdicts
+    answers = text.split("## Answers")[1]
+    assert "lr=1e-4" not in answers and "lr=2e-3" not in answers.split("## Paired differences")[0].replace(
+        "SC-LoRA β=0.8 lr=2e-3", "")  # only the selected rates (and MiCA, on no curve) are compared
+    table = answers.split("## Paired differences")[1]
+    assert "SC-LoRA vs MiCA" in table and "LoRA lr=1e-4" not in table
+    paired = json.loads((folder / "paired.json").read_text())
+    assert any(e["b"] == "LoRA lr=1e-4" for e in paired)  # every pair is kept in paired.json
+    assert any(e["comparison"] == "SC-LoRA vs MiCA" for e in paired)
 
 
 def test_matched_utility_is_empty_when_the_curves_do_not_overlap():

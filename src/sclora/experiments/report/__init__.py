@@ -25,6 +25,7 @@ from .claims import Answer, answers, decided
 from .continual import (continual_differences, continual_rows, continual_table, transfer_metrics,
                         write_continual_figures)
 from .figures import write_figures
+from .frontier import frontier_curves, frontier_markdown, selected_rows, selection_metric
 from .groups import Group, Layout, group_runs, infer_layout
 from .paired import paired_comparisons, paired_markdown
 from .tables import report_tables
@@ -49,27 +50,34 @@ def build_report(rows: list[dict], config: dict | None = None, diagnostics: dict
     if figures:
         parts += ["## Figures", "\n\n".join(f"![{caption}](figures/{name})" for name, caption in figures)]
     layout = infer_layout(rows, config)
+    focus = selected_rows(rows)  # a learning-rate sweep: the claims compare each method at its selected rate
     if layout.utility and layout.preservation:
-        from .frontier import frontier_curves, frontier_markdown, selection_metric
-
         key = selection_metric(rows)
         text = frontier_markdown(frontier_curves(group_runs(rows), model=config.get("model")),
                                  metric(layout.utility[0]), metric(layout.preservation[0]), metric(key) if key else None,
-                                 samples)
+                                 samples, paired)
         if text:
             parts.append(text)
     mains = [f"{side} metric: {metric(keys[0]).label}" for side, keys in (("main preservation", layout.preservation),
                                                                          ("main utility", layout.utility)) if keys]
-    parts += ["## Answers", f"Computed from the numbers above (means over seeds); {'; '.join(mains) or 'no metrics'}.",
-              "\n".join(a.markdown(i) for i, a in enumerate(answers(rows, config), 1))]
+    scope = ("" if focus is rows else " Each method at its selected learning rate only (the other rates are compared "
+             "at matched utility above; paired.json holds their paired differences).")
+    parts += ["## Answers", f"Computed from the numbers above (means over seeds); {'; '.join(mains) or 'no metrics'}."
+              + scope, "\n".join(a.markdown(i) for i, a in enumerate(answers(focus, config), 1))]
     if paired is not None:
         main = [keys[0] if keys else None for keys in (layout.preservation, layout.utility)]
         parts += ["## Claims decided by paired differences",
                   ("The same claims, each decided by paired differences on the same items (95% intervals, next "
                    "section): holds / does not hold / undecided."),
-                  "\n".join(a.markdown(i) for i, a in enumerate(decided(paired, *main), 1)),
-                  paired_markdown(paired)]
+                  "\n".join(a.markdown(i) for i, a in enumerate(decided(_among(paired, focus), *main), 1)),
+                  paired_markdown(_among(paired, focus))]
     return "\n\n".join(parts) + "\n"
+
+
+def _among(paired: list[dict], rows: list[dict]) -> list[dict]:
+    """The paired differences whose runs are all among ``rows``."""
+    runs = {r["run"] for r in rows}
+    return [e for e in paired if all(x in runs and y in runs for x, y in e.get("pairs") or [])]
 
 
 def load_experiment(directory: str | os.PathLike) -> tuple[list[dict], dict, dict | None]:

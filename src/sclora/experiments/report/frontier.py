@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..evaluate.metrics import Metric
-from .groups import Group, label
+from ..evaluate.metrics import Metric, metric
+from .claims import interval_text
+from .groups import Group, _fmt_lr, group_runs, label
 
 __all__ = ["Curve", "frontier_curves", "frontier_markdown", "matched_utility", "matched_utility_intervals",
-           "plot_frontiers", "selection_metric"]
+           "plot_frontiers", "selected_rows", "selection_metric"]
 
 #: validation metrics a learning rate may be selected on, in order of preference
 VALIDATION = ("math_val_nll", "val_rouge1")
@@ -26,15 +27,30 @@ class Curve:
     name: str
     points: list[Group]
 
-    def selected(self, validation: Metric) -> Group:
-        """The point with the best validation value."""
+    def selected(self, validation: Metric) -> Group | None:
+        """The point with the best validation value (None if no point has one)."""
         scored = [g for g in self.points if g.value(validation.key) is not None]
-        return max(scored, key=lambda g: validation.goodness(g.value(validation.key)))
+        return max(scored, key=lambda g: validation.goodness(g.value(validation.key))) if scored else None
 
 
 def selection_metric(rows: list[dict]) -> str | None:
     """The validation metric the rows carry, if any."""
     return next((key for key in VALIDATION if any(key in r for r in rows)), None)
+
+
+def selected_rows(rows: list[dict]) -> list[dict]:
+    """The rows a learning-rate sweep's claims compare: the base, each curve's selected learning rate (all its seeds)
+    and the runs on no curve. ``rows`` as they are when they carry no validation metric to select by."""
+    key = selection_metric(rows)
+    if key is None:
+        return rows
+    validation = metric(key)
+    dropped = set()
+    for curve in frontier_curves(group_runs(rows)):
+        chosen = curve.selected(validation)
+        if chosen is not None:
+            dropped |= {run for g in curve.points if g is not chosen for run in g.runs}
+    return [r for r in rows if r["run"] not in dropped]
 
 
 def frontier_curves(groups: list[Group], lr_methods: frozenset[str] = frozenset(), model: str | None = None
@@ -143,25 +159,28 @@ def matched_utility_intervals(a: Curve, b: Curve, utility: Metric, preservation:
 
 
 def frontier_markdown(curves: list[Curve], utility: Metric, preservation: Metric, validation: Metric | None,
-                      samples: dict[str, dict] | None = None) -> str:
-    """The selected-rate table and, for each pair with SC-LoRA, preservation at matched utility (with paired
-    bootstrap intervals over items when the per-item ``samples`` are given)."""
+                      samples: dict[str, dict] | None = None, paired: list[dict] | None = None) -> str:
+    """The verdicts (SC-LoRA against each other method: best vs best from the ``paired`` differences of the selected
+    rates, and the matched-utility ranges), the selected-rate table and, for each pair with SC-LoRA, preservation at
+    matched utility (with paired bootstrap intervals over items when the per-item ``samples`` are given)."""
     if not curves:
         return ""
     parts = ["## Learning-rate frontiers"]
+    chosen = {c.name: c.selected(validation) for c in curves} if validation is not None else {}
     if validation is not None:
         head = (f"| method | learning rates | selected by {validation.label} | {validation.header} | "
                 f"{utility.header} | {preservation.header} | seeds |")
         lines = [head, "|---|---|---|---|---|---|---|"]
         for c in curves:
-            s = c.selected(validation)
-            lines.append(f"| {c.name} | {', '.join(f'{g.lr:g}' for g in c.points)} | {s.lr:g} | "
-                         f"{_fmt(s, validation)} | {_fmt(s, utility)} | {_fmt(s, preservation)} | {s.n} |")
+            s = chosen[c.name]
+            if s is not None:
+                lines.append(f"| {c.name} | {', '.join(_fmt_lr(g.lr) for g in c.points)} | {_fmt_lr(s.lr)} | "
+                             f"{_fmt(s, validation)} | {_fmt(s, utility)} | {_fmt(s, preservation)} | {s.n} |")
         parts += [f"Each method at the learning rate its {validation.label} selects (a split kept apart from the "
                   "evaluation items); ± = standard error.", "\n".join(lines)]
     sc = [c for c in curves if c.points[0].method == "sc_lora"]
     others = [c for c in curves if c.points[0].method != "sc_lora"]
-    rows = []
+    rows, verdicts = [], []
     for a in sc:
         for b in others:
             matched = (matched_utility_intervals(a, b, utility, preservation, samples) if samples else []) or \
@@ -172,6 +191,16 @@ def frontier_markdown(curves: list[Curve], utility: Metric, preservation: Metric
                 rows.append(f"| {a.name} − {b.name} | {m['utility']:.{utility.digits}f} | "
                             f"{m['a']:.{preservation.digits}f} | {m['b']:.{preservation.digits}f} | "
                             f"{m['difference']:+.{preservation.digits}f} | {interval} |")
+            if validation is None:
+                continue  # no rate selected: nothing to compare best vs best
+            best = _best_vs_best(a.name, b.name, chosen.get(a.name), chosen.get(b.name), paired)
+            verdicts.append(f"- **{a.name} vs {b.name}.** {best} Matched utility ({preservation.label} at equal "
+                            f"{utility.label}): {_matched_summary(matched, a.name, b.name, utility)}.")
+    if verdicts:
+        parts += ["### Verdicts", "Each names the comparison it rests on. *Best vs best*: each method at its selected "
+                  "learning rate, paired over the same items (and seeds), 95% bootstrap intervals. *Matched "
+                  "utility*: preservation where both curves reach the same task utility (the table below).",
+                  "\n".join(verdicts)]
     if rows:
         parts += [f"Preservation at matched utility, interpolated along each curve over its learning rates (where a "
                   f"curve passes a utility twice, its better value): positive = A preserves more at that "
@@ -179,7 +208,43 @@ def frontier_markdown(curves: list[Curve], utility: Metric, preservation: Metric
                   f"preservation items resampled, each run's seeds averaged item by item).",
                   "| A − B | " + utility.header + " | A | B | A − B | 95% interval, verdict |\n"
                   "|---|---|---|---|---|---|\n" + "\n".join(rows)]
-    return "\n\n".join(parts)
+    return "\n\n".join(parts) if len(parts) > 1 else ""
+
+
+def _best_vs_best(name_a: str, name_b: str, a: Group | None, b: Group | None, paired: list[dict] | None) -> str:
+    """The paired differences between two selected groups, as one sentence."""
+    if a is None or b is None:
+        return "Best vs best: no learning rate selected (no validation scores)."
+    where = f"Best vs best (lr {_fmt_lr(a.lr)} vs {_fmt_lr(b.lr)})"
+    entries = [e for e in paired or [] if e["metric"] != "train_loss" and e.get("pairs")
+               and all(x in a.runs and y in b.runs for x, y in e["pairs"])]
+    if not entries:
+        return f"{where}: no paired scores."
+    seeds = max(len(e["pairs"]) for e in entries)
+    said = {"A better": f"{name_a} better", "B better": f"{name_b} better"}
+    texts = [f"{metric(e['metric']).label} {interval_text(e)} ({said.get(e['verdict'], e['verdict'])})"
+             for e in entries]
+    return f"{where}, {seeds} seed pair{'s' if seeds > 1 else ''}: " + "; ".join(texts) + "."
+
+
+def _matched_summary(matched: list[dict], a: str, b: str, utility: Metric) -> str:
+    """Consecutive utility levels with the same verdict as ranges: "SC-LoRA preserves more at NLL 0.78-0.91; ..."."""
+    if not matched:
+        return "the curves share no utility range"
+    if all(m.get("low") is None for m in matched):
+        return "point estimates only (no per-item scores)"
+    spans: list[list] = []
+    for m in sorted(matched, key=lambda m: m["utility"]):
+        verdict = m["verdict"] if m.get("low") is not None else "undecided"
+        verdict = "undecided" if verdict.startswith("undecided") else verdict
+        if spans and spans[-1][0] == verdict:
+            spans[-1][2] = m["utility"]
+        else:
+            spans.append([verdict, m["utility"], m["utility"]])
+    said = {"A preserves more": f"{a} preserves more", "B preserves more": f"{b} preserves more"}
+    d = utility.digits
+    return "; ".join(f"{said.get(v, v)} at {utility.label} {lo:.{d}f}" + (f"–{hi:.{d}f}" if hi != lo else "")
+                     for v, lo, hi in spans)
 
 
 def _fmt(g: Group, m: Metric) -> str:

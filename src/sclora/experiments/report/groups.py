@@ -70,12 +70,12 @@ def infer_layout(rows: list[dict], config: dict | None = None) -> Layout:
 
 
 PAPER_ORDER = ("base", "full", "lora", "safe_lora", "mica", "pissa", "olora", "eva", "corda_ipa", "corda_kpa", "salora",
-               "sc_lora")
+               "guardspace", "sc_lora")
 
 
 METHOD_NAMES = {"base": "Base model", "full": "Full fine-tuning", "lora": "LoRA", "pissa": "PiSSA", "olora": "OLoRA", "eva": "EVA",
                 "corda_ipa": "CorDA IPA", "corda_kpa": "CorDA KPA", "salora": "SaLoRA", "sc_lora": "SC-LoRA",
-                "mica": "MiCA", "safe_lora": "Safe LoRA (on LoRA)"}
+                "mica": "MiCA", "safe_lora": "Safe LoRA (on LoRA)", "guardspace": "GuardSpace"}
 
 
 NOT_METRICS = {"seed", "beta", "learning_rate", "beta_auto_budget"}

@@ -11,16 +11,19 @@ from __future__ import annotations
 from ..evaluate.metrics import metric
 from ..evaluate.scores import paired_difference
 from .claims import SMOOTHING, TREND, interval_text
-from .groups import Group, _several_lrs, group_runs, infer_layout, label
+from .groups import METHOD_NAMES, Group, _several_lrs, group_runs, infer_layout, label
 
 __all__ = ["AUTO", "paired_comparisons", "paired_markdown"]
 
 AUTO = "auto vs hand-picked β"
 
+#: the other methods SC-LoRA is compared with where a config runs them (the newer inits and the safety baselines)
+COMPETITORS = ("mica", "pissa", "safe_lora", "guardspace")
+
 
 def _pairs(groups: list[Group]) -> list[tuple[Group, Group, str]]:
-    """(A, B, why): SC-LoRA (each β) against LoRA and CorDA KPA (claims 2 and 3) and SaLoRA (the closest published
-    competitor for safety); a β chosen from a preservation budget against each hand-picked β of the sweep at its
+    """(A, B, why): SC-LoRA (each β) against LoRA and CorDA KPA (claims 2 and 3), SaLoRA (the closest published
+    competitor for safety) and the :data:`COMPETITORS`; a β chosen from a preservation budget against each hand-picked β of the sweep at its
     learning rate; locked against plain SC-LoRA at the same β; SC-LoRA's highest hand-picked β against its lowest at the same learning rate (claim 1); full
     fine-tuning against the base model (is there forgetting to prevent at all: the calibration)."""
     by = {m: [g for g in groups if g.method == m] for m in ("sc_lora", "lora", "corda_kpa", "salora", "full", "base")}
@@ -32,6 +35,7 @@ def _pairs(groups: list[Group]) -> list[tuple[Group, Group, str]]:
             if b.auto_budget is None and not b.locked and b.lr == a.lr]
     out += [(a, b, "SC-LoRA vs CorDA KPA") for a in sc for b in by["corda_kpa"]]
     out += [(a, b, "SC-LoRA vs SaLoRA") for a in sc for b in by["salora"]]
+    out += [(a, b, f"SC-LoRA vs {METHOD_NAMES[m]}") for m in COMPETITORS for a in sc for b in groups if b.method == m]
     for lr in dict.fromkeys(g.lr for g in sc):
         plain = sorted((g for g in sc if g.lr == lr and not g.locked and g.auto_budget is None
                         and isinstance(g.beta, (int, float))),
