@@ -106,6 +106,11 @@ def test_appendix_b_warning_for_beta1_with_few_negative_tokens():
                                 show_progress=False)
     with pytest.warns(NonUniqueSubspaceWarning, match=r"Appendix B.*min\(4, 32\).*beta slightly below 1"):
         get_sclora_model(model, SCLoRAConfig(r=4, beta=1.0), plus, minus, show_progress=False)
+    # several knowledge sets whose betas add up to 1: the advice is about their sum
+    with pytest.warns(NonUniqueSubspaceWarning, match=r"Appendix B.*betas' sum slightly below 1 \(it is 1: Cov\+ "
+                      r"gets weight 1 - sum = 0\)"):
+        get_sclora_model(tiny_llama(seed=9), SCLoRAConfig(r=4, beta=[0.5, 0.5]), plus, [minus, minus],
+                         show_progress=False)
 
 
 # --- bad input ------------------------------------------------------------------------------------

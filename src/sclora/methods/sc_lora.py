@@ -85,11 +85,14 @@ def get_sclora_model(
     if sparse:
         name, d_out, d_in = sparse[0]
         tokens = _active_tokens(betas, minus)
+        total = sum(betas)
+        fix = ("Use beta slightly below 1 (e.g. 0.99)" if len(betas) == 1 else
+               f"Keep the betas' sum slightly below 1 (it is {total:g}: Cov+ gets weight 1 - sum = {1 - total:g})")
         warnings.warn(
             f"beta={config.beta} leaves {len(sparse)} module(s) without a unique best subspace (paper, Appendix B): "
             f"rank(Cov-) <= min(D- tokens, d_in), and for e.g. {name!r} min({tokens}, {d_in}) < d_out - r = "
             f"{d_out} - {config.r}, so the null space of Cov- has more than r dimensions and any r directions in it "
-            "are equally optimal: the initialization is arbitrary. Use beta slightly below 1 (e.g. 0.99) so that "
+            f"are equally optimal: the initialization is arbitrary. {fix} so that "
             "Cov+ picks among them, or more / longer D- samples (this does not help layers with d_out - d_in > r).",
             NonUniqueSubspaceWarning,
             stacklevel=2,
