@@ -75,6 +75,9 @@ def test_scorers_return_one_score_per_item_in_range(tiny):
               "answers": POOL[i]["answers"], "topic": "capitals", "answer": "4"} for i in range(4)]
     nll = scores.math_nll(model, tok, items)
     assert len(nll) == 4 and all(v > 0 for v in nll)
+    likelihood = scores.math_likelihood(model, tok, items)  # the same evidence: 100 exp(-NLL), item by item
+    assert likelihood == pytest.approx([100 * math.exp(-v) for v in nll], rel=1e-12)
+    assert all(0 < v < 100 for v in likelihood)
     mc = scores.knowledge_mc(model, tok, items, pool=POOL, n_choices=3)
     assert len(mc) == 4 and set(mc) <= {0.0, 100.0}
     harm = scores.safety(model, tok, items, max_new_tokens=4, judge=FixedJudge())

@@ -49,6 +49,7 @@ METRICS = {m.key: m for m in (
     Metric("math_answer_found", "Math answer found (%)", True, 1),
     Metric("math_nll", "Math NLL", False, 3),
     Metric("math_val_nll", "Math NLL (validation)", False, 3),
+    Metric("math_likelihood", "Math answer likelihood (%)", True, 2),
     Metric("rouge1", "ROUGE-1", True, 2),
     Metric("val_rouge1", "ROUGE-1 (validation)", True, 2),
     Metric("rouge2", "ROUGE-2", True, 2),
@@ -82,6 +83,7 @@ EVALUATIONS = {e.name: e for e in (
     Evaluation("math_nll", ("math_nll",)),
     Evaluation("math_val_nll", ("math_val_nll",)),  # the same score on a validation split: selects learning rates
     Evaluation("math_accuracy", ("math_accuracy", "math_answer_found")),
+    Evaluation("math_likelihood", ("math_likelihood",)),  # exp(-NLL) in %: NLL's evidence on a 0-100 scale
     Evaluation("knowledge_logprob", ("knowledge_logprob",)),
     Evaluation("knowledge_em", ("knowledge_em", "knowledge_em_lm_eval")),
     Evaluation("knowledge_mc", ("knowledge_mc",)),

@@ -21,7 +21,8 @@ from .knowledge import prompt as knowledge_prompt
 from .likelihood import best_answer_logprobs, continuation_logprobs
 
 __all__ = ["Outputs", "benign_refusal", "knowledge_em", "knowledge_logprob", "knowledge_mc", "math_accuracy",
-           "math_nll", "multiple_choice", "paired", "paired_difference", "pydoc_rouge", "pydoc_val_rouge", "safety",
+           "math_likelihood", "math_nll", "multiple_choice", "paired", "paired_difference", "pydoc_rouge",
+           "pydoc_val_rouge", "safety",
            "sign_test_p", "summarize", "summary_rouge", "summary_val_rouge"]
 
 SAFETY_NEW_TOKENS = 48  # enough for a refusal or the start of compliance; harmful and benign requests alike
@@ -131,6 +132,14 @@ def math_val_nll(model, tokenizer, items, *, batch_size=8, show_progress=False, 
     """:func:`math_nll` on a validation split (the items a learning rate or other setting is chosen on, kept apart
     from the evaluation items)."""
     return math_nll(model, tokenizer, items, batch_size=batch_size, show_progress=show_progress, desc="math_val_nll")
+
+
+def math_likelihood(model, tokenizer, items, *, batch_size=8, show_progress=False, **_):
+    """100 x exp(-NLL) of each reference solution: the geometric-mean probability per token, in % (higher is better).
+    The evidence of :func:`math_nll` on an accuracy-like 0-100 scale, so that it averages with other tasks' scores
+    (a continual benchmark's ACC) where a small model solves too few problems for :func:`math_accuracy` to move."""
+    nll = math_nll(model, tokenizer, items, batch_size=batch_size, show_progress=show_progress, desc="math_likelihood")
+    return [100.0 * math.exp(-x) for x in nll]
 
 
 def math_accuracy(model, tokenizer, items, *, batch_size=8, show_progress=False, desc="math_accuracy",

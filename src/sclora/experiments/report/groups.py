@@ -31,7 +31,7 @@ KNOWLEDGE = ("knowledge_em", "knowledge_mc", "knowledge_kept", "knowledge_logpro
 HARM = ("harmfulness_score", "harmfulness_rate")
 
 
-MATH = ("math_accuracy", "math_nll")
+MATH = ("math_accuracy", "math_nll", "math_likelihood")
 
 
 @dataclass(frozen=True)
