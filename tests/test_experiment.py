@@ -85,6 +85,24 @@ def test_keep_going_records_a_failed_run_and_goes_on_then_a_rerun_retries_it(set
     assert json.loads((out / "failures.json").read_text()) == {}
 
 
+def test_dry_run_on_a_folder_says_what_is_done_failed_and_left_and_the_time_left(setup, capsys):
+    config_path, out = setup  # runs: lora, sc_lora-beta0.5, corda_kpa
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps([
+        {"run": "base", "method": "-", "knowledge_logprob_seconds": 100.0},
+        {"run": "lora", "method": "lora", "init_seconds": 10.0, "train_seconds": 500.0,
+         "knowledge_logprob_seconds": 90.0},
+    ]))
+    (out / "failures.json").write_text(json.dumps({"corda_kpa": {"error": "RuntimeError: x"}}))
+    assert cli.main(["run", str(config_path), "--output", str(out), "--dry-run", "--workers", "2"]) == 0
+    text = capsys.readouterr().out
+    assert f"folder      {out}: 2 of 4 runs done" in text
+    assert "failed      corda_kpa" in text and "left        sc_lora-beta0.5" in text
+    # two runs to do at the one finished run's 600 s (the base row trains nothing), over 2 workers: 10 min
+    assert "time left   about 10 min with 2 worker(s), at the 1 finished runs' mean of 10 min per run" in text
+    assert not (out / "config.yaml").exists()  # a dry run writes nothing
+
+
 def test_unknown_config_key_method_and_too_small_data(setup, tmp_path):
     config_path, out = setup
     base = yaml.safe_load(config_path.read_text())

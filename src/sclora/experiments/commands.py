@@ -61,7 +61,7 @@ def _eval(args) -> int:
 
 def _run(args) -> int:
     from .continual import is_continual, load_continual, plan_continual, run_continual
-    from .folder import check_folder, read_failures, read_results, results_table, running_elsewhere
+    from .folder import check_folder, read_failures, read_results, results_table, running_elsewhere, sweep_status
     from .runner import run_experiment
     from .spec import load_config, plan, run_name
 
@@ -69,6 +69,8 @@ def _run(args) -> int:
     config = (load_continual if continual else load_config)(args.config, yaml_overrides(args.set))
     if args.dry_run:
         print((plan_continual if continual else plan)(config))
+        if args.output and not continual and Path(args.output).is_dir():
+            print(sweep_status(Path(args.output), ["base", *(run_name(r) for r in config.runs)], args.workers))
         return 0
     if not args.output:
         raise SystemExit("sclora run: --output DIR is required (or use --dry-run to only check the config).")
@@ -249,7 +251,9 @@ def add_commands(sub) -> None:
     run.add_argument("--output", help="output folder (results.json, results.md, config.yaml); required unless --dry-run")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a top-level config key")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
-    run.add_argument("--dry-run", action="store_true", help="validate the config and print the plan; load nothing")
+    run.add_argument("--dry-run", action="store_true",
+                     help="validate the config and print the plan; load nothing. With --output: also the runs done, "
+                          "running, failed and left there, and the time left at the finished runs' mean cost")
     run.add_argument("--archive", action="store_true",
                      help="if OUTPUT holds results of other settings, move them to OUTPUT/archive/<time>/ first")
     run.add_argument("--workers", type=int, default=1,

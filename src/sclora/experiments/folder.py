@@ -268,6 +268,36 @@ def running_elsewhere(out: Path, names: list[str]) -> list[str]:
     return busy
 
 
+def sweep_status(out: Path, names: list[str], workers: int = 1) -> str:
+    """Where a sweep into ``out`` stands: its runs (``names``) done, running in another process, failed and left, and
+    the time left at the mean cost of its finished runs (their init, training and evaluation seconds) spread over
+    ``workers`` processes. Reads the folder only (results.json, failures.json, the claim locks)."""
+    path = out / "results.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    done = [n for n in names if n in {r["run"] for r in rows}]
+    open_ = [n for n in names if n not in done]
+    running = running_elsewhere(out, open_) if open_ else []
+    failures = read_failures(out)
+    failed = [n for n in open_ if n in failures and n not in running]
+    left = [n for n in open_ if n not in running and n not in failed]
+    lines = [f"  folder      {out}: {len(done)} of {len(names)} runs done"]
+    lines += [f"  {what:<11} {', '.join(runs)}" for what, runs in (("running", running), ("failed", failed),
+                                                                  ("left", left)) if runs]
+    costs = [sum(v for k, v in r.items() if k.endswith("_seconds") and isinstance(v, (int, float)))
+             for r in rows if r["run"] != "base" and isinstance(r.get("train_seconds"), (int, float))]
+    if costs and (left or failed or running):
+        mean = sum(costs) / len(costs)
+        todo = len(left) + len(failed) + len(running) / 2  # a running one is about half done
+        lines.append(f"  time left   about {_duration(todo * mean / workers)} with {workers} worker(s), at the "
+                     f"{len(costs)} finished runs' mean of {_duration(mean)} per run and worker")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
 def results_table(rows: list[dict]) -> str:
     metric_keys = [m for e in EVALUATIONS.values() for m in e.metrics if any(m in r for r in rows)]
     header = ["run", "method", "beta", "lr", "trainable", "init s", "train s", "final loss", *metric_keys]
