@@ -100,7 +100,11 @@ def test_dry_run_on_a_folder_says_what_is_done_failed_and_left_and_the_time_left
     assert "failed      corda_kpa" in text and "left        sc_lora-beta0.5" in text
     # two runs to do at the one finished run's 600 s (the base row trains nothing), over 2 workers: 10 min
     assert "time left   about 10 min with 2 worker(s), at the 1 finished runs' mean of 10 min per run" in text
-    assert not (out / "config.yaml").exists()  # a dry run writes nothing
+    (out / "runs" / "sc_lora-beta0.5").mkdir(parents=True)  # started (running, or stopped with checkpoints)
+    assert cli.main(["run", str(config_path), "--output", str(out), "--dry-run", "--workers", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "started     sc_lora-beta0.5" in text and "  left  " not in text and "about 8 min with 2" in text
+    assert not (out / "config.yaml").exists() and not (out / "claims").exists()  # a dry run writes nothing
 
 
 def test_unknown_config_key_method_and_too_small_data(setup, tmp_path):

@@ -253,7 +253,7 @@ def add_commands(sub) -> None:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--dry-run", action="store_true",
                      help="validate the config and print the plan; load nothing. With --output: also the runs done, "
-                          "running, failed and left there, and the time left at the finished runs' mean cost")
+                          "failed, started and left there, and the time left at the finished runs' mean cost")
     run.add_argument("--archive", action="store_true",
                      help="if OUTPUT holds results of other settings, move them to OUTPUT/archive/<time>/ first")
     run.add_argument("--workers", type=int, default=1,

@@ -269,25 +269,25 @@ def running_elsewhere(out: Path, names: list[str]) -> list[str]:
 
 
 def sweep_status(out: Path, names: list[str], workers: int = 1) -> str:
-    """Where a sweep into ``out`` stands: its runs (``names``) done, running in another process, failed and left, and
-    the time left at the mean cost of its finished runs (their init, training and evaluation seconds) spread over
-    ``workers`` processes. Reads the folder only (results.json, failures.json, the claim locks)."""
+    """Where a sweep into ``out`` stands: its runs (``names``) done, failed, started (a ``runs/<name>`` folder: running
+    now, or stopped and resumable) and not started, and the time left at the mean cost of its finished runs (their
+    init, training and evaluation seconds) spread over ``workers`` processes. Reads files only: it takes no claim
+    lock, which a live sweep's worker would then find held and skip the run."""
     path = out / "results.json"
     rows = json.loads(path.read_text()) if path.is_file() else []
     done = [n for n in names if n in {r["run"] for r in rows}]
-    open_ = [n for n in names if n not in done]
-    running = running_elsewhere(out, open_) if open_ else []
     failures = read_failures(out)
-    failed = [n for n in open_ if n in failures and n not in running]
-    left = [n for n in open_ if n not in running and n not in failed]
+    failed = [n for n in names if n not in done and n in failures]
+    started = [n for n in names if n not in done and n not in failed and (out / "runs" / n).is_dir()]
+    left = [n for n in names if n not in done and n not in failed and n not in started]
     lines = [f"  folder      {out}: {len(done)} of {len(names)} runs done"]
-    lines += [f"  {what:<11} {', '.join(runs)}" for what, runs in (("running", running), ("failed", failed),
+    lines += [f"  {what:<11} {', '.join(runs)}" for what, runs in (("failed", failed), ("started", started),
                                                                   ("left", left)) if runs]
     costs = [sum(v for k, v in r.items() if k.endswith("_seconds") and isinstance(v, (int, float)))
              for r in rows if r["run"] != "base" and isinstance(r.get("train_seconds"), (int, float))]
-    if costs and (left or failed or running):
+    if costs and (left or failed or started):
         mean = sum(costs) / len(costs)
-        todo = len(left) + len(failed) + len(running) / 2  # a running one is about half done
+        todo = len(left) + len(failed) + len(started) / 2  # a started one is about half done
         lines.append(f"  time left   about {_duration(todo * mean / workers)} with {workers} worker(s), at the "
                      f"{len(costs)} finished runs' mean of {_duration(mean)} per run and worker")
     return "\n".join(lines)
