@@ -381,7 +381,7 @@ def test_a_sweep_report_states_verdicts_and_compares_only_the_selected_rates(tmp
     # alike, NLL 0.70 vs 0.80 (per item: the rows' values plus the same-seed noise), computed here by hand
     sc, lora = np.asarray(samples["sc-lr0.002"]["math_nll"]), np.asarray(samples["lora-lr0.0005"]["math_nll"])
     assert f"Math NLL {np.mean(sc - lora):.3f}" in verdicts and "(SC-LoRA β=0.8 better)" in verdicts
-    assert "Best vs best (lr 2e-3 vs 5e-4)" in verdicts and "Knowledge EM (%) 0.00 [0.00, 0.00] (undecided)" in verdicts
+    assert "Best vs best (lr 2e-3 vs 5e-4), 1 seed each:" in verdicts and "Knowledge EM (%) 0.00 [0.00, 0.00] (undecided)" in verdicts
     assert "Matched utility (Knowledge EM (%) at equal Math NLL): SC-LoRA β=0.8 preserves more at Math NLL" in verdicts
     answers = text.split("## Answers")[1]
     assert "lr=1e-4" not in answers and "lr=2e-3" not in answers.split("## Paired differences")[0].replace(
@@ -391,6 +391,23 @@ def test_a_sweep_report_states_verdicts_and_compares_only_the_selected_rates(tmp
     paired = json.loads((folder / "paired.json").read_text())
     assert any(e["b"] == "LoRA lr=1e-4" for e in paired)  # every pair is kept in paired.json
     assert any(e["comparison"] == "SC-LoRA vs MiCA" for e in paired)
+
+
+def test_best_vs_best_counts_each_side_s_seeds():
+    """Three SC-LoRA seeds paired with the one run of the other method (its only seed) are not "3 seed pairs"."""
+    from sclora.experiments.report.frontier import _best_vs_best
+    from sclora.experiments.report.groups import Group
+
+    def group(method, runs):
+        return Group(method=method, beta=None, lr=1e-4, runs=runs, samples={}, ses={}, loss=[], checkpoints=[])
+
+    a, b = group("sc_lora", ["a0", "a1", "a2"]), group("mica", ["b0"])
+    entry = {"metric": "knowledge_em", "pairs": [["a0", "b0"], ["a1", "b0"], ["a2", "b0"]], "diff": 3.0, "low": 1.0,
+             "high": 5.0, "n": 600, "verdict": "A better"}
+    text = _best_vs_best("SC", "MiCA", a, b, [entry])
+    assert text == "Best vs best (lr 1e-4 vs 1e-4), seeds 3 vs 1: Knowledge EM (%) 3.00 [1.00, 5.00] (SC better)."
+    assert "3 seeds each" in _best_vs_best("SC", "MiCA", a, group("mica", ["b0", "b1", "b2"]),
+                                           [{**entry, "pairs": [["a0", "b0"], ["a1", "b1"], ["a2", "b2"]]}])
 
 
 def test_matched_utility_is_empty_when_the_curves_do_not_overlap():

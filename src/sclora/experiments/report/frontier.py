@@ -220,11 +220,14 @@ def _best_vs_best(name_a: str, name_b: str, a: Group | None, b: Group | None, pa
                and all(x in a.runs and y in b.runs for x, y in e["pairs"])]
     if not entries:
         return f"{where}: no paired scores."
-    seeds = max(len(e["pairs"]) for e in entries)
+    runs_a = max(len({x for x, _ in e["pairs"]}) for e in entries)
+    runs_b = max(len({y for _, y in e["pairs"]}) for e in entries)
+    seeds = (f"{runs_a} seed{'s' if runs_a > 1 else ''} each" if runs_a == runs_b else
+             f"seeds {runs_a} vs {runs_b}")
     said = {"A better": f"{name_a} better", "B better": f"{name_b} better"}
     texts = [f"{metric(e['metric']).label} {interval_text(e)} ({said.get(e['verdict'], e['verdict'])})"
              for e in entries]
-    return f"{where}, {seeds} seed pair{'s' if seeds > 1 else ''}: " + "; ".join(texts) + "."
+    return f"{where}, {seeds}: " + "; ".join(texts) + "."
 
 
 def _matched_summary(matched: list[dict], a: str, b: str, utility: Metric) -> str:
