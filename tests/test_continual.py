@@ -104,6 +104,31 @@ def test_every_run_learns_the_stages_in_order_and_is_measured_on_every_task_afte
         {n: [s["metrics"] for s in r["0"]] for n, r in result["runs"].items()}
 
 
+def test_two_workers_share_the_chains_and_merge_them_into_one_file(setup, tmp_path):
+    """--workers 2: each chain (run x seed) and the base evaluation are run by one process, once; continual.json
+    holds every chain, in the config's order, with the numbers one process gets (up to float reductions: the
+    workers compute at one thread each)."""
+    root, path, config = setup
+    small = {**config, "runs": [config["runs"][1], config["runs"][3]]}  # sc-lora, o-lora
+    small_path = tmp_path / "small.yaml"
+    small_path.write_text(yaml.safe_dump(small))
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main(["run", str(small_path), "--output", str(one), "--quiet"]) == 0
+    try:
+        assert cli.main(["run", str(small_path), "--output", str(two), "--quiet", "--workers", "2"]) == 0
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)  # --workers set this process's threads to its share
+    got, want = (json.loads((d / "continual.json").read_text()) for d in (two, one))
+    assert list(got["runs"]) == ["sc-lora", "o-lora"] and set(got["base"]) == {"0"}
+    for name in ("sc-lora", "o-lora"):
+        for a, b in zip(got["runs"][name]["0"], want["runs"][name]["0"]):
+            assert a["learning_rate"] == b["learning_rate"]
+            assert a["metrics"]["benign_refusal_rate"] == pytest.approx(b["metrics"]["benign_refusal_rate"], abs=1e-6)
+            assert a["metrics"]["pydoc_rougeL"] == pytest.approx(b["metrics"]["pydoc_rougeL"], abs=1e-6)
+            calls = json.loads((two / a["folder"] / "checkpoints" / "train_log.json").read_text())["calls"]
+            assert len(calls) == 1  # trained once, by one process
+
+
 def test_a_run_killed_mid_chain_resumes_to_the_same_result(setup, tmp_path):
     root, path, config = setup
     small = {**config, "runs": [config["runs"][1]]}

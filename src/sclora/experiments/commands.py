@@ -10,6 +10,7 @@ wrappers over the kit and the library. (``init``, ``train`` and ``finetune`` are
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -60,7 +61,8 @@ def _eval(args) -> int:
 
 
 def _run(args) -> int:
-    from .continual import is_continual, load_continual, plan_continual, run_continual
+    from .continual import (check_continual_folder, chain_claim, is_continual, load_continual, plan_continual,
+                            run_continual)
     from .folder import check_folder, read_failures, read_results, results_table, running_elsewhere, sweep_status
     from .runner import run_experiment
     from .spec import load_config, plan, run_name
@@ -74,15 +76,29 @@ def _run(args) -> int:
         return 0
     if not args.output:
         raise SystemExit("sclora run: --output DIR is required (or use --dry-run to only check the config).")
-    if continual:
-        if args.workers != 1 or args.keep_going:
-            raise SystemExit("sclora run: a continual experiment runs its stages in order in one process, each "
-                             "stage needing the one before; leave out --workers and --keep-going.")
-        run_continual(config, args.output, show_progress=not args.quiet, archive=args.archive)
-        print(f"wrote {Path(args.output) / 'continual.json'}; `sclora report {args.output}` for the metrics and figures")
-        return 0
     if args.workers < 1:
         raise SystemExit(f"sclora run: --workers must be >= 1, got {args.workers}.")
+    if continual:
+        if args.keep_going:
+            raise SystemExit("sclora run: --keep-going is for one-shot experiments; a continual chain's stages each "
+                             "need the one before.")
+        check_continual_folder(config, Path(args.output), archive=args.archive)  # before any worker looks at it
+        helpers = _spawn_workers(args) if args.workers > 1 else []
+        run_continual(config, args.output, show_progress=not args.quiet, archive=args.archive)
+        if [p.args for p in helpers if p.wait() != 0]:
+            raise SystemExit("sclora run: a worker process failed; rerun the same command to resume.")
+        data = json.loads((Path(args.output) / "continual.json").read_text())  # with the other workers' chains
+        missing = [chain_claim(run["name"], seed) for run in config.runs for seed in run.get("seeds", [config.seed])
+                   if str(seed) not in data["runs"].get(run["name"], {})]
+        print(f"wrote {Path(args.output) / 'continual.json'}; `sclora report {args.output}` for the metrics and figures")
+        busy = running_elsewhere(Path(args.output), missing)
+        if busy:  # another process sharing the folder runs them and adds them when done
+            print(f"still running in another process: {', '.join(busy)}")
+        free = [c for c in missing if c not in busy]
+        if free:
+            print(f"not finished: {', '.join(free)} (their process stopped); rerun this command to finish them")
+            return 3
+        return 0
     check_folder(config, Path(args.output), archive=args.archive)  # before any worker looks at the folder
     helpers = _spawn_workers(args) if args.workers > 1 else []
     rows = run_experiment(config, args.output, show_progress=not args.quiet, archive=args.archive,

@@ -20,12 +20,12 @@ from pathlib import Path
 import yaml
 
 from ..config import METHODS, SCLoRAConfig
-from ..fileio import atomic_write, atomic_write_json, digest, safe_name
+from ..fileio import atomic_write, atomic_write_json, digest, locked, safe_name
 from ..registry import method_spec
 from ..train import TrainConfig
 from .evaluate.metrics import EVALUATIONS, METRICS
 from .examples import scorer_extras
-from .folder import StaleResultsError, archive_folder
+from .folder import StaleResultsError, archive_folder, claim_run, release_run
 from .spec import _check_judge, check_int, data_spec, eval_spec
 
 __all__ = ["ContinualConfig", "is_continual", "load_continual", "plan_continual", "run_continual"]
@@ -247,7 +247,7 @@ class _Sets:
                         **{f"keep:{k}": v for k, v in self.keep.items()}, **self.test, **self.validate})
 
 
-def _check_folder(config: ContinualConfig, out: Path, archive: bool) -> str:
+def check_continual_folder(config: ContinualConfig, out: Path, archive: bool = False) -> str:
     """Refuse (or archive) a folder made from another config or model files; record this one's."""
     from ..models import model_identity
 
@@ -281,11 +281,15 @@ def run_continual(config: ContinualConfig, output_dir: str | os.PathLike, *, sho
                   archive: bool = False) -> dict:
     """Every run's chain of stages (finished stages and evaluations are skipped on a rerun); writes
     ``continual.json`` (per run and seed: each stage's learning rate, validation scores, timings and the metrics
-    of every task and kept set after it) and per-item scores under ``samples/``. Returns continual.json's data."""
+    of every task and kept set after it) and per-item scores under ``samples/``. Returns continual.json's data.
+
+    Several processes may run the same config into the same folder (``sclora run --workers N``): a chain (one run
+    at one seed) and each seed's base evaluation are claimed by one process (:func:`~.folder.claim_run`), and
+    each entry is merged into ``continual.json`` under its lock."""
     from .evaluate.core import evaluate_model
 
     out = Path(output_dir)
-    key = _check_folder(config, out, archive)
+    key = check_continual_folder(config, out, archive)
     sets = _Sets(config)
     model_name = config.model
     from ..models import load_model
@@ -314,17 +318,49 @@ def run_continual(config: ContinualConfig, output_dir: str | os.PathLike, *, sho
         atomic_write_json(path, {"fingerprint": fingerprint, "metrics": metrics, "items": items}, indent=None)
         return metrics
 
+    names = [run["name"] for run in config.runs]
     for seed in sorted({s for run in config.runs for s in run.get("seeds", [config.seed])}):
-        model, _ = base_model()
-        results["base"][str(seed)] = evaluate(model, sets.test, out / "samples" / "base" / f"seed{seed}.json",
-                                              digest([key, "base"]))
+        claim = claim_run(out, f"base-seed{seed}")
+        if claim is None:
+            continue  # evaluated by another `sclora run` process sharing this folder
+        try:
+            model, _ = base_model()
+            result = evaluate(model, sets.test, out / "samples" / "base" / f"seed{seed}.json", digest([key, "base"]))
+            _record(out, names, ("base", str(seed)), result)
+        finally:
+            release_run(claim)
     for run in config.runs:
         for seed in run.get("seeds", [config.seed]):
-            results["runs"].setdefault(run["name"], {})[str(seed)] = _run_chain(
-                config, run, seed, sets, out, key, base_model, evaluate, show_progress)
-            atomic_write_json(out / "continual.json", results)
-    atomic_write_json(out / "continual.json", results)
-    return results
+            claim = claim_run(out, chain_claim(run["name"], seed))
+            if claim is None:
+                continue
+            try:
+                rows = _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_progress)
+                _record(out, names, ("runs", run["name"], str(seed)), rows)
+            finally:
+                release_run(claim)
+    return _record(out, names)
+
+
+def chain_claim(name: str, seed: int) -> str:
+    """The claim (lock) name of run ``name``'s chain at ``seed``."""
+    return f"chain-{name}-seed{seed}"
+
+
+def _record(out: Path, names: list[str], where: tuple[str, ...] = (), value=None) -> dict:
+    """Under the lock of ``continual.json``: set the entry at ``where`` (("base", seed) or ("runs", run, seed)) to
+    ``value``, drop runs the config no longer has, write the file back; returns its data."""
+    path = out / "continual.json"
+    with locked(path):
+        data = json.loads(path.read_text()) if path.exists() else {"base": {}, "runs": {}}
+        if where:
+            slot = data
+            for part in where[:-1]:
+                slot = slot.setdefault(part, {})
+            slot[where[-1]] = value
+        data["runs"] = {name: data["runs"][name] for name in names if name in data["runs"]}  # the config's order
+        atomic_write_json(path, data)
+        return data
 
 
 def _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_progress) -> list[dict]:
