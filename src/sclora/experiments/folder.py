@@ -209,6 +209,8 @@ def record_failure(out: Path, name: str, failure: dict | None) -> None:
     """Under the lock of ``failures.json``: record why run ``name`` failed (``sclora run --keep-going``), or with
     None forget an earlier failure of it (it has finished since)."""
     path = out / "failures.json"
+    if failure is None and not path.exists():
+        return  # nothing to forget (and no lock file for a folder without failures)
     with locked(path):
         current = json.loads(path.read_text()) if path.exists() else {}
         if failure is None and name not in current:
