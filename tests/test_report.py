@@ -410,6 +410,27 @@ def test_best_vs_best_counts_each_side_s_seeds():
                                            [{**entry, "pairs": [["a0", "b0"], ["a1", "b1"], ["a2", "b2"]]}])
 
 
+def test_matched_levels_a_curve_reaches_only_over_trained_are_flagged_and_not_verdicts():
+    """B's lowest rate already fits to NLL 0.80, so B reaches NLL 0.81-0.93 only at rates above its best (its
+    over-trained side, where it keeps little): those levels are flagged, and the summary says they decide nothing."""
+    from sclora.experiments.evaluate.metrics import metric
+    from sclora.experiments.report.frontier import _matched_summary, frontier_curves, matched_utility
+
+    rows = [row("b1", "lora", lr=1e-4, math_nll=0.80, knowledge_em=10.0),
+            row("b2", "lora", lr=1e-3, math_nll=0.70, knowledge_em=8.0),
+            row("b3", "lora", lr=2e-3, math_nll=0.95, knowledge_em=2.0),
+            row("a1", "sc_lora", beta=0.8, lr=1e-5, math_nll=1.00, knowledge_em=13.0),
+            row("a2", "sc_lora", beta=0.8, lr=1e-4, math_nll=0.75, knowledge_em=12.0)]
+    lora, sc = sorted(frontier_curves(group_runs(rows)), key=lambda c: c.points[0].method)
+    matched = matched_utility(sc, lora, metric("math_nll"), metric("knowledge_em"))
+    assert [round(m["utility"], 2) for m in matched] == [0.93, 0.89, 0.85, 0.81, 0.77]
+    assert [m["beyond_best"] for m in matched] == [["B"]] * 4 + [[]]
+    marked = [{**m, "low": 1.0, "high": 2.0, "verdict": "A preserves more"} for m in matched]
+    assert _matched_summary(marked, "SC", "LoRA", metric("math_nll")) == (
+        "SC preserves more at Math NLL 0.770; SC preserves more at Math NLL 0.810–0.930 (there LoRA only above its "
+        "best rate: not a verdict)")
+
+
 def test_matched_utility_is_empty_when_the_curves_do_not_overlap():
     from sclora.experiments.evaluate.metrics import metric
     from sclora.experiments.report.frontier import frontier_curves, matched_utility

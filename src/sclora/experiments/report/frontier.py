@@ -81,7 +81,11 @@ def _interpolate(points: list[tuple[float, float]], u: float) -> float | None:
 
 def matched_utility(a: Curve, b: Curve, utility: Metric, preservation: Metric, levels: int = 5) -> list[dict]:
     """Preservation of ``a`` and ``b`` at ``levels`` utility values spread inside both curves' shared utility range
-    (the midpoints of ``levels`` equal slices). Empty when the ranges do not overlap."""
+    (the midpoints of ``levels`` equal slices). Empty when the ranges do not overlap.
+
+    Each entry's ``beyond_best`` names the curves ("A", "B") that reach its utility only at learning rates above
+    their best: a utility worse than the curve's lowest rate gives lies on the over-trained side of its curve, and
+    a lower rate than the sweep tried might reach it while keeping more."""
     def signed(curve):
         return [(utility.goodness(g.value(utility.key)), preservation.goodness(g.value(preservation.key)))
                 for g in curve.points if g.value(utility.key) is not None and g.value(preservation.key) is not None]
@@ -98,8 +102,9 @@ def matched_utility(a: Curve, b: Curve, utility: Metric, preservation: Metric, l
         u = low + (high - low) * (i + 0.5) / levels
         ya, yb = _interpolate(pa, u), _interpolate(pb, u)
         if ya is not None and yb is not None:
+            beyond = [side for side, points in (("A", pa), ("B", pb)) if u < points[0][0]]  # worse than its lowest rate
             rows.append({"utility": utility.goodness(u), "a": preservation.goodness(ya),
-                         "b": preservation.goodness(yb), "difference": ya - yb})
+                         "b": preservation.goodness(yb), "difference": ya - yb, "beyond_best": beyond})
     return rows
 
 
@@ -188,9 +193,10 @@ def frontier_markdown(curves: list[Curve], utility: Metric, preservation: Metric
             for m in matched:
                 interval = (f"[{m['low']:+.{preservation.digits}f}, {m['high']:+.{preservation.digits}f}] "
                             f"{m['verdict']}" if m.get("low") is not None else m.get("verdict", "point estimate"))
+                beyond = ", ".join({"A": a.name, "B": b.name}[x] for x in m.get("beyond_best", [])) or "–"
                 rows.append(f"| {a.name} − {b.name} | {m['utility']:.{utility.digits}f} | "
                             f"{m['a']:.{preservation.digits}f} | {m['b']:.{preservation.digits}f} | "
-                            f"{m['difference']:+.{preservation.digits}f} | {interval} |")
+                            f"{m['difference']:+.{preservation.digits}f} | {interval} | {beyond} |")
             if validation is None:
                 continue  # no rate selected: nothing to compare best vs best
             best = _best_vs_best(a.name, b.name, chosen.get(a.name), chosen.get(b.name), paired)
@@ -205,9 +211,12 @@ def frontier_markdown(curves: list[Curve], utility: Metric, preservation: Metric
         parts += [f"Preservation at matched utility, interpolated along each curve over its learning rates (where a "
                   f"curve passes a utility twice, its better value): positive = A preserves more at that "
                   f"{utility.label}. Intervals: 95% paired bootstrap over the evaluation items (utility and "
-                  f"preservation items resampled, each run's seeds averaged item by item).",
-                  "| A − B | " + utility.header + " | A | B | A − B | 95% interval, verdict |\n"
-                  "|---|---|---|---|---|---|\n" + "\n".join(rows)]
+                  f"preservation items resampled, each run's seeds averaged item by item). *Only above its best "
+                  f"rate*: a curve whose lowest learning rate already fits better than this level reaches it only "
+                  f"over-trained; a lower rate might reach it keeping more, so such a comparison is not a verdict "
+                  f"on that method.",
+                  "| A − B | " + utility.header + " | A | B | A − B | 95% interval, verdict | only above its best rate |"
+                  "\n|---|---|---|---|---|---|---|\n" + "\n".join(rows)]
     return "\n\n".join(parts) if len(parts) > 1 else ""
 
 
@@ -239,15 +248,18 @@ def _matched_summary(matched: list[dict], a: str, b: str, utility: Metric) -> st
     spans: list[list] = []
     for m in sorted(matched, key=lambda m: m["utility"]):
         verdict = m["verdict"] if m.get("low") is not None else "undecided"
-        verdict = "undecided" if verdict.startswith("undecided") else verdict
+        verdict = ("undecided" if verdict.startswith("undecided") else verdict, tuple(m.get("beyond_best", ())))
         if spans and spans[-1][0] == verdict:
             spans[-1][2] = m["utility"]
         else:
             spans.append([verdict, m["utility"], m["utility"]])
     said = {"A preserves more": f"{a} preserves more", "B preserves more": f"{b} preserves more"}
+    names = {"A": a, "B": b}
     d = utility.digits
     return "; ".join(f"{said.get(v, v)} at {utility.label} {lo:.{d}f}" + (f"–{hi:.{d}f}" if hi != lo else "")
-                     for v, lo, hi in spans)
+                     + (f" (there {' and '.join(names[x] for x in beyond)} only above its best rate: not a verdict)"
+                        if beyond else "")
+                     for (v, beyond), lo, hi in spans)
 
 
 def _fmt(g: Group, m: Metric) -> str:
