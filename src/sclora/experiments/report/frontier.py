@@ -243,7 +243,7 @@ def _matched_summary(matched: list[dict], a: str, b: str, utility: Metric) -> st
     """Consecutive utility levels with the same verdict as ranges: "SC-LoRA preserves more at NLL 0.78-0.91; ..."."""
     if not matched:
         return "the curves share no utility range"
-    if all(m.get("low") is None for m in matched):
+    if all(m.get("verdict") is None for m in matched):
         return "point estimates only (no per-item scores)"
     spans: list[list] = []
     for m in sorted(matched, key=lambda m: m["utility"]):
