@@ -63,7 +63,7 @@ def _eval(args) -> int:
 def _run(args) -> int:
     from .continual import (check_continual_folder, chain_claim, is_continual, load_continual, plan_continual,
                             run_continual)
-    from .folder import check_folder, read_failures, read_results, results_table, running_elsewhere, sweep_status
+    from .folder import check_folder, read_failures, read_results, results_table, sweep_status
     from .runner import run_experiment
     from .spec import load_config, plan, run_name
 
@@ -91,14 +91,7 @@ def _run(args) -> int:
         missing = [chain_claim(run["name"], seed) for run in config.runs for seed in run.get("seeds", [config.seed])
                    if str(seed) not in data["runs"].get(run["name"], {})]
         print(f"wrote {Path(args.output) / 'continual.json'}; `sclora report {args.output}` for the metrics and figures")
-        busy = running_elsewhere(Path(args.output), missing)
-        if busy:  # another process sharing the folder runs them and adds them when done
-            print(f"still running in another process: {', '.join(busy)}")
-        free = [c for c in missing if c not in busy]
-        if free:
-            print(f"not finished: {', '.join(free)} (their process stopped); rerun this command to finish them")
-            return 3
-        return 0
+        return 3 if _unfinished(Path(args.output), missing) else 0
     check_folder(config, Path(args.output), archive=args.archive)  # before any worker looks at the folder
     helpers = _spawn_workers(args) if args.workers > 1 else []
     rows = run_experiment(config, args.output, show_progress=not args.quiet, archive=args.archive,
@@ -116,16 +109,23 @@ def _run(args) -> int:
             print(f"failed: {name}: {failure['error']}", file=sys.stderr)
         print(f"{len(failures)} run(s) failed (tracebacks in {Path(args.output) / 'failures.json'}); the other runs "
               "are kept: fix the cause and rerun this command to retry them", file=sys.stderr)
-    missing = [n for n in missing if n not in failures]
-    if missing:  # run by other processes on this folder right now, or left by one that died meanwhile
-        busy = running_elsewhere(Path(args.output), missing)
-        free = [n for n in missing if n not in busy]
-        if busy:
-            print(f"still running in another process: {', '.join(busy)} (they add their rows when done)")
-        if free:
-            print(f"not finished: {', '.join(free)} (their process stopped); rerun this command to finish them")
-            return 3
+    if _unfinished(Path(args.output), [n for n in missing if n not in failures]):
+        return 3
     return RUNS_FAILED if failures else 0
+
+
+def _unfinished(out: Path, missing: list[str]) -> list[str]:
+    """Of the claims ``missing`` from the results, say which another process sharing ``out`` still runs (they add
+    their results when done) and which were left by a process that stopped; returns the latter."""
+    from .folder import running_elsewhere
+
+    busy = running_elsewhere(out, missing) if missing else []
+    if busy:
+        print(f"still running in another process: {', '.join(busy)} (they add their results when done)")
+    free = [n for n in missing if n not in busy]
+    if free:
+        print(f"not finished: {', '.join(free)} (their process stopped); rerun this command to finish them")
+    return free
 
 
 RUNS_FAILED = 4  # `sclora run --keep-going`'s exit status when runs failed (failures.json)
