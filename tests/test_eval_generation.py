@@ -73,3 +73,49 @@ def test_rouge_per_item_is_what_the_means_average():
     means = rouge(preds, refs)
     assert all(means[k] == pytest.approx(sum(i[k] for i in items) / 3) for k in ("rouge1", "rouge2", "rougeL"))
     assert rouge_per_item(preds, refs, ("rouge1",))[0].keys() == {"rouge1"}  # sclora run's one metric
+
+
+CONTEXT = "what is the capital of france ? paris . what is two plus two ? four . "
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4])
+def test_reused_prefix_gives_the_answers_of_full_prompts(lm, batch_size):
+    model, tok = lm
+    prompts = [CONTEXT + p for p in PROMPTS] + [CONTEXT, CONTEXT + "the"]  # one prompt is the prefix itself
+    full = generate(model, tok, prompts, max_new_tokens=8, chat=False, stop=["."], batch_size=batch_size,
+                    show_progress=False)
+    reused = generate(model, tok, prompts, max_new_tokens=8, chat=False, stop=["."], batch_size=batch_size,
+                      show_progress=False, reuse_prefix=True)
+    assert reused.texts == full.texts
+    assert reused.new_tokens == full.new_tokens
+
+
+def test_reused_prefix_with_nothing_shared_and_on_a_peft_model(lm):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = lm
+    assert generate(model, tok, PROMPTS, max_new_tokens=6, chat=False, batch_size=2, show_progress=False,
+                    reuse_prefix=True).texts == \
+        generate(model, tok, PROMPTS, max_new_tokens=6, chat=False, batch_size=2, show_progress=False).texts
+    peft_model = get_peft_model(tiny_llama(seed=3), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                               init_lora_weights=False))
+    prompts = [CONTEXT + p for p in PROMPTS]
+    full = generate(peft_model, tok, prompts, max_new_tokens=6, chat=False, batch_size=4, show_progress=False)
+    assert full.texts != generate(model, tok, prompts, max_new_tokens=6, chat=False, batch_size=4,
+                                  show_progress=False).texts  # the adapter changes the answers ...
+    assert generate(peft_model, tok, prompts, max_new_tokens=6, chat=False, batch_size=4, show_progress=False,
+                    reuse_prefix=True).texts == full.texts  # ... and the reused prefix carries them
+
+
+def test_reused_prefix_computes_the_shared_tokens_once_per_batch_size(lm):
+    model, tok = lm
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        generate(model, tok, [CONTEXT + p for p in PROMPTS + ["one", "two three"]], max_new_tokens=2, chat=False,
+                 batch_size=2, show_progress=False, reuse_prefix=True)
+    finally:
+        hook.remove()
+    shared = len(tok(CONTEXT)["input_ids"])
+    assert [s for s in seen if s[1] >= shared] == [(2, shared)]  # once for three batches of two
+    assert len(seen) == 1 + 3 * 2  # then each batch: its own tokens, one step per new token

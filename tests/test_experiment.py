@@ -127,6 +127,15 @@ def test_missing_model_path_is_a_clear_error(setup):
         cli.main(["run", str(config_path), "--output", str(out), "--quiet", "--set", "model=/nowhere/model"])
 
 
+@pytest.mark.parametrize("name,value", [("knowledge_em", "yes"), ("knowledge_em", 1), ("knowledge_mc", True)])
+def test_reuse_context_is_a_knowledge_em_switch(name, value):
+    from sclora.experiments.spec import eval_spec
+
+    with pytest.raises(ValueError, match="reuse_context: true or false, for knowledge_em only"):
+        eval_spec({"kind": "trivia", "n": 4, "reuse_context": value}, name)
+    assert eval_spec({"kind": "trivia", "n": 4, "reuse_context": True}, "knowledge_em")[1] == {"reuse_context": True}
+
+
 def test_overlapping_splits_are_refused():
     a, b = [{"prompt": "x"}, {"prompt": "y"}], [{"prompt": "y"}]
     with pytest.raises(ValueError, match="share 1 example"):
@@ -138,7 +147,8 @@ def test_standard_errors_and_paired_metrics_in_results(setup):
     config_path, out = setup
     config = yaml.safe_load(config_path.read_text())
     config["evaluate"] = {"knowledge_mc": {"kind": "trivia", "n": 6, "offset": 24, "n_choices": 3},
-                          "knowledge_em": {"kind": "trivia", "n": 4, "offset": 30, "num_fewshot": 2}}
+                          "knowledge_em": {"kind": "trivia", "n": 4, "offset": 30, "num_fewshot": 2,
+                                           "reuse_context": True}}
     config["runs"] = [{"method": "lora", "seed": 1}]
     config_path.write_text(yaml.safe_dump(config))
     assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0

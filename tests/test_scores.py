@@ -126,7 +126,10 @@ def test_generated_answers_give_every_metric_of_their_evaluation(monkeypatch):
     em = scores.knowledge_em(None, None, trivia, num_fewshot=1, shots=[{"question": "s", "answers": ["a"]}])
     # "the rome": articles dropped by our rule, kept by lm-eval's (triviaqa)
     assert em == {"knowledge_em": [100.0, 100.0, 0.0], "knowledge_em_lm_eval": [100.0, 0.0, 0.0]}
-    assert seen[-1]["max_new_tokens"] == 24 and seen[-1]["chat"] is False
+    assert seen[-1]["max_new_tokens"] == 24 and seen[-1]["chat"] is False and seen[-1]["reuse_prefix"] is False
+    scores.knowledge_em(None, None, trivia, num_fewshot=1, shots=[{"question": "s", "answers": ["a"]}],
+                        reuse_context=True)
+    assert seen[-1]["reuse_prefix"] is True
     math = scores.math_accuracy(None, None, [{"prompt": "a", "answer": "4"}, {"prompt": "b", "answer": "5"}])
     assert math == {"math_accuracy": [100.0, 0.0], "math_answer_found": [100.0, 100.0]}
     monkeypatch.setattr(scores, "generate", _fake_generate(lambda p: "I cannot help with that." if "bomb" in p else

@@ -292,13 +292,18 @@ def as_list(specs: DataSpec | list[DataSpec]) -> list[DataSpec]:
 
 
 #: evaluation options a config may give next to the data spec
-EVAL_OPTIONS = {"max_new_tokens", "num_fewshot", "n_choices", "batch_size"}
+EVAL_OPTIONS = {"max_new_tokens", "num_fewshot", "n_choices", "batch_size", "reuse_context"}
 
 
 def eval_spec(spec: dict, name: str) -> tuple[DataSpec | FileSpec, dict]:
     """Split an evaluation entry into its data spec and its options."""
     options = {k: v for k, v in spec.items() if k in EVAL_OPTIONS}
     for key, value in options.items():
+        if key == "reuse_context":
+            if name != "knowledge_em" or not isinstance(value, bool):
+                raise ValueError(f"evaluate.{name}.reuse_context: true or false, for knowledge_em only (its few-shot "
+                                 f"context's keys/values computed once); got {value!r}.")
+            continue
         check_int(value, f"evaluate.{name}.{key}", 0 if key == "num_fewshot" else 1)
     if name == "knowledge_mc" and "n_choices" in options:
         check_int(options["n_choices"], f"evaluate.{name}.n_choices", 2)

@@ -163,10 +163,11 @@ def knowledge_logprob(model, tokenizer, items, *, batch_size=8, show_progress=Fa
 
 
 def knowledge_em(model, tokenizer, items, *, batch_size=8, show_progress=False, desc="knowledge_em", num_fewshot=5,
-                 shots=None, outputs=None, **_):
+                 shots=None, outputs=None, reuse_context=False, **_):
     """100 if the greedy answer after ``num_fewshot`` solved examples matches an accepted answer, else 0 (SQuAD-style
     normalization; ``knowledge_em_lm_eval``: lm-eval's own rule on the same answers). The shots come from
-    ``shots`` (items outside the evaluated ones)."""
+    ``shots`` (items outside the evaluated ones). ``reuse_context``: the shots' keys/values are computed once and
+    reused for every batch (``generate(reuse_prefix=True)``)."""
     from .knowledge import STOP, lm_eval_exact_match
 
     shots = (shots or [])[:num_fewshot]
@@ -175,7 +176,7 @@ def knowledge_em(model, tokenizer, items, *, batch_size=8, show_progress=False, 
     context = fewshot_context(shots)
     texts = _greedy(model, tokenizer, [context + knowledge_prompt(it["question"]) for it in items], outputs,
                     max_new_tokens=24, stop=STOP, chat=False, batch_size=batch_size, show_progress=show_progress,
-                    desc=desc)
+                    desc=desc, reuse_prefix=reuse_context)
     return {"knowledge_em": [100.0 * exact_match(text, it["answers"]) for it, text in zip(items, texts)],
             "knowledge_em_lm_eval": [100.0 * lm_eval_exact_match(text, it["answers"]) for it, text in zip(items, texts)]}
 
