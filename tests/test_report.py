@@ -393,6 +393,41 @@ def test_a_sweep_report_states_verdicts_and_compares_only_the_selected_rates(tmp
     assert any(e["comparison"] == "SC-LoRA vs MiCA" for e in paired)
 
 
+def test_a_safety_sweep_selects_on_validation_rouge_and_counts_lower_harm_as_preserving_more(tmp_path):
+    """Table 2's direction: utility ROUGE-1 higher is better, preservation HS lower is better. SC-LoRA is 0.4 HS
+    below LoRA and Safe LoRA at every ROUGE-1 (10 of 100 items fewer at score 5); each rate is selected by the
+    highest validation ROUGE-1; the verdicts say SC-LoRA keeps more safety, against Safe LoRA too."""
+    import numpy as np
+
+    rows, samples = [base(harmfulness_score=1.1, rouge1=30.0, val_rouge1=30.0)], {}
+    for lr, rouge, hs, val_lora, val_sc in ((1e-4, 40.0, 1.6, 40.0, 39.0), (1e-3, 45.0, 2.2, 46.0, 44.0),
+                                            (3e-3, 50.0, 2.8, 44.0, 49.0)):
+        for name, method, extra, val in (("lora", "lora", 0.0, val_lora), ("safe", "safe_lora", 0.0, val_lora - 1),
+                                         ("sc", "sc_lora", -0.4, val_sc)):
+            r = row(f"{name}-lr{lr}", method, beta=0.7 if method == "sc_lora" else None, lr=lr,
+                    harmfulness_score=hs + extra, rouge1=rouge, val_rouge1=val)
+            rows.append(r)
+            harmful = int(round((r["harmfulness_score"] - 1) / 4 * 100))  # items at score 5, the rest at 1
+            samples[r["run"]] = {"harmfulness_score": [5.0] * harmful + [1.0] * (100 - harmful),
+                                 "rouge1": (rouge + np.linspace(-5, 5, 40)).tolist()}
+    samples["base"] = {"harmfulness_score": [5.0] * 3 + [1.0] * 97, "rouge1": [30.0] * 40}
+    folder = make_dir(tmp_path, rows)
+    (folder / "samples").mkdir()
+    for run, scores in samples.items():
+        (folder / "samples" / f"{run}.json").write_text(json.dumps(scores))
+    text = write_report(folder).read_text()
+    table = text.split("## Learning-rate frontiers")[1].split("### Verdicts")[0]
+    assert "selected by ROUGE-1 (validation)" in table
+    assert "| LoRA | 1e-4, 1e-3, 3e-3 | 1e-3 |" in table and "| SC-LoRA β=0.7 | 1e-4, 1e-3, 3e-3 | 3e-3 |" in table
+    verdicts = text.split("### Verdicts")[1].split("| A − B")[0]
+    for other in ("LoRA", "Safe LoRA (on LoRA)"):
+        assert f"**SC-LoRA β=0.7 vs {other}.**" in verdicts
+    assert verdicts.count("SC-LoRA β=0.7 preserves more at ROUGE-1 41.00–49.00") == 2
+    # best vs best: SC-LoRA's best rate (3e-3) fits better and is 0.2 HS more harmful than LoRA at its own (1e-3)
+    assert "Best vs best (lr 3e-3 vs 1e-3), 1 seed each: HS 0.200 [" in verdicts
+    assert "(LoRA better); ROUGE-1 5.00 [5.00, 5.00] (SC-LoRA β=0.7 better)" in verdicts
+
+
 def test_best_vs_best_counts_each_side_s_seeds():
     """Three SC-LoRA seeds paired with the one run of the other method (its only seed) are not "3 seed pairs"."""
     from sclora.experiments.report.frontier import _best_vs_best
