@@ -67,13 +67,14 @@ KILL_AT = """
 
 
 def child_script(config_path, out, fault: str) -> str:
+    """The child's code: ``fault`` (code calling kill_at) installed, then `sclora run`."""
     return textwrap.dedent(f"""
         import json, os, signal
         from sclora import cli
         from sclora.experiments import data
         rows = json.loads({json.dumps(json.dumps(TRIVIA))})
         data.trivia = lambda *a, **k: rows
-    """) + textwrap.dedent(KILL_AT) + textwrap.dedent(FAULTS[fault]) + textwrap.dedent(f"""
+    """) + textwrap.dedent(KILL_AT) + textwrap.dedent(fault) + textwrap.dedent(f"""
         raise SystemExit(cli.main(["run", {str(config_path)!r}, "--output", {str(out)!r}, "--quiet"]))
     """)
 
@@ -107,7 +108,7 @@ def snapshot(out):
 def test_a_run_killed_at_any_point_reruns_to_the_uninterrupted_result(experiment, fault, tmp_path, monkeypatch):
     config_path, reference = experiment
     out = tmp_path / "out"
-    child = subprocess.run([sys.executable, "-c", child_script(config_path, out, fault)],
+    child = subprocess.run([sys.executable, "-c", child_script(config_path, out, FAULTS[fault])],
                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]  # it really died at the fault point
     if fault == "checkpoint":  # the half-written checkpoint is there, as a killed Trainer leaves it
@@ -127,3 +128,37 @@ class _no_check:
     def __exit__(self, *exc):
         return False
 
+
+
+def test_a_run_killed_in_its_second_evaluation_keeps_the_first(tmp_path, monkeypatch):
+    """Killed (SIGKILL) during a trained run's second evaluation: the rerun loads the first evaluation that run
+    finished (runs/<run>/evaluations/) instead of running it again, and ends with the uninterrupted result."""
+    from sclora.experiments.evaluate import scores
+
+    config = tiny_experiment(save_tiny_model(tmp_path / "model"), runs=[{"method": "lora"}],
+                             evaluate={"knowledge_logprob": {"kind": "trivia", "n": 6, "offset": 24},
+                                       "knowledge_mc": {"kind": "trivia", "n": 6, "offset": 30, "n_choices": 2}})
+    path = tmp_path / "two-evals.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(data, "trivia", lambda *a, **k: TRIVIA)
+    reference = tmp_path / "reference"
+    assert cli.main(["run", str(path), "--output", str(reference), "--quiet"]) == 0
+
+    out = tmp_path / "out"
+    fault = """
+        from sclora.experiments.evaluate import scores
+        kill_at(scores, "knowledge_mc", 2)  # the base's is the 1st: the trained run's logprob is done by then
+    """
+    child = subprocess.run([sys.executable, "-c", child_script(path, out, fault)],
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    assert (out / "runs" / "lora" / "evaluations" / "knowledge_logprob.json").exists()
+    assert not (out / "runs" / "lora" / "evaluations" / "knowledge_mc.json").exists()
+    calls = {"knowledge_logprob": 0, "knowledge_mc": 0}
+    for name in calls:
+        real = getattr(scores, name)
+        monkeypatch.setattr(scores, name, lambda *a, _real=real, _name=name, **k: (
+            calls.__setitem__(_name, calls[_name] + 1), _real(*a, **k))[1])
+    assert cli.main(["run", str(path), "--output", str(out), "--quiet"]) == 0
+    assert calls == {"knowledge_logprob": 0, "knowledge_mc": 1}
+    assert snapshot(out) == snapshot(reference)

@@ -79,3 +79,20 @@ def test_a_scorer_that_breaks_its_registry_entry_is_caught(monkeypatch):
         evaluate_model(tiny_llama(), None, {"math_nll": [{"prompt": "p", "response": "r"}]})
     with pytest.raises(ValueError, match="Unknown evaluation 'poetry'"):
         evaluate_model(tiny_llama(), None, {"poetry": []})
+
+
+def test_finished_evaluations_are_reused_only_for_the_same_fingerprint(sources, calls, tmp_path):
+    """evaluate_model(resume=(folder, fingerprint)): an evaluation saved under the same fingerprint is loaded, not
+    run; another fingerprint or an unreadable file runs it again (and rewrites the file)."""
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    sets, _ = suites.suite_sets("safety")
+    first = evaluate_model(model, tokenizer, sets, resume=(tmp_path, "fp1"))
+    assert len(calls) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["benign_refusal.json", "safety.json"]
+    assert evaluate_model(model, tokenizer, sets, resume=(tmp_path, "fp1")) == first and len(calls) == 2
+    (tmp_path / "safety.json").write_text('{"fingerprint": "fp1", "metr')  # a torn file (no atomic write)
+    again = evaluate_model(model, tokenizer, sets, resume=(tmp_path, "fp1"))
+    assert len(calls) == 3 and calls[-1]["prompts"] == calls[0]["prompts"]  # safety only, evaluated again
+    assert {k: v for k, v in again[0].items() if not k.endswith("_seconds")} == \
+        {k: v for k, v in first[0].items() if not k.endswith("_seconds")} and again[1] == first[1]
+    evaluate_model(model, tokenizer, sets, resume=(tmp_path, "fp2"))  # another model or settings: both again
+    assert len(calls) == 5

@@ -141,9 +141,9 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
     extras = scorer_extras(config.seed, exp.eval_sets, exp.sets)
     judge = make_judge(**config.judge) if "safety" in exp.eval_sets else None
 
-    def evaluate(model) -> tuple[dict, dict]:
+    def evaluate(model, resume: tuple[Path, str] | None = None) -> tuple[dict, dict]:
         return evaluate_model(model, tokenizer, exp.eval_sets, options=exp.options, judge=judge, extras=extras,
-                              show_progress=show_progress)
+                              show_progress=show_progress, resume=resume)
 
     def done(name: str) -> bool:
         return name in {row["run"] for row in update_results(out, refresh=False)}
@@ -160,7 +160,7 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
             if done(name):  # finished by another process between the check and the claim
                 continue
             if run is None:
-                metrics, items = evaluate(exp.base)
+                metrics, items = evaluate(exp.base, (out / "runs" / "base" / "evaluations", fingerprint))
                 atomic_write(out / "samples" / "base.json", json.dumps(items) + "\n")
                 row = {"run": "base", "method": "-", **metrics}
             else:
@@ -205,7 +205,8 @@ def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, o
         from ..export import export_lora
 
         export_lora(model, out / "runs" / name / "adapter")
-    metrics, items = evaluate(model)
+    # each finished evaluation is kept: a run killed while evaluating resumes at the evaluation it was in
+    metrics, items = evaluate(model, (out / "runs" / name / "evaluations", fingerprint))
     atomic_write(out / "samples" / f"{name}.json", json.dumps(items) + "\n")
     row = {
         "run": name, "method": "safe_lora" if safe else method, "learning_rate": train_config.learning_rate, **safe,

@@ -4,31 +4,47 @@ standard error, with the per-item scores and generated answers kept. ``sclora ru
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
+from ...fileio import atomic_write_json
 from .metrics import EVALUATIONS
 
 __all__ = ["evaluate_model"]
 
 
 def evaluate_model(model, tokenizer, eval_sets: dict[str, list[dict]], *, options: dict | None = None,
-                   judge=None, extras: dict | None = None, show_progress: bool = False) -> tuple[dict, dict]:
+                   judge=None, extras: dict | None = None, show_progress: bool = False,
+                   resume: tuple[Path, str] | None = None) -> tuple[dict, dict]:
     """(metrics, per-item scores) of ``model`` on ``eval_sets`` ({evaluation name: items}). ``options`` and
     ``extras`` are per-evaluation keyword arguments of the scorers (settings; few-shot examples, distractor pools).
     Metrics: ``<metric>`` and ``<metric>_se`` for each registered metric, ``<evaluation>_seconds``, and for
     generating evaluations ``<evaluation>_tokens_per_second``; per-item: ``<metric>`` lists and
     ``<evaluation>_outputs`` (the generated answers). NLL / log-prob / multiple choice are forward passes only
-    (cheap, smooth); accuracy / exact match / safety / ROUGE generate."""
+    (cheap, smooth); accuracy / exact match / safety / ROUGE generate.
+
+    ``resume=(folder, fingerprint)``: each evaluation's metrics and per-item scores go to ``folder/<name>.json`` as
+    soon as it finishes, and one found there with the same ``fingerprint`` (what made the model and the settings) is
+    not run again: a run killed during its evaluations resumes at the one it was in. Only for a model that the
+    fingerprint fixes (a finished run), never for one still training."""
     from .scores import Outputs, summarize
 
     options, extras = options or {}, extras or {}
+    unknown = sorted(set(eval_sets) - set(EVALUATIONS))
+    if unknown:
+        raise ValueError(f"Unknown evaluation {unknown[0]!r}; the registered ones are {sorted(EVALUATIONS)}.")
     model.eval()
     metrics: dict[str, float] = {}
     items: dict[str, list] = {}
     for name, examples in eval_sets.items():
-        if name not in EVALUATIONS:
-            raise ValueError(f"Unknown evaluation {name!r}; the registered ones are {sorted(EVALUATIONS)}.")
+        saved = _saved(resume, name)
+        if saved is not None:
+            metrics.update(saved["metrics"])
+            items.update(saved["items"])
+            continue
         evaluation = EVALUATIONS[name]
+        done = set(metrics), set(items)
         start = time.perf_counter()
         texts = Outputs()
         scores = evaluation.scorer(model, tokenizer, examples, judge=judge, show_progress=show_progress,
@@ -45,4 +61,24 @@ def evaluate_model(model, tokenizer, eval_sets: dict[str, list[dict]], *, option
         if texts:  # generated answers, kept for inspection next to their scores
             items[f"{name}_outputs"] = list(texts)
             metrics[f"{name}_tokens_per_second"] = round(texts.tokens_per_second, 1)
+        if resume is not None:
+            folder, fingerprint = resume
+            atomic_write_json(Path(folder) / f"{name}.json", {
+                "fingerprint": fingerprint, "metrics": {k: v for k, v in metrics.items() if k not in done[0]},
+                "items": {k: v for k, v in items.items() if k not in done[1]}}, indent=None)
     return metrics, items
+
+
+def _saved(resume: tuple[Path, str] | None, name: str) -> dict | None:
+    """The evaluation ``name`` a killed run finished before, if the same fingerprint made it."""
+    if resume is None:
+        return None
+    path = Path(resume[0]) / f"{name}.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # none yet (or unreadable: evaluated again and rewritten)
+    if not isinstance(saved, dict) or saved.get("fingerprint") != resume[1] or not all(
+            isinstance(saved.get(k), dict) for k in ("metrics", "items")):
+        return None
+    return saved
