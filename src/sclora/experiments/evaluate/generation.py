@@ -66,7 +66,7 @@ def generate(
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    prefix = _Prefix(model, tokenizer, texts, add_special_tokens=not chat) if reuse_prefix else None
+    prefix = _Prefix(model, tokenizer, texts, add_special_tokens=not chat) if reuse_prefix and texts else None
     try:
         bar = tqdm(total=len(texts), desc=desc, disable=not show_progress)
         for i in range(0, len(order), batch_size):
