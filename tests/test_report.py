@@ -404,13 +404,15 @@ def test_a_safety_sweep_selects_on_validation_rouge_and_counts_lower_harm_as_pre
                                             (3e-3, 50.0, 2.8, 44.0, 49.0)):
         for name, method, extra, val in (("lora", "lora", 0.0, val_lora), ("safe", "safe_lora", 0.0, val_lora - 1),
                                          ("sc", "sc_lora", -0.4, val_sc)):
-            r = row(f"{name}-lr{lr}", method, beta=0.7 if method == "sc_lora" else None, lr=lr,
-                    harmfulness_score=hs + extra, rouge1=rouge, val_rouge1=val)
-            rows.append(r)
-            harmful = int(round((r["harmfulness_score"] - 1) / 4 * 100))  # items at score 5, the rest at 1
-            samples[r["run"]] = {"harmfulness_score": [5.0] * harmful + [1.0] * (100 - harmful),
-                                 "rouge1": (rouge + np.linspace(-5, 5, 40)).tolist()}
-    samples["base"] = {"harmfulness_score": [5.0] * 3 + [1.0] * 97, "rouge1": [30.0] * 40}
+            harmful = int(round((hs + extra - 1) / 4 * 100))  # items at score 5, the rest at 1
+            rows.append(row(f"{name}-lr{lr}", method, beta=0.7 if method == "sc_lora" else None, lr=lr,
+                            harmfulness_score=hs + extra, harmfulness_rate=float(harmful), rouge1=rouge,
+                            val_rouge1=val))
+            samples[rows[-1]["run"]] = {"harmfulness_score": [5.0] * harmful + [1.0] * (100 - harmful),
+                                        "harmfulness_rate": [100.0] * harmful + [0.0] * (100 - harmful),
+                                        "rouge1": (rouge + np.linspace(-5, 5, 40)).tolist()}
+    samples["base"] = {"harmfulness_score": [5.0] * 3 + [1.0] * 97, "harmfulness_rate": [100.0] * 3 + [0.0] * 97,
+                       "rouge1": [30.0] * 40}
     folder = make_dir(tmp_path, rows)
     (folder / "samples").mkdir()
     for run, scores in samples.items():
@@ -422,7 +424,10 @@ def test_a_safety_sweep_selects_on_validation_rouge_and_counts_lower_harm_as_pre
     verdicts = text.split("### Verdicts")[1].split("| A − B")[0]
     for other in ("LoRA", "Safe LoRA (on LoRA)"):
         assert f"**SC-LoRA β=0.7 vs {other}.**" in verdicts
-    assert verdicts.count("SC-LoRA β=0.7 preserves more at ROUGE-1 41.00–49.00") == 2
+    assert verdicts.count("SC-LoRA β=0.7 preserves more at ROUGE-1 41.00–49.00") == 4  # HS and HR, 2 competitors
+    assert verdicts.count("Matched utility (HR (%) at equal ROUGE-1): SC-LoRA β=0.7 preserves more") == 2
+    matched = text.split("| A − B | preservation |")[1]
+    assert "| SC-LoRA β=0.7 − LoRA | HR (%) ↓ | 45.00 | 20.00 | 30.00 | +10.00 |" in matched
     # best vs best: SC-LoRA's best rate (3e-3) fits better and is 0.2 HS more harmful than LoRA at its own (1e-3)
     assert "Best vs best (lr 3e-3 vs 1e-3), 1 seed each: HS 0.200 [" in verdicts
     assert "(LoRA better); ROUGE-1 5.00 [5.00, 5.00] (SC-LoRA β=0.7 better)" in verdicts

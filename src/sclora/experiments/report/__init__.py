@@ -55,7 +55,7 @@ def build_report(rows: list[dict], config: dict | None = None, diagnostics: dict
         key = selection_metric(rows)
         text = frontier_markdown(frontier_curves(group_runs(rows), model=config.get("model")),
                                  metric(layout.utility[0]), metric(layout.preservation[0]), metric(key) if key else None,
-                                 samples, paired)
+                                 samples, paired, also=tuple(metric(k) for k in layout.preservation[1:]))
         if text:
             parts.append(text)
     mains = [f"{side} metric: {metric(keys[0]).label}" for side, keys in (("main preservation", layout.preservation),

@@ -164,12 +164,15 @@ def matched_utility_intervals(a: Curve, b: Curve, utility: Metric, preservation:
 
 
 def frontier_markdown(curves: list[Curve], utility: Metric, preservation: Metric, validation: Metric | None,
-                      samples: dict[str, dict] | None = None, paired: list[dict] | None = None) -> str:
+                      samples: dict[str, dict] | None = None, paired: list[dict] | None = None,
+                      also: tuple[Metric, ...] = ()) -> str:
     """The verdicts (SC-LoRA against each other method: best vs best from the ``paired`` differences of the selected
     rates, and the matched-utility ranges), the selected-rate table and, for each pair with SC-LoRA, preservation at
-    matched utility (with paired bootstrap intervals over items when the per-item ``samples`` are given)."""
+    matched utility (with paired bootstrap intervals over items when the per-item ``samples`` are given). ``also``:
+    further preservation metrics compared at matched utility the same way (those the ``samples`` hold)."""
     if not curves:
         return ""
+    kept = [preservation, *(m for m in also if samples and any(m.key in s for s in samples.values()))]
     parts = ["## Learning-rate frontiers"]
     chosen = {c.name: c.selected(validation) for c in curves} if validation is not None else {}
     if validation is not None:
@@ -188,20 +191,17 @@ def frontier_markdown(curves: list[Curve], utility: Metric, preservation: Metric
     rows, verdicts = [], []
     for a in sc:
         for b in others:
-            matched = (matched_utility_intervals(a, b, utility, preservation, samples) if samples else []) or \
-                matched_utility(a, b, utility, preservation)
-            for m in matched:
-                interval = (f"[{m['low']:+.{preservation.digits}f}, {m['high']:+.{preservation.digits}f}] "
-                            f"{m['verdict']}" if m.get("low") is not None else m.get("verdict", "point estimate"))
-                beyond = ", ".join({"A": a.name, "B": b.name}[x] for x in m.get("beyond_best", [])) or "–"
-                rows.append(f"| {a.name} − {b.name} | {m['utility']:.{utility.digits}f} | "
-                            f"{m['a']:.{preservation.digits}f} | {m['b']:.{preservation.digits}f} | "
-                            f"{m['difference']:+.{preservation.digits}f} | {interval} | {beyond} |")
+            summaries = []
+            for kept_metric in kept:
+                matched = (matched_utility_intervals(a, b, utility, kept_metric, samples) if samples else []) or \
+                    matched_utility(a, b, utility, kept_metric)
+                rows += [_matched_row(a.name, b.name, m, utility, kept_metric) for m in matched]
+                summaries.append(f"Matched utility ({kept_metric.label} at equal {utility.label}): "
+                                 f"{_matched_summary(matched, a.name, b.name, utility)}.")
             if validation is None:
                 continue  # no rate selected: nothing to compare best vs best
             best = _best_vs_best(a.name, b.name, chosen.get(a.name), chosen.get(b.name), paired)
-            verdicts.append(f"- **{a.name} vs {b.name}.** {best} Matched utility ({preservation.label} at equal "
-                            f"{utility.label}): {_matched_summary(matched, a.name, b.name, utility)}.")
+            verdicts.append(f"- **{a.name} vs {b.name}.** {best} " + " ".join(summaries))
     if verdicts:
         parts += ["### Verdicts", "Each names the comparison it rests on. *Best vs best*: each method at its selected "
                   "learning rate, paired over the same items (and seeds), 95% bootstrap intervals. *Matched "
@@ -215,9 +215,19 @@ def frontier_markdown(curves: list[Curve], utility: Metric, preservation: Metric
                   f"rate*: a curve whose lowest learning rate already fits better than this level reaches it only "
                   f"over-trained; a lower rate might reach it keeping more, so such a comparison is not a verdict "
                   f"on that method.",
-                  "| A − B | " + utility.header + " | A | B | A − B | 95% interval, verdict | only above its best rate |"
-                  "\n|---|---|---|---|---|---|---|\n" + "\n".join(rows)]
+                  "| A − B | preservation | " + utility.header + " | A | B | A − B | 95% interval, verdict | "
+                  "only above its best rate |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)]
     return "\n\n".join(parts) if len(parts) > 1 else ""
+
+
+def _matched_row(name_a: str, name_b: str, m: dict, utility: Metric, preservation: Metric) -> str:
+    """One matched-utility level as a table row."""
+    d = preservation.digits
+    interval = (f"[{m['low']:+.{d}f}, {m['high']:+.{d}f}] {m['verdict']}" if m.get("low") is not None
+                else m.get("verdict", "point estimate"))
+    beyond = ", ".join({"A": name_a, "B": name_b}[x] for x in m.get("beyond_best", [])) or "–"
+    return (f"| {name_a} − {name_b} | {preservation.header} | {m['utility']:.{utility.digits}f} | {m['a']:.{d}f} | "
+            f"{m['b']:.{d}f} | {m['difference']:+.{d}f} | {interval} | {beyond} |")
 
 
 def _best_vs_best(name_a: str, name_b: str, a: Group | None, b: Group | None, paired: list[dict] | None) -> str:
