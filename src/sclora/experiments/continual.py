@@ -286,7 +286,7 @@ def run_continual(config: ContinualConfig, output_dir: str | os.PathLike, *, sho
     Several processes may run the same config into the same folder (``sclora run --workers N``): a chain (one run
     at one seed) and each seed's base evaluation are claimed by one process (:func:`~.folder.claim_run`), and
     each entry is merged into ``continual.json`` under its lock."""
-    from .evaluate.core import evaluate_model
+    from .evaluate.core import evaluate_model, save_evaluation, saved_evaluation
 
     out = Path(output_dir)
     key = check_continual_folder(config, out, archive)
@@ -309,13 +309,12 @@ def run_continual(config: ContinualConfig, output_dir: str | os.PathLike, *, sho
     def evaluate(model, what: dict, path: Path, fingerprint: str) -> dict:
         """Metrics of ``model`` on ``what`` (evaluation -> items), per-item scores in ``path``; reused when
         ``path`` was made by the same ``fingerprint``."""
-        if path.exists():
-            saved = json.loads(path.read_text())
-            if saved.get("fingerprint") == fingerprint:
-                return saved["metrics"]
+        saved = saved_evaluation(path, fingerprint)
+        if saved is not None:
+            return saved["metrics"]
         metrics, items = evaluate_model(model, tokenizer, what, options=sets.options, judge=judge, extras=extras,
                                         show_progress=show_progress)
-        atomic_write_json(path, {"fingerprint": fingerprint, "metrics": metrics, "items": items}, indent=None)
+        save_evaluation(path, fingerprint, metrics, items)
         return metrics
 
     names = [run["name"] for run in config.runs]

@@ -11,7 +11,7 @@ from pathlib import Path
 from ...fileio import atomic_write_json
 from .metrics import EVALUATIONS
 
-__all__ = ["evaluate_model"]
+__all__ = ["evaluate_model", "saved_evaluation", "save_evaluation"]
 
 
 def evaluate_model(model, tokenizer, eval_sets: dict[str, list[dict]], *, options: dict | None = None,
@@ -38,7 +38,7 @@ def evaluate_model(model, tokenizer, eval_sets: dict[str, list[dict]], *, option
     metrics: dict[str, float] = {}
     items: dict[str, list] = {}
     for name, examples in eval_sets.items():
-        saved = _saved(resume, name)
+        saved = saved_evaluation(Path(resume[0]) / f"{name}.json", resume[1]) if resume is not None else None
         if saved is not None:
             metrics.update(saved["metrics"])
             items.update(saved["items"])
@@ -62,23 +62,25 @@ def evaluate_model(model, tokenizer, eval_sets: dict[str, list[dict]], *, option
             items[f"{name}_outputs"] = list(texts)
             metrics[f"{name}_tokens_per_second"] = round(texts.tokens_per_second, 1)
         if resume is not None:
-            folder, fingerprint = resume
-            atomic_write_json(Path(folder) / f"{name}.json", {
-                "fingerprint": fingerprint, "metrics": {k: v for k, v in metrics.items() if k not in done[0]},
-                "items": {k: v for k, v in items.items() if k not in done[1]}}, indent=None)
+            save_evaluation(Path(resume[0]) / f"{name}.json", resume[1],
+                            {k: v for k, v in metrics.items() if k not in done[0]},
+                            {k: v for k, v in items.items() if k not in done[1]})
     return metrics, items
 
 
-def _saved(resume: tuple[Path, str] | None, name: str) -> dict | None:
-    """The evaluation ``name`` a killed run finished before, if the same fingerprint made it."""
-    if resume is None:
-        return None
-    path = Path(resume[0]) / f"{name}.json"
+def save_evaluation(path: Path, fingerprint: str, metrics: dict, items: dict) -> None:
+    """Write an evaluation's metrics and per-item scores atomically, with the ``fingerprint`` of what made them."""
+    atomic_write_json(path, {"fingerprint": fingerprint, "metrics": metrics, "items": items}, indent=None)
+
+
+def saved_evaluation(path: Path, fingerprint: str) -> dict | None:
+    """What :func:`save_evaluation` wrote at ``path`` ({fingerprint, metrics, items}), if the same ``fingerprint``
+    made it; None when there is none, another fingerprint made it, or it cannot be read (then it is redone)."""
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None  # none yet (or unreadable: evaluated again and rewritten)
-    if not isinstance(saved, dict) or saved.get("fingerprint") != resume[1] or not all(
+        return None
+    if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint or not all(
             isinstance(saved.get(k), dict) for k in ("metrics", "items")):
         return None
     return saved
