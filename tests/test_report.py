@@ -471,6 +471,28 @@ def test_matched_levels_a_curve_reaches_only_over_trained_are_flagged_and_not_ve
         "best rate: not a verdict)")
 
 
+def test_a_dip_in_utility_below_the_best_rate_is_reached_under_trained_not_over_trained():
+    """An aligned model trained a little refuses benign requests (ROUGE-1 falls from 24 at 1e-4 to 9 at 3e-4) before
+    it learns the task (41 at 3e-3): ROUGE-1 9-24 is reached below LoRA's best rate, so it is no over-trained
+    level, though worse than LoRA's lowest rate gives; ROUGE-1 below 9 is reached only past the best (1e-2 falls
+    to 5), which is."""
+    from sclora.experiments.evaluate.metrics import metric
+    from sclora.experiments.report.frontier import frontier_curves, matched_utility
+
+    rows = [row("l1", "lora", lr=1e-4, rouge1=24.0, harmfulness_rate=12.0),
+            row("l2", "lora", lr=3e-4, rouge1=9.0, harmfulness_rate=10.0),
+            row("l3", "lora", lr=3e-3, rouge1=41.0, harmfulness_rate=53.0),
+            row("l4", "lora", lr=1e-2, rouge1=5.0, harmfulness_rate=90.0),
+            row("s1", "sc_lora", beta=0.7, lr=1e-4, rouge1=3.0, harmfulness_rate=14.0),
+            row("s2", "sc_lora", beta=0.7, lr=1e-3, rouge1=40.0, harmfulness_rate=20.0)]
+    lora, sc = sorted(frontier_curves(group_runs(rows)), key=lambda c: c.points[0].method)
+    matched = matched_utility(sc, lora, metric("rouge1"), metric("harmfulness_rate"), levels=6)
+    assert {round(m["utility"], 1): m["beyond_best"] for m in matched} == {
+        7.9: ["B"], 13.8: [], 19.6: [], 25.4: [], 31.2: [], 37.1: []}
+    # at 13.8 LoRA passes the dip (HR 10.6), the climb (16.4) and its over-trained side (81.0): the best one counts
+    assert round(matched[1]["b"], 1) == 10.6
+
+
 def test_matched_utility_is_empty_when_the_curves_do_not_overlap():
     from sclora.experiments.evaluate.metrics import metric
     from sclora.experiments.report.frontier import frontier_curves, matched_utility

@@ -79,13 +79,23 @@ def _interpolate(points: list[tuple[float, float]], u: float) -> float | None:
     return max(found) if found else None
 
 
+def _only_above_best(points: list[tuple[float, float]], u: float) -> bool:
+    """Whether every segment of a curve (points in learning-rate order, utility signed so higher is better) that
+    passes utility ``u`` starts at or after the point of its best utility."""
+    best = max(range(len(points)), key=lambda i: points[i][0])
+    crossing = [i for i, ((u0, _), (u1, _)) in enumerate(zip(points, points[1:])) if min(u0, u1) <= u <= max(u0, u1)]
+    return bool(crossing) and min(crossing) >= best
+
+
 def matched_utility(a: Curve, b: Curve, utility: Metric, preservation: Metric, levels: int = 5) -> list[dict]:
     """Preservation of ``a`` and ``b`` at ``levels`` utility values spread inside both curves' shared utility range
     (the midpoints of ``levels`` equal slices). Empty when the ranges do not overlap.
 
     Each entry's ``beyond_best`` names the curves ("A", "B") that reach its utility only at learning rates above
-    their best: a utility worse than the curve's lowest rate gives lies on the over-trained side of its curve, and
-    a lower rate than the sweep tried might reach it while keeping more."""
+    their best (every segment of the curve that passes it lies at or above the rate of the curve's best utility):
+    that is the curve's over-trained side, and a lower rate than the sweep tried might reach it while keeping more.
+    A curve that passes the level also below its best rate (a dip in utility on the way up, such as an aligned model
+    refusing benign requests early in training) reaches it under-trained, which is no artefact of the range."""
     def signed(curve):
         return [(utility.goodness(g.value(utility.key)), preservation.goodness(g.value(preservation.key)))
                 for g in curve.points if g.value(utility.key) is not None and g.value(preservation.key) is not None]
@@ -102,7 +112,7 @@ def matched_utility(a: Curve, b: Curve, utility: Metric, preservation: Metric, l
         u = low + (high - low) * (i + 0.5) / levels
         ya, yb = _interpolate(pa, u), _interpolate(pb, u)
         if ya is not None and yb is not None:
-            beyond = [side for side, points in (("A", pa), ("B", pb)) if u < points[0][0]]  # worse than its lowest rate
+            beyond = [side for side, points in (("A", pa), ("B", pb)) if _only_above_best(points, u)]
             rows.append({"utility": utility.goodness(u), "a": preservation.goodness(ya),
                          "b": preservation.goodness(yb), "difference": ya - yb, "beyond_best": beyond})
     return rows
