@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 from conftest import TRIVIA, save_tiny_model, tiny_experiment
 
@@ -461,9 +462,44 @@ def test_safe_lora_runs_project_the_trained_lora_and_mica_trains_only_a(setup):
     assert safe["method"] == "safe_lora" and safe["safe_lora_projected"] == 3 and safe["safe_lora_layers"] > 3
     assert -1 <= safe["safe_lora_threshold"] <= 1
     assert rows["mica"]["trainable_params"] < safe["trainable_params"]  # MiCA: A only
+    assert "trained_in" not in safe  # no plain LoRA twin in this config: it trained its own adapter
     for bad, match in (({"method": "sc_lora", "beta": 0.5, "safe_lora": {"unaligned": "x"}}, "has none"),
                        ({"method": "lora", "safe_lora": {"num_proj_layers": 3}}, "takes a mapping with unaligned"),
                        ({"method": "lora", "safe_lora": {"unaligned": "x", "threshold": 2}}, "cosine in")):
         config["runs"] = [bad]
         with pytest.raises(ValueError, match=match):
             load_config_from(config)
+
+
+def test_a_safe_lora_run_projects_its_finished_lora_twin_instead_of_training_it_again(setup):
+    from conftest import tiny_llama, tiny_tokenizer
+    from safetensors.torch import load_file
+
+    config_path, out = setup
+    unaligned = config_path.parent / "unaligned"
+    tiny_llama(seed=5).save_pretrained(unaligned)
+    tiny_tokenizer().save_pretrained(unaligned)
+    config = yaml.safe_load(config_path.read_text())
+    safe_run = {"method": "lora", "learning_rate": 1e-3, "safe_lora": {"unaligned": str(unaligned), "num_proj_layers": 3}}
+    config["runs"] = [safe_run]
+    alone = config_path.parent / "alone.yaml"
+    alone.write_text(yaml.safe_dump(config))
+    config["runs"] = [{"method": "lora", "learning_rate": 1e-3}, {"method": "lora", "learning_rate": 1e-2}, safe_run]
+    config_path.write_text(yaml.safe_dump(config))
+    assert cli.main(["run", str(alone), "--output", str(out.parent / "alone"), "--quiet"]) == 0
+    assert cli.main(["run", str(config_path), "--output", str(out), "--quiet"]) == 0
+    rows = {r["run"]: r for r in json.loads((out / "results.json").read_text())}
+    reused = rows["lora-lr0.001-safelora"]
+    trained = {r["run"]: r for r in json.loads((out.parent / "alone" / "results.json").read_text())}[reused["run"]]
+    assert reused["trained_in"] == "lora-lr0.001" and "trained_in" not in trained  # the twin at its own rate
+    assert reused["loss_history"] == rows["lora-lr0.001"]["loss_history"] == trained["loss_history"]
+    assert not list((out / "runs" / reused["run"]).glob("checkpoint-*"))  # no training of its own
+    # the same projected adapter as the run that trained its LoRA itself (CPU training is deterministic)
+    a = load_file(out / "runs" / reused["run"] / "adapter" / "adapter_model.safetensors")
+    b = load_file(out.parent / "alone" / "runs" / reused["run"] / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert reused["safe_lora_projected"] == trained["safe_lora_projected"] == 3
+    # ...and it differs from the unprojected twin's adapter in the projected layers
+    twin = load_file(out / "runs" / "lora-lr0.001" / "adapter" / "adapter_model.safetensors")
+    assert any(not torch.allclose(a[k], twin[k]) for k in a)
+

@@ -105,3 +105,29 @@ def test_restore_initial_adapter_turns_another_init_into_the_saved_one(tmp_path,
     sclora.export_lora(other, tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(tiny_llama(seed=7), tmp_path / "adapter")
     torch.testing.assert_close(logits(reloaded), tuned, atol=1e-4, rtol=1e-4)
+
+
+def test_load_lora_refuses_an_adapter_of_other_layers(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from sclora.export import export_lora, load_lora, remember_initial_adapter
+
+    def lora(r, targets):
+        model = get_peft_model(tiny_llama(seed=1), LoraConfig(r=r, lora_alpha=r, target_modules=targets))
+        remember_initial_adapter(model)  # B = 0: exported at rank r
+        return model
+
+    trained = lora(2, ["q_proj", "v_proj"])
+    for p in trained.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p)
+    export_lora(trained, tmp_path / "a")
+    fresh = lora(2, ["q_proj", "v_proj"])
+    load_lora(fresh, tmp_path / "a")
+    assert all(torch.equal(p, q) for (n, p), (_, q) in zip(fresh.named_parameters(), trained.named_parameters())
+               if "lora_" in n)
+    for other in (lora(4, ["q_proj", "v_proj"]), lora(2, ["q_proj"])):
+        before = [p.clone() for p in other.parameters()]
+        with pytest.raises(ValueError, match="does not fit this model's LoRA layers"):
+            load_lora(other, tmp_path / "a")
+        assert all(torch.equal(p, q) for p, q in zip(before, other.parameters()))  # nothing changed

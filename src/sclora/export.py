@@ -28,7 +28,7 @@ from .methods.residual import ADAPTER as _ADAPTER
 from .methods.residual import adapter_layers as _layers
 from .methods.residual import remember_initial_adapter
 
-__all__ = ["export_lora", "merge_and_save", "remember_initial_adapter", "restore_initial_adapter",
+__all__ = ["export_lora", "load_lora", "merge_and_save", "remember_initial_adapter", "restore_initial_adapter",
            "save_initial_adapter"]
 
 INITIAL_ADAPTER_FILE = "sclora_initial_adapter.safetensors"
@@ -124,6 +124,24 @@ def export_lora(
     config.init_lora_weights = True
     _write_adapter(directory, config, tensors)
     return os.fspath(directory)
+
+
+@torch.no_grad()
+def load_lora(peft_model: PeftModel, directory: str | os.PathLike) -> None:
+    """Set ``peft_model``'s LoRA factors to those of a rank-r adapter that :func:`export_lora` wrote for a
+    zero-initialized LoRA with the same layers and rank: the trained model again, without training it.
+    Raises ValueError, changing nothing, when the adapter holds other layers or shapes."""
+    tensors = load_file(os.path.join(directory, "adapter_model.safetensors"))
+    pairs = [(f"base_model.model.{name}.lora_{x}.weight", getattr(layer, f"lora_{x}")[_ADAPTER].weight)
+             for name, layer in _layers(peft_model).items() for x in "AB"]
+    wrong = sorted({key for key, _ in pairs} ^ set(tensors)) + [
+        key for key, weight in pairs if key in tensors and tensors[key].shape != weight.shape]
+    if wrong:
+        raise ValueError(f"{directory}: the adapter does not fit this model's LoRA layers ({len(wrong)} missing, "
+                         f"extra or of another shape, e.g. {wrong[0]}); it was saved from another model, rank or "
+                         "target modules.")
+    for key, weight in pairs:
+        weight.copy_(tensors[key])
 
 
 def merge_and_save(peft_model: PeftModel, directory: str | os.PathLike, tokenizer=None) -> nn.Module:

@@ -164,7 +164,9 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
                 atomic_write(out / "samples" / "base.json", json.dumps(items) + "\n")
                 row = {"run": "base", "method": "-", **metrics}
             else:
-                row = _run_one(config, exp, run, name, out, evaluate, fingerprint)
+                twin = _lora_twin(run)  # Safe LoRA projects the adapter its plain LoRA twin trained
+                twin = twin and (run_name(twin), run_fingerprint(config, twin, model_files))
+                row = _run_one(config, exp, run, name, out, evaluate, fingerprint, twin)
             rows = update_results(out, {**row, "fingerprint": fingerprint})
             record_failure(out, name, None)
         except Exception as err:
@@ -180,8 +182,28 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, *,
     return rows
 
 
+def _lora_twin(run: dict | None) -> dict | None:
+    """The run a Safe LoRA run trains the same adapter as: the same settings without ``safe_lora``."""
+    if run is None or not run.get("safe_lora") or "name" in run:
+        return None
+    return {k: v for k, v in run.items() if k != "safe_lora"}
+
+
+def _finished_twin(out: Path, twin: tuple[str, str] | None) -> tuple[dict, Path] | None:
+    """The row and adapter of the twin run named ``twin[0]``, when it finished with fingerprint ``twin[1]``
+    (the row is written after the adapter, so a row with that fingerprint vouches for the adapter)."""
+    if twin is None:
+        return None
+    name, fingerprint = twin
+    row = next((r for r in update_results(out, refresh=False) if r["run"] == name), None)
+    adapter = out / "runs" / name / "adapter"
+    if row is None or row.get("fingerprint") != fingerprint or not (adapter / "adapter_model.safetensors").exists():
+        return None
+    return row, adapter
+
+
 def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, out: Path, evaluate,
-             fingerprint: str) -> dict:
+             fingerprint: str, twin: tuple[str, str] | None = None) -> dict:
     from ..train import rounded, train
 
     method, seed = run["method"], run.get("seed", config.seed)
@@ -197,9 +219,24 @@ def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, o
     if config.diagnostics and method_spec(method).residual:
         exp.diagnose(name, model, run.get("normalize"))
     train_config = run_train_config(config, run)
-    along = _checkpoint_evals(config.evaluate_steps, evaluate, out / "runs" / name / "checkpoint_evals.json")
-    result = train(model, exp.tokenizer, exp.sets["train"], train_config, out / "runs" / name,
-                   show_progress=exp.show_progress, callbacks=[along], context=fingerprint)
+    finished = None if method_spec(method).residual else _finished_twin(out, twin)
+    if finished is not None:  # the twin's trained adapter: the same training, not run again
+        from ..export import load_lora
+
+        trained, adapter = finished
+        load_lora(model, adapter)
+        fields = {k: trained[k] for k in ("train_seconds", "train_tokens_per_second", "final_loss", "loss_history",
+                                          "checkpoints") if k in trained}
+        fields["trained_in"] = trained["run"]
+    else:
+        along = _checkpoint_evals(config.evaluate_steps, evaluate, out / "runs" / name / "checkpoint_evals.json")
+        result = train(model, exp.tokenizer, exp.sets["train"], train_config, out / "runs" / name,
+                       show_progress=exp.show_progress, callbacks=[along], context=fingerprint)
+        # the whole training, also when the run resumed from a checkpoint (None: a checkpoint without a record)
+        fields = {"train_seconds": rounded(result.total_train_seconds),
+                  "train_tokens_per_second": rounded(result.total_tokens_per_second),
+                  "final_loss": result.final_loss, "loss_history": result.loss_history,
+                  **({"checkpoints": along.rows} if config.evaluate_steps else {})}
     safe = _apply_safe_lora(model, exp, run["safe_lora"]) if run.get("safe_lora") else {}
     if hasattr(model, "peft_config"):  # a plain PEFT LoRA adapter for the untouched base: loads without sclora
         from ..export import export_lora
@@ -214,13 +251,8 @@ def _run_one(config: ExperimentConfig, exp: _Experiment, run: dict, name: str, o
         "seed": seed, **({"normalize": run["normalize"]} if run.get("normalize") else {}),
         **({"lock_subspace": True} if run.get("lock_subspace") else {}),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        # the whole training, also when the run resumed from a checkpoint (None: a checkpoint without a record)
-        "init_seconds": round(init_seconds, 1), "train_seconds": rounded(result.total_train_seconds),
-        "train_tokens_per_second": rounded(result.total_tokens_per_second), "final_loss": result.final_loss,
-        "loss_history": result.loss_history, **metrics,
+        "init_seconds": round(init_seconds, 1), **fields, **metrics,
     }
-    if config.evaluate_steps:
-        row["checkpoints"] = along.rows
     return row
 
 
