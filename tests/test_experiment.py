@@ -445,14 +445,19 @@ def test_a_locked_run_trains_half_the_parameters_and_is_named_so(setup):
     assert 0 < locked["trainable_params"] < free["trainable_params"]  # A only (B frozen at Q)
 
 
-def test_safe_lora_runs_project_the_trained_lora_and_mica_trains_only_a(setup):
+def _unaligned_and_config(config_path):
+    """A second tiny model to stand for the unaligned base of Safe LoRA's pair, and the experiment's config."""
     from conftest import tiny_llama, tiny_tokenizer
 
-    config_path, out = setup
     unaligned = config_path.parent / "unaligned"
     tiny_llama(seed=5).save_pretrained(unaligned)
     tiny_tokenizer().save_pretrained(unaligned)
-    config = yaml.safe_load(config_path.read_text())
+    return unaligned, yaml.safe_load(config_path.read_text())
+
+
+def test_safe_lora_runs_project_the_trained_lora_and_mica_trains_only_a(setup):
+    config_path, out = setup
+    unaligned, config = _unaligned_and_config(config_path)
     config["runs"] = [{"method": "lora", "safe_lora": {"unaligned": str(unaligned), "num_proj_layers": 3}},
                       {"method": "mica"}]
     config_path.write_text(yaml.safe_dump(config))
@@ -472,14 +477,10 @@ def test_safe_lora_runs_project_the_trained_lora_and_mica_trains_only_a(setup):
 
 
 def test_a_safe_lora_run_projects_its_finished_lora_twin_instead_of_training_it_again(setup):
-    from conftest import tiny_llama, tiny_tokenizer
     from safetensors.torch import load_file
 
     config_path, out = setup
-    unaligned = config_path.parent / "unaligned"
-    tiny_llama(seed=5).save_pretrained(unaligned)
-    tiny_tokenizer().save_pretrained(unaligned)
-    config = yaml.safe_load(config_path.read_text())
+    unaligned, config = _unaligned_and_config(config_path)
     safe_run = {"method": "lora", "learning_rate": 1e-3, "safe_lora": {"unaligned": str(unaligned), "num_proj_layers": 3}}
     config["runs"] = [safe_run]
     alone = config_path.parent / "alone.yaml"
