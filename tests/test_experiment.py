@@ -481,7 +481,8 @@ def test_a_safe_lora_run_projects_its_finished_lora_twin_instead_of_training_it_
 
     config_path, out = setup
     unaligned, config = _unaligned_and_config(config_path)
-    safe_run = {"method": "lora", "learning_rate": 1e-3, "safe_lora": {"unaligned": str(unaligned), "num_proj_layers": 3}}
+    safe_run = {"method": "lora", "learning_rate": 1e-3,
+                "safe_lora": {"unaligned": str(unaligned), "num_proj_layers": 3}}
     config["runs"] = [safe_run]
     alone = config_path.parent / "alone.yaml"
     alone.write_text(yaml.safe_dump(config))

@@ -450,11 +450,12 @@ def test_best_vs_best_counts_each_side_s_seeds():
                                            [{**entry, "pairs": [["a0", "b0"], ["a1", "b1"], ["a2", "b2"]]}])
 
 
-def test_matched_levels_a_curve_reaches_only_over_trained_are_flagged_and_not_verdicts():
-    """B's lowest rate already fits to NLL 0.80, so B reaches NLL 0.81-0.93 only at rates above its best (its
-    over-trained side, where it keeps little): those levels are flagged, and the summary says they decide nothing."""
+def test_matched_levels_lie_where_both_curves_are_at_or_below_their_best_rates():
+    """B fits NLL 0.80 at 1e-4 and 0.70 at 1e-3 (its best), then over-trains to 0.95 at 2e-3; A fits 1.00 and 0.75
+    (its best): the levels lie in 0.75-0.80, which both reach below their best rates, not in B's over-trained
+    0.80-0.95, where a lower rate than the sweep tried might keep more."""
     from sclora.experiments.evaluate.metrics import metric
-    from sclora.experiments.report.frontier import _matched_summary, frontier_curves, matched_utility
+    from sclora.experiments.report.frontier import frontier_curves, matched_utility
 
     rows = [row("b1", "lora", lr=1e-4, math_nll=0.80, knowledge_em=10.0),
             row("b2", "lora", lr=1e-3, math_nll=0.70, knowledge_em=8.0),
@@ -463,11 +464,32 @@ def test_matched_levels_a_curve_reaches_only_over_trained_are_flagged_and_not_ve
             row("a2", "sc_lora", beta=0.8, lr=1e-4, math_nll=0.75, knowledge_em=12.0)]
     lora, sc = sorted(frontier_curves(group_runs(rows)), key=lambda c: c.points[0].method)
     matched = matched_utility(sc, lora, metric("math_nll"), metric("knowledge_em"))
-    assert [round(m["utility"], 2) for m in matched] == [0.93, 0.89, 0.85, 0.81, 0.77]
-    assert [m["beyond_best"] for m in matched] == [["B"]] * 4 + [[]]
+    assert [round(m["utility"], 3) for m in matched] == [0.795, 0.785, 0.775, 0.765, 0.755]
+    assert all(m["beyond_best"] == [] for m in matched)
+    # at 0.775 B is at EM 9.5 (between 1e-4 and 1e-3); its over-trained side there (2.0) does not count
+    assert matched[2]["b"] == pytest.approx(9.5) and matched[2]["a"] == pytest.approx(12.1)
+
+
+def test_matched_levels_a_curve_reaches_only_over_trained_are_flagged_and_not_verdicts():
+    """A's best rate fits NLL 0.85 and B's lowest rate already 0.80, so the parts below their best rates share no
+    NLL: the levels fall back to the whole shared range, 0.85-0.95, which B reaches only above its best rate (its
+    over-trained side, where it keeps little): those levels are flagged, and the summary says they decide nothing."""
+    from sclora.experiments.evaluate.metrics import metric
+    from sclora.experiments.report.frontier import _matched_summary, frontier_curves, matched_utility
+
+    rows = [row("b1", "lora", lr=1e-4, math_nll=0.80, knowledge_em=10.0),
+            row("b2", "lora", lr=1e-3, math_nll=0.70, knowledge_em=8.0),
+            row("b3", "lora", lr=2e-3, math_nll=0.95, knowledge_em=2.0),
+            row("a1", "sc_lora", beta=0.8, lr=1e-5, math_nll=1.00, knowledge_em=13.0),
+            row("a2", "sc_lora", beta=0.8, lr=1e-4, math_nll=0.85, knowledge_em=12.0)]
+    lora, sc = sorted(frontier_curves(group_runs(rows)), key=lambda c: c.points[0].method)
+    matched = matched_utility(sc, lora, metric("math_nll"), metric("knowledge_em"))
+    assert [round(m["utility"], 2) for m in matched] == [0.94, 0.92, 0.90, 0.88, 0.86]
+    assert [m["beyond_best"] for m in matched] == [["B"]] * 5
     marked = [{**m, "low": 1.0, "high": 2.0, "verdict": "A preserves more"} for m in matched]
+    marked[-1]["beyond_best"] = []
     assert _matched_summary(marked, "SC", "LoRA", metric("math_nll")) == (
-        "SC preserves more at Math NLL 0.770; SC preserves more at Math NLL 0.810–0.930 (there LoRA only above its "
+        "SC preserves more at Math NLL 0.860; SC preserves more at Math NLL 0.880–0.940 (there LoRA only above its "
         "best rate: not a verdict)")
 
 
@@ -477,7 +499,7 @@ def test_a_dip_in_utility_below_the_best_rate_is_reached_under_trained_not_over_
     level, though worse than LoRA's lowest rate gives; ROUGE-1 below 9 is reached only past the best (1e-2 falls
     to 5), which is."""
     from sclora.experiments.evaluate.metrics import metric
-    from sclora.experiments.report.frontier import frontier_curves, matched_utility
+    from sclora.experiments.report.frontier import _only_above_best, frontier_curves, matched_utility
 
     rows = [row("l1", "lora", lr=1e-4, rouge1=24.0, harmfulness_rate=12.0),
             row("l2", "lora", lr=3e-4, rouge1=9.0, harmfulness_rate=10.0),
@@ -487,10 +509,13 @@ def test_a_dip_in_utility_below_the_best_rate_is_reached_under_trained_not_over_
             row("s2", "sc_lora", beta=0.7, lr=1e-3, rouge1=40.0, harmfulness_rate=20.0)]
     lora, sc = sorted(frontier_curves(group_runs(rows)), key=lambda c: c.points[0].method)
     matched = matched_utility(sc, lora, metric("rouge1"), metric("harmfulness_rate"), levels=6)
+    # ROUGE-1 9-40: reached by both below their best rates (LoRA's dip included)
     assert {round(m["utility"], 1): m["beyond_best"] for m in matched} == {
-        7.9: ["B"], 13.8: [], 19.6: [], 25.4: [], 31.2: [], 37.1: []}
-    # at 13.8 LoRA passes the dip (HR 10.6), the climb (16.4) and its over-trained side (81.0): the best one counts
-    assert round(matched[1]["b"], 1) == 10.6
+        11.6: [], 16.8: [], 21.9: [], 27.1: [], 32.2: [], 37.4: []}
+    # at 16.8 LoRA passes the dip (HR 11.0), the climb (20.5) and its over-trained side (77.9): the best one counts
+    assert round(matched[1]["b"], 1) == 11.0
+    points = [(r["rouge1"], -r["harmfulness_rate"]) for r in rows[:4]]
+    assert _only_above_best(points, 7.0) and not _only_above_best(points, 13.8)
 
 
 def test_matched_utility_is_empty_when_the_curves_do_not_overlap():

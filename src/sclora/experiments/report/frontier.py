@@ -87,9 +87,19 @@ def _only_above_best(points: list[tuple[float, float]], u: float) -> bool:
     return bool(crossing) and min(crossing) >= best
 
 
+def _shared_range(pa: list[tuple[float, float]], pb: list[tuple[float, float]]) -> tuple[float, float]:
+    return max(min(u for u, _ in pa), min(u for u, _ in pb)), min(max(u for u, _ in pa), max(u for u, _ in pb))
+
+
+def _up_to_best(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """A curve's points up to and including its best utility: the part not over-trained."""
+    return points[:max(range(len(points)), key=lambda i: points[i][0]) + 1]
+
+
 def matched_utility(a: Curve, b: Curve, utility: Metric, preservation: Metric, levels: int = 5) -> list[dict]:
-    """Preservation of ``a`` and ``b`` at ``levels`` utility values spread inside both curves' shared utility range
-    (the midpoints of ``levels`` equal slices). Empty when the ranges do not overlap.
+    """Preservation of ``a`` and ``b`` at ``levels`` utility values (the midpoints of ``levels`` equal slices) spread
+    inside the utility range both curves reach at or below the rate of their best utility; where those parts share
+    no range, inside both curves' whole shared range. Empty when the whole ranges do not overlap.
 
     Each entry's ``beyond_best`` names the curves ("A", "B") that reach its utility only at learning rates above
     their best (every segment of the curve that passes it lies at or above the rate of the curve's best utility):
@@ -103,8 +113,9 @@ def matched_utility(a: Curve, b: Curve, utility: Metric, preservation: Metric, l
     pa, pb = signed(a), signed(b)
     if len(pa) < 2 or len(pb) < 2:
         return []
-    low = max(min(u for u, _ in pa), min(u for u, _ in pb))
-    high = min(max(u for u, _ in pa), max(u for u, _ in pb))
+    low, high = _shared_range(_up_to_best(pa), _up_to_best(pb))
+    if not low < high:  # the parts below the best rates share no range: compare where the whole curves overlap
+        low, high = _shared_range(pa, pb)
     if low > high:
         return []
     rows = []
@@ -220,11 +231,12 @@ def frontier_markdown(curves: list[Curve], utility: Metric, preservation: Metric
     if rows:
         parts += [f"Preservation at matched utility, interpolated along each curve over its learning rates (where a "
                   f"curve passes a utility twice, its better value): positive = A preserves more at that "
-                  f"{utility.label}. Intervals: 95% paired bootstrap over the evaluation items (utility and "
-                  f"preservation items resampled, each run's seeds averaged item by item). *Only above its best "
-                  f"rate*: a curve whose lowest learning rate already fits better than this level reaches it only "
-                  f"over-trained; a lower rate might reach it keeping more, so such a comparison is not a verdict "
-                  f"on that method.",
+                  f"{utility.label}. The levels lie where both curves reach that {utility.label} at or below the "
+                  f"rate of their best one; where no such range is shared, anywhere both reach. Intervals: 95% "
+                  f"paired bootstrap over the evaluation items (utility and preservation items resampled, each "
+                  f"run's seeds averaged item by item). *Only above its best rate*: a curve that reaches this level "
+                  f"only past its best rate reaches it over-trained; a lower rate might reach it keeping more, so "
+                  f"such a comparison is not a verdict on that method.",
                   "| A − B | preservation | " + utility.header + " | A | B | A − B | 95% interval, verdict | "
                   "only above its best rate |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)]
     return "\n\n".join(parts) if len(parts) > 1 else ""
