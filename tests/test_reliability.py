@@ -316,7 +316,7 @@ WORKER = """
         note("start", "base"); time.sleep(random.uniform(0, 0.05)); note("end", "base")
         return {{"m": 1.0, "pid": os.getpid()}}, {{}}
 
-    def run_one(config, exp, run, name, out, evaluate, fingerprint):
+    def run_one(config, exp, run, name, out, evaluate, fingerprint, twin=None):
         note("start", name)
         time.sleep(random.uniform(0, 0.08))
         note("end", name)
