@@ -18,7 +18,7 @@ from conftest import save_tiny_model
 from test_faults import KILL_AT
 
 from sclora import cli
-from sclora.experiments.continual import ContinualConfig, load_continual, n_kept, stage_init_config
+from sclora.experiments.continual import ContinualConfig, load_continual, n_kept, stage_init_config, stage_owner
 
 WORDS = "red green blue cyan black white pink gold gray teal".split()
 
@@ -77,6 +77,19 @@ def test_every_run_learns_the_stages_in_order_and_is_measured_on_every_task_afte
     # SC-LoRA keeps the facts set at stage 0, the facts and the colours task at stage 1
     assert [s["kept_sets"] for s in result["runs"]["sc-lora"]["0"]] == [["preserve"], ["preserve", "task of 0-colours-lr0.01"]]
     assert result["runs"]["replay"]["0"][1]["replayed_examples"] == 2  # a quarter of the 8 colours examples
+    # at the first stage replay and O-LoRA train what LoRA trains at 1e-2: they continue from LoRA's folder (trained
+    # once) with its measurements, and their second stages are their own
+    first = result["runs"]["lora"]["0"][0]
+    assert first["folder"] == "runs/lora/seed0/0-colours-lr0.01" and first["learning_rate"] == 1e-2
+    for name in ("replay", "o-lora"):
+        mine = result["runs"][name]["0"]
+        assert mine[0]["folder"] == first["folder"] and mine[0]["metrics"] == first["metrics"]
+        assert mine[1]["folder"] == f"runs/{name}/seed0/1-shapes-lr0.01"
+        assert json.loads((out / "samples" / name / "seed0" / "0.json").read_text()) == \
+            json.loads((out / "samples" / "lora" / "seed0" / "0.json").read_text())
+    assert not (out / "runs" / "replay" / "seed0" / "0-colours-lr0.01").exists()
+    assert len(json.loads((out / first["folder"] / "checkpoints" / "train_log.json").read_text())["calls"]) == 1
+    assert result["runs"]["sc-lora"]["0"][0]["folder"] == "runs/sc-lora/seed0/0-colours-lr0.01"
     # learning rates chosen on the validation items: the better validation score continues the chain
     for s in result["runs"]["lora"]["0"]:
         assert set(s["validation"]) == {"0.01", "0.001"}
@@ -200,3 +213,50 @@ def test_a_metric_that_is_not_the_evaluations_own_and_a_reused_evaluation_are_re
                                         metric="pydoc_rougeL")]
     with pytest.raises(ValueError, match="evaluation 'pydoc_rouge' is used twice"):
         ContinualConfig(**{**config, "stages": stages})
+
+
+def test_the_first_stage_is_shared_only_by_runs_that_train_the_same_there(setup):
+    _, path, config = setup
+    c = load_continual(path)
+    lora, sc, replay, olora = c.runs
+    assert stage_owner(c, replay, 0, 1e-2, 0) is lora and stage_owner(c, olora, 0, 1e-2, 0) is lora
+    assert stage_owner(c, replay, 1, 1e-2, 0) is replay  # later stages are each run's own
+    assert stage_owner(c, sc, 0, 1e-2, 0) is sc  # another method
+    other = {"name": "x", "method": "lora", "replay": 0.25, "learning_rate": [1e-3], "seeds": [1]}
+    c2 = ContinualConfig(**{**config, "runs": [*config["runs"], other]})
+    assert stage_owner(c2, c2.runs[-1], 0, 1e-3, 1)["name"] == "x"  # no earlier run trains seed 1
+    assert stage_owner(c2, c2.runs[-1], 0, 1e-3, 0)["name"] == "lora"
+    c3 = ContinualConfig(**{**config, "runs": [*config["runs"], {**other, "seeds": [0], "r": 4}]})
+    assert stage_owner(c3, c3.runs[-1], 0, 1e-3, 0)["name"] == "x"  # another rank
+    kept = {"name": "k", "method": "sc_lora", "beta": 0.5, "keep_earlier": False}
+    c4 = ContinualConfig(**{**config, "runs": [*config["runs"], kept]})
+    assert stage_owner(c4, c4.runs[-1], 0, 1e-2, 0)["name"] == "sc-lora"
+
+
+def test_statistics_are_collected_once_per_model_and_set_across_candidates_and_runs(setup, tmp_path, monkeypatch):
+    """Every statistics file lives in the folder's stats/ under a name that fingerprints model and data: a stage's
+    learning-rate candidates (same merged model, same sets) and a run that shares the first stage collect nothing
+    again. SC-LoRA at two rates over two stages: D+ and facts at stage 0, D+, facts and the colours task at stage
+    1 = 5 collections (10 without sharing); the knowledge-only run shares stage 0 and D+ at stage 1 and collects
+    only its one kept set, the facts, under its own label (a file's name starts with the set's label)."""
+    from sclora import statistics_cache
+
+    root, _, config = setup
+    calls = []
+    collect = statistics_cache.collect_covariances
+    monkeypatch.setattr(statistics_cache, "collect_covariances", lambda *a, **k: calls.append(k["desc"]) or collect(*a, **k))
+    runs = [{"name": "sc-lora", "method": "sc_lora", "beta": 0.5, "learning_rate": [1e-2, 1e-3]},
+            {"name": "knowledge-only", "method": "sc_lora", "beta": 0.5, "keep_earlier": False,
+             "learning_rate": [1e-2, 1e-3]}]
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump({**config, "runs": runs}))
+    out = tmp_path / "out"
+    assert cli.main(["run", str(small), "--output", str(out), "--quiet"]) == 0
+    assert sorted(calls) == sorted(["plus statistics", "minus statistics"] * 2 + ["minus_0 statistics",
+                                                                                 "minus_1 statistics"]), calls
+    assert len(list((out / "stats").glob("*.safetensors"))) == 6
+    assert not list((out / "runs").glob("*/seed0/*/stats"))
+    result = json.loads((out / "continual.json").read_text())["runs"]
+    assert result["knowledge-only"]["0"][0]["folder"] == result["sc-lora"]["0"][0]["folder"]
+    assert [s["kept_sets"] for s in result["knowledge-only"]["0"]] == [["preserve"], ["preserve"]]
+    assert len(result["sc-lora"]["0"][1]["kept_sets"]) == 2

@@ -143,3 +143,18 @@ def test_checkpoints_of_another_knowledge_set_are_never_resumed(tmp_path):
     record.write_text(json.dumps({**json.loads(record.read_text()), "status": "running"}))
     with pytest.raises(ValueError, match="Cannot resume from .*used different settings"):
         run(tmp_path, REFUSALS)
+
+
+def test_runs_sharing_a_stats_dir_collect_each_set_once_and_another_set_again(tmp_path, monkeypatch):
+    from sclora import statistics_cache
+
+    calls = []
+    collect = statistics_cache.collect_covariances
+    monkeypatch.setattr(statistics_cache, "collect_covariances", lambda *a, **k: calls.append(k["desc"]) or collect(*a, **k))
+    shared = tmp_path / "shared-stats"
+    for lr in (1e-2, 1e-3):  # two learning-rate candidates of one stage: same model, same sets
+        run(tmp_path / f"lr{lr:g}", CAPITALS, stats_dir=shared, train_config={**FAST, "learning_rate": lr})
+    assert calls == ["plus statistics", "minus statistics"]
+    assert not (tmp_path / "lr0.01" / "out" / "stats").exists() and len(list(shared.glob("*.safetensors"))) == 2
+    run(tmp_path / "other", REFUSALS, stats_dir=shared)  # another knowledge set: its statistics are collected
+    assert calls == ["plus statistics", "minus statistics", "minus statistics"]

@@ -112,7 +112,7 @@ def _build_init(args, inputs, model, tokenizer, out: Path):
     from .methods import init_model
 
     config, examples = inputs
-    _, data = init_data(model, tokenizer, config, examples, out, args.seq_len, not args.quiet)
+    _, data = init_data(model, tokenizer, config, examples, out / "stats", args.seq_len, not args.quiet)
     if distributed.is_main_process():
         config.save_pretrained(out)
     return init_model(model, config, plus=data.get("plus"), minus=data.get("minus"), show_progress=not args.quiet)

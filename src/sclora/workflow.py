@@ -124,6 +124,7 @@ def finetune(
     merge: bool = False,
     show_progress: bool = True,
     context=None,
+    stats_dir: str | Path | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``data`` with an adapter initialized by ``config.method``, keeping ``preserve``.
 
@@ -142,7 +143,9 @@ def finetune(
 
     Writes ``output_dir/adapter`` (a PEFT LoRA adapter for the untouched base model; full fine-tuning:
     ``output_dir/model``), with ``merge`` also ``output_dir/merged``, and ``output_dir/summary.json``.
-    ``context`` is anything further a resume must match (e.g. the model files' identity).
+    ``context`` is anything further a resume must match (e.g. the model files' identity). The statistics are
+    cached in ``stats_dir`` (default ``output_dir/stats``); runs that share one folder, e.g. the learning-rate
+    candidates of one stage, collect each set once: the file names fingerprint the model and the data.
 
     Continual fine-tuning (:mod:`sclora.stages`): ``after`` is an earlier stage (its FinetuneResult or output
     folder) and ``model`` the base that chain started from. The earlier stages' adapters are merged into it, their
@@ -250,7 +253,8 @@ def finetune(
     if chain:
         model = stages.apply_chain(model, chain)
         merge_seconds = time.perf_counter() - start
-    stats, data_args = init_data(model, tokenizer, config, sets, out, seq_len, show_progress)
+    stats, data_args = init_data(model, tokenizer, config, sets, Path(stats_dir) if stats_dir is not None
+                                 else out / "stats", seq_len, show_progress)
     stats_seconds = time.perf_counter() - start - merge_seconds
     probe = _probe_batch(tokenizer, sets.get("plus") or examples, seq_len) if spec.residual or \
         config.quantize_residual else None
@@ -386,16 +390,17 @@ def _minus(stats: dict):
     return None if not minus else minus[0] if len(minus) == 1 else minus
 
 
-def init_data(model, tokenizer, config: SCLoRAConfig, sets: dict, out: Path, seq_len: int, show_progress: bool):
+def init_data(model, tokenizer, config: SCLoRAConfig, sets: dict, stats_dir: Path, seq_len: int,
+              show_progress: bool):
     """(statistics by label, the init's plus= / minus= arguments) for ``sets`` (label -> examples: "plus",
-    "minus" or "minus_0", "minus_1", ...): statistics on the method's side, cached in ``out/stats``, or for a
+    "minus" or "minus_0", "minus_1", ...): statistics on the method's side, cached in ``stats_dir``, or for a
     method that reads batches (EVA), the batches."""
     from .statistics_cache import cached_statistics, statistics_batches
 
     spec = method_spec(config.method)
     if spec.data_form == "batches":
         return {}, {"plus": statistics_batches(tokenizer, sets["plus"], seq_len, 8)}
-    stats = {label: cached_statistics(out / "stats", label, model, tokenizer, rows, seq_len=seq_len, batch_size=8,
+    stats = {label: cached_statistics(stats_dir, label, model, tokenizer, rows, seq_len=seq_len, batch_size=8,
                                       target_modules=config.target_modules, normalize=config.resolved_normalize,
                                       side=spec.side, show_progress=show_progress)
              for label, rows in sets.items()}

@@ -190,6 +190,22 @@ def stage_train_config(config: ContinualConfig, run: dict, learning_rate: float,
     return TrainConfig.from_dict(values)
 
 
+def stage_owner(config: ContinualConfig, run: dict, stage: int, learning_rate: float, seed: int) -> dict:
+    """The run whose folder holds ``run``'s ``stage`` at ``learning_rate`` and ``seed``: the first run of the config
+    that trains the same adapter there. At the first stage runs that differ only in what they do with earlier
+    stages (replay, O-LoRA's penalty, keep_earlier) train the same, so the first of them trains it and the others
+    continue from it; every later stage is each run's own."""
+    if stage > 0:
+        return run
+
+    def settings(r: dict):
+        return (stage_init_config(config, r, 0).to_dict(), stage_train_config(config, r, learning_rate, seed, 0).to_dict())
+
+    mine = settings(run)
+    return next(other for other in config.runs if learning_rate in learning_rates(config, other)
+                and seed in other.get("seeds", [config.seed]) and settings(other) == mine)
+
+
 def is_continual(path: str | os.PathLike) -> bool:
     """Whether the YAML file at ``path`` is a continual experiment (it has ``stages:``)."""
     from ..fileio import parse_yaml
@@ -306,10 +322,15 @@ def run_continual(config: ContinualConfig, output_dir: str | os.PathLike, *, sho
 
         judge = make_judge(**config.judge)
 
-    def evaluate(model, what: dict, path: Path, fingerprint: str) -> dict:
+    def evaluate(model, what: dict, path: Path, fingerprint: str, source: Path | None = None) -> dict:
         """Metrics of ``model`` on ``what`` (evaluation -> items), per-item scores in ``path``; reused when
-        ``path`` was made by the same ``fingerprint``."""
+        ``path`` (or ``source``, another run's file of the same stage, then copied to ``path``) was made by the
+        same ``fingerprint``."""
         saved = saved_evaluation(path, fingerprint)
+        if saved is None and source is not None and source != path:
+            saved = saved_evaluation(source, fingerprint)
+            if saved is not None:
+                atomic_write(path, source.read_text())
         if saved is not None:
             return saved["metrics"]
         metrics, items = evaluate_model(model, tokenizer, what, options=sets.options, judge=judge, extras=extras,
@@ -372,25 +393,31 @@ def _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_pro
     for i, stage in enumerate(config.stages):
         candidates = []
         for lr in learning_rates(config, run):
-            folder = out / "runs" / run["name"] / f"seed{seed}" / f"{i}-{stage['name']}-lr{lr:g}"
-            model, tokenizer = base_model()
-            result = sclora.finetune(
-                model, tokenizer, sets.train[stage["name"]], keep if i == 0 else None,
-                after=after, keep_earlier=run.get("keep_earlier", True), replay=run.get("replay", 0.0) if i else 0.0,
-                config=stage_init_config(config, run, i), train_config=stage_train_config(config, run, lr, seed, i),
-                output_dir=folder, stats_samples=config.stats_samples, seq_len=config.stats_seq_len, seed=seed,
-                show_progress=show_progress, context={"experiment": key, "model": config.model})
-            seconds = result.summary["init_seconds"] + result.summary["train_seconds"]
-            fingerprint = digest([key, run, seed, i, lr, sclora.stages.stage_digest(folder)])
-            validation = evaluate(result.model, {n: sets.validate[n] for n in stage.get("validate", {})},
-                                  folder / "validation.json", fingerprint) if "validate" in stage else {}
-            candidates.append((lr, folder, result, validation, seconds, fingerprint))
-        lr, folder, result, validation, seconds, fingerprint = max(candidates, key=lambda c: _goodness(stage, c[3]))
-        metrics = evaluate(result.model, sets.test, out / "samples" / run["name"] / f"seed{seed}" / f"{i}.json",
-                           fingerprint)
+            owner = stage_owner(config, run, i, lr, seed)  # another run's folder when it trains the same here
+            folder = out / "runs" / owner["name"] / f"seed{seed}" / f"{i}-{stage['name']}-lr{lr:g}"
+            with locked(folder):  # a worker running the owner's chain trains it once; this one then reads it
+                model, tokenizer = base_model()
+                result = sclora.finetune(
+                    model, tokenizer, sets.train[stage["name"]], keep if i == 0 else None,
+                    after=after, keep_earlier=run.get("keep_earlier", True),
+                    replay=run.get("replay", 0.0) if i else 0.0, config=stage_init_config(config, run, i),
+                    train_config=stage_train_config(config, run, lr, seed, i), output_dir=folder,
+                    stats_dir=out / "stats", stats_samples=config.stats_samples, seq_len=config.stats_seq_len,
+                    seed=seed, show_progress=show_progress, context={"experiment": key, "model": config.model})
+                seconds = result.summary["init_seconds"] + result.summary["train_seconds"]
+                fingerprint = digest([key, owner, seed, i, lr, sclora.stages.stage_digest(folder)])
+                validation = evaluate(result.model, {n: sets.validate[n] for n in stage.get("validate", {})},
+                                      folder / "validation.json", fingerprint) if "validate" in stage else {}
+            candidates.append((lr, owner, folder, result, validation, seconds, fingerprint))
+        lr, owner, folder, result, validation, seconds, fingerprint = max(
+            candidates, key=lambda c: _goodness(stage, c[4]))
+        samples = out / "samples" / "{}" / f"seed{seed}" / f"{i}.json"
+        source = Path(str(samples).format(owner["name"]))
+        with locked(source):  # the owner's evaluation, made once and copied
+            metrics = evaluate(result.model, sets.test, Path(str(samples).format(run["name"])), fingerprint, source)
         s = result.summary
         rows.append({"stage": stage["name"], "learning_rate": lr, "folder": str(folder.relative_to(out)),
-                     "validation": {f"{c[0]:g}": c[3] for c in candidates}, "metrics": metrics,
+                     "validation": {f"{c[0]:g}": c[4] for c in candidates}, "metrics": metrics,
                      "kept_sets": s["kept_sets"], "replayed_examples": s["replayed_examples"],
                      "statistics_seconds": s["statistics_seconds"], "merge_seconds": s["merge_seconds"],
                      "train_seconds": s["train_seconds"], "stage_seconds": round(seconds, 1),
