@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -244,7 +245,8 @@ def test_statistics_are_collected_once_per_model_and_set_across_candidates_and_r
     root, _, config = setup
     calls = []
     collect = statistics_cache.collect_covariances
-    monkeypatch.setattr(statistics_cache, "collect_covariances", lambda *a, **k: calls.append(k["desc"]) or collect(*a, **k))
+    monkeypatch.setattr(statistics_cache, "collect_covariances",  # a collection takes >= 0.3 s, a cache read not
+                        lambda *a, **k: calls.append(k["desc"]) or time.sleep(0.3) or collect(*a, **k))
     runs = [{"name": "sc-lora", "method": "sc_lora", "beta": 0.5, "learning_rate": [1e-2, 1e-3]},
             {"name": "knowledge-only", "method": "sc_lora", "beta": 0.5, "keep_earlier": False,
              "learning_rate": [1e-2, 1e-3]}]
@@ -260,3 +262,7 @@ def test_statistics_are_collected_once_per_model_and_set_across_candidates_and_r
     assert result["knowledge-only"]["0"][0]["folder"] == result["sc-lora"]["0"][0]["folder"]
     assert [s["kept_sets"] for s in result["knowledge-only"]["0"]] == [["preserve"], ["preserve"]]
     assert len(result["sc-lora"]["0"][1]["kept_sets"]) == 2
+    for i, row in enumerate(result["sc-lora"]["0"]):  # a stage's statistics time: the candidate that collected them
+        folders = sorted((out / "runs" / "sc-lora" / "seed0").glob(f"{i}-*"))
+        seconds = [json.loads((f / "summary.json").read_text())["statistics_seconds"] for f in folders]
+        assert len(seconds) == 2 and row["statistics_seconds"] == max(seconds) >= 0.3 * (2 + i) > min(seconds)

@@ -419,7 +419,9 @@ def _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_pro
         rows.append({"stage": stage["name"], "learning_rate": lr, "folder": str(folder.relative_to(out)),
                      "validation": {f"{c[0]:g}": c[4] for c in candidates}, "metrics": metrics,
                      "kept_sets": s["kept_sets"], "replayed_examples": s["replayed_examples"],
-                     "statistics_seconds": s["statistics_seconds"], "merge_seconds": s["merge_seconds"],
+                     # the stage's statistics: collected by one candidate, read from the cache by the others
+                     "statistics_seconds": max(c[3].summary["statistics_seconds"] for c in candidates),
+                     "merge_seconds": s["merge_seconds"],
                      "train_seconds": s["train_seconds"], "stage_seconds": round(seconds, 1),
                      "steps": s["steps"], "final_loss": s["final_loss"]})
         after = folder

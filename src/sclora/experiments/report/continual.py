@@ -601,6 +601,8 @@ def write_continual_report(directory: str | Path) -> Path:
              "learned to the end (negative: forgetting); FWT: score on a task before training on it minus the base "
              "model's. 95% CIs: paired bootstrap over items and seeds.", "",
              continual_table(rows, differences), "", "## Stages", "",
+             "Statistics s: collecting the stage's D+ and D- statistics on the model the stage starts from, once per "
+             "stage (its learning-rate candidates share them); training s: the selected candidate's training.", "",
              "| run | seed | stage | learning rate (validation-selected) | kept sets (D-) | replayed | statistics s | "
              "training s |", "|---|---|---|---|---|---|---|---|"]
     for run, by_seed in data["results"]["runs"].items():
