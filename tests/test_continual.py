@@ -78,6 +78,7 @@ def test_every_run_learns_the_stages_in_order_and_is_measured_on_every_task_afte
     # SC-LoRA keeps the facts set at stage 0, the facts and the colours task at stage 1
     assert [s["kept_sets"] for s in result["runs"]["sc-lora"]["0"]] == [["preserve"], ["preserve", "task of 0-colours-lr0.01"]]
     assert result["runs"]["replay"]["0"][1]["replayed_examples"] == 2  # a quarter of the 8 colours examples
+    assert all(s["kept_sets"] == [] for name in ("lora", "replay", "o-lora") for s in result["runs"][name]["0"])
     # at the first stage replay and O-LoRA train what LoRA trains at 1e-2: they continue from LoRA's folder (trained
     # once) with its measurements, and their second stages are their own
     first = result["runs"]["lora"]["0"][0]

@@ -108,6 +108,10 @@ def test_replay_mixes_a_share_of_each_earlier_task_into_the_training_data(tmp_pa
     b = stage(tmp_path, "b", REFUSALS, after=a, replay=0.25, config=sclora.SCLoRAConfig(method="lora", r=2))
     assert b.summary["replayed_examples"] == round(0.25 * len(TASK)) == 6
     assert b.summary["examples"]["data"] == len(REFUSALS) + 6
+    # LoRA keeps no D-: its summary lists none, while the chain still records the sets for a later stage that keeps
+    assert a.summary["kept_sets"] == b.summary["kept_sets"] == [] and "D- sets: none" in b.text
+    assert [e["name"] for e in json.loads((tmp_path / "b" / "stage.json").read_text())["preserved"]] == \
+        ["preserve", "task of a"]
     # 18 examples in micro-batches of 4, 2 per step: Trainer counts the last, shorter accumulation as a step
     assert b.summary["planned_steps"] == b.training.steps == 3
     assert stages.replay_examples(stages.read_chain(a), 0.25, 0) == stages.replay_examples(stages.read_chain(a), 0.25, 0)

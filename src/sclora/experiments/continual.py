@@ -389,7 +389,8 @@ def _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_pro
 
     rows, after = [], None
     # the kept sets enter the chain at its first stage, for the methods that keep knowledge sets
-    keep = list(sets.keep.values()) if sets.keep and "minus" in method_spec(run["method"]).needs else None
+    keeps = "minus" in method_spec(run["method"]).needs
+    keep = list(sets.keep.values()) if sets.keep and keeps else None
     for i, stage in enumerate(config.stages):
         candidates = []
         for lr in learning_rates(config, run):
@@ -418,7 +419,7 @@ def _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_pro
         s = result.summary
         rows.append({"stage": stage["name"], "learning_rate": lr, "folder": str(folder.relative_to(out)),
                      "validation": {f"{c[0]:g}": c[4] for c in candidates}, "metrics": metrics,
-                     "kept_sets": s["kept_sets"], "replayed_examples": s["replayed_examples"],
+                     "kept_sets": s["kept_sets"] if keeps else [], "replayed_examples": s["replayed_examples"],
                      # the stage's statistics: collected by one candidate, read from the cache by the others
                      "statistics_seconds": max(c[3].summary["statistics_seconds"] for c in candidates),
                      "merge_seconds": s["merge_seconds"],
