@@ -107,6 +107,17 @@ def test_every_run_learns_the_stages_in_order_and_is_measured_on_every_task_afte
     report = (out / "report.md").read_text()
     assert all(name in report for name in ("lora", "sc-lora", "replay", "o-lora", "BWT", "FWT"))
     assert (out / "figures" / "continual_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    # the stage table lists D- sets only for the methods that keep them, also from rows that recorded a LoRA
+    # stage's inherited sets
+    stored = json.loads((out / "continual.json").read_text())
+    stored["runs"]["lora"]["0"][1]["kept_sets"] = ["task of 0-colours-lr0.01"]
+    (out / "continual.json").write_text(json.dumps(stored))
+    assert cli.main(["report", str(out)]) == 0
+    table = [line.split(" | ") for line in (out / "report.md").read_text().splitlines() if line.startswith("| lora | 0 |")]
+    assert len(table) == 2 and all(cells[4] == "-" for cells in table)
+    assert any("task of 0-colours" in line for line in (out / "report.md").read_text().splitlines()
+               if line.startswith("| sc-lora | 0 | shapes"))
+    (out / "continual.json").write_text(json.dumps(result))
     from sclora.experiments.report.continual import load_continual as load_scores
 
     data = load_scores(out)

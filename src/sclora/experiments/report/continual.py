@@ -605,11 +605,14 @@ def write_continual_report(directory: str | Path) -> Path:
              "stage (its learning-rate candidates share them); training s: the selected candidate's training.", "",
              "| run | seed | stage | learning rate (validation-selected) | kept sets (D-) | replayed | statistics s | "
              "training s |", "|---|---|---|---|---|---|---|---|"]
+    from ...registry import method_spec
+
+    keeps = {r["name"]: "minus" in method_spec(r["method"]).needs for r in data["config"]["runs"]}
     for run, by_seed in data["results"]["runs"].items():
         for seed, stages in by_seed.items():
-            for s in stages:
+            for s in stages:  # a method without D- (LoRA) keeps none of the sets its chain records
                 lines.append(f"| {run} | {seed} | {s['stage']} | {s['learning_rate']:g} | "
-                             f"{', '.join(s['kept_sets']) or '-'} | {s['replayed_examples']} | "
+                             f"{(', '.join(s['kept_sets']) if keeps.get(run, True) else '') or '-'} | {s['replayed_examples']} | "
                              f"{s['statistics_seconds']} | {s['train_seconds']} |")
     lines += ["", *[f"![{caption}](figures/{name})" for name, caption in figures], ""]
     path = out / "report.md"
