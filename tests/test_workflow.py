@@ -158,3 +158,26 @@ def test_runs_sharing_a_stats_dir_collect_each_set_once_and_another_set_again(tm
     assert not (tmp_path / "lr0.01" / "out" / "stats").exists() and len(list(shared.glob("*.safetensors"))) == 2
     run(tmp_path / "other", REFUSALS, stats_dir=shared)  # another knowledge set: its statistics are collected
     assert calls == ["plus statistics", "minus statistics", "minus statistics"]
+
+
+def test_a_budgets_beta_is_searched_once_per_statistics_and_settings(tmp_path, monkeypatch):
+    """Learning-rate candidates sharing a stats_dir read the beta chosen for the budget from a file named by the
+    statistics files and the config; another budget searches again, and so does a damaged file."""
+    from sclora import methods
+
+    searches = []
+    search = methods.choose_beta
+    monkeypatch.setattr(methods, "choose_beta", lambda *a, **k: searches.append(k["budget"]) or search(*a, **k))
+    shared = tmp_path / "shared-stats"
+    auto = sclora.SCLoRAConfig(r=2, beta="auto", preserve_budget=0.2)
+    first, second = (run(tmp_path / f"lr{lr:g}", CAPITALS, stats_dir=shared, config=auto,
+                         train_config={**FAST, "learning_rate": lr}) for lr in (1e-2, 1e-3))
+    assert searches == [0.2] and first.beta_choice == second.beta_choice
+    assert second.config.beta == first.config.beta and second.beta_choice.minus_energy <= 0.2 + 1e-9
+    (cached,) = shared.glob("beta-choice-*.json")
+    run(tmp_path / "tighter", CAPITALS, stats_dir=shared, config=auto.replace(preserve_budget=0.1))
+    assert searches == [0.2, 0.1]
+    cached.write_text(cached.read_text()[:20])  # cut short, as by a crash before atomic writes
+    again = run(tmp_path / "again", CAPITALS, stats_dir=shared, config=auto)  # (run() silences its warning)
+    assert searches == [0.2, 0.1, 0.2] and again.beta_choice == first.beta_choice
+    assert json.loads(cached.read_text())["beta"] == first.beta_choice.beta  # written whole again

@@ -253,8 +253,8 @@ def finetune(
     if chain:
         model = stages.apply_chain(model, chain)
         merge_seconds = time.perf_counter() - start
-    stats, data_args = init_data(model, tokenizer, config, sets, Path(stats_dir) if stats_dir is not None
-                                 else out / "stats", seq_len, show_progress)
+    stats_dir = Path(stats_dir) if stats_dir is not None else out / "stats"
+    stats, data_args = init_data(model, tokenizer, config, sets, stats_dir, seq_len, show_progress)
     stats_seconds = time.perf_counter() - start - merge_seconds
     probe = _probe_batch(tokenizer, sets.get("plus") or examples, seq_len) if spec.residual or \
         config.quantize_residual else None
@@ -264,9 +264,14 @@ def finetune(
     if config.beta == "auto" and spec.name == "sc_lora":
         from .methods import choose_beta
 
-        choice = choose_beta(model, data_args["plus"], data_args["minus"], r=config.r,
-                             budget=config.preserve_budget, target_modules=config.target_modules,
-                             dtype=config.torch_dtype, solver=config.eigen_solver, show_progress=show_progress)
+        cache = _beta_choice_path(stats_dir, config, stats)
+        choice = _saved_beta_choice(cache)
+        if choice is None:
+            choice = choose_beta(model, data_args["plus"], data_args["minus"], r=config.r,
+                                 budget=config.preserve_budget, target_modules=config.target_modules,
+                                 dtype=config.torch_dtype, solver=config.eigen_solver, show_progress=show_progress)
+            if cache is not None and distributed.is_main_process():
+                atomic_write_json(cache, asdict(choice))
         config = config.replace(beta=choice.beta, preserve_budget=None)
     if distributed.is_main_process():
         config.save_pretrained(out)
@@ -369,6 +374,28 @@ def _beta_choice(saved: dict):
         return tuple(tuples(v) for v in value) if isinstance(value, list) else value
 
     return BetaChoice(**{k: [tuples(t) for t in v] if k == "tried" else tuples(v) for k, v in saved.items()})
+
+
+def _beta_choice_path(stats_dir: Path, config: SCLoRAConfig, stats: dict) -> Path | None:
+    """Where the β chosen for a budget is cached next to the statistics it was searched on: the name carries the
+    statistics files' names (which fingerprint model and data) and the whole config (budget, r, solver, ...), so
+    the learning-rate candidates of one stage search once. None when a set's statistics have no file."""
+    files = [getattr(getattr(s, "sums", None), "path", None) for s in stats.values()]  # sclora.statistics.FileSums
+    names = [Path(f).name if f else None for f in files]
+    if not names or None in names:
+        return None
+    return stats_dir / f"beta-choice-{digest({'stats': names, 'config': config.to_dict()})}.json"
+
+
+def _saved_beta_choice(path: Path | None):
+    """The BetaChoice cached at ``path``, or None (no file, or one that cannot be read: it is searched again)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        return _beta_choice(json.loads(path.read_text()))
+    except (ValueError, TypeError, KeyError):
+        warnings.warn(f"{path} cannot be read; choosing beta again.", stacklevel=3)
+        return None
 
 
 def _knowledge_sets(preserve) -> list:
