@@ -312,7 +312,8 @@ def finetune(
         "beta": config.beta if spec.name == "sc_lora" else None,
         "beta_chosen_for_budget": choice.budget if choice else None,
         "examples": {"data": len(examples), **{k: len(v) for k, v in sets.items()}},
-        "after": [c["output_dir"] for c in chain], "kept_sets": [name for name, _ in kept] if "minus" in spec.needs else [],  # D-: none for LoRA
+        "after": [c["output_dir"] for c in chain],
+        "kept_sets": [name for name, _ in kept] if "minus" in spec.needs else [],  # D-: none for LoRA
         "replayed_examples": len(examples) - len(task), "statistics_seconds": round(stats_seconds, 1),
         "merge_seconds": round(merge_seconds, 1),
         "train": {k: getattr(train_config, k) for k in ("learning_rate", "batch_size", "num_epochs", "max_steps")},

@@ -389,8 +389,7 @@ def _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_pro
 
     rows, after = [], None
     # the kept sets enter the chain at its first stage, for the methods that keep knowledge sets
-    keeps = "minus" in method_spec(run["method"]).needs
-    keep = list(sets.keep.values()) if sets.keep and keeps else None
+    keep = list(sets.keep.values()) if sets.keep and "minus" in method_spec(run["method"]).needs else None
     for i, stage in enumerate(config.stages):
         candidates = []
         for lr in learning_rates(config, run):
@@ -412,14 +411,15 @@ def _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_pro
             candidates.append((lr, owner, folder, result, validation, seconds, fingerprint))
         lr, owner, folder, result, validation, seconds, fingerprint = max(
             candidates, key=lambda c: _goodness(stage, c[4]))
-        samples = out / "samples" / "{}" / f"seed{seed}" / f"{i}.json"
-        source = Path(str(samples).format(owner["name"]))
-        with locked(source):  # the owner's evaluation, made once and copied
-            metrics = evaluate(result.model, sets.test, Path(str(samples).format(run["name"])), fingerprint, source)
+        def samples(name: str) -> Path:
+            return out / "samples" / name / f"seed{seed}" / f"{i}.json"
+
+        with locked(samples(owner["name"])):  # the owner's evaluation, made once and copied
+            metrics = evaluate(result.model, sets.test, samples(run["name"]), fingerprint, samples(owner["name"]))
         s = result.summary
         rows.append({"stage": stage["name"], "learning_rate": lr, "folder": str(folder.relative_to(out)),
                      "validation": {f"{c[0]:g}": c[4] for c in candidates}, "metrics": metrics,
-                     "kept_sets": s["kept_sets"] if keeps else [], "replayed_examples": s["replayed_examples"],
+                     "kept_sets": s["kept_sets"], "replayed_examples": s["replayed_examples"],
                      # the stage's statistics: collected by one candidate, read from the cache by the others
                      "statistics_seconds": max(c[3].summary["statistics_seconds"] for c in candidates),
                      "merge_seconds": s["merge_seconds"],

@@ -611,8 +611,9 @@ def write_continual_report(directory: str | Path) -> Path:
     for run, by_seed in data["results"]["runs"].items():
         for seed, stages in by_seed.items():
             for s in stages:  # a method without D- (LoRA) keeps none of the sets its chain records
-                lines.append(f"| {run} | {seed} | {s['stage']} | {s['learning_rate']:g} | "
-                             f"{(', '.join(s['kept_sets']) if keeps.get(run, True) else '') or '-'} | {s['replayed_examples']} | "
+                kept = ", ".join(s["kept_sets"]) if keeps.get(run, True) else ""
+                lines.append(f"| {run} | {seed} | {s['stage']} | {s['learning_rate']:g} | {kept or '-'} | "
+                             f"{s['replayed_examples']} | "
                              f"{s['statistics_seconds']} | {s['train_seconds']} |")
     lines += ["", *[f"![{caption}](figures/{name})" for name, caption in figures], ""]
     path = out / "report.md"
