@@ -150,3 +150,43 @@ def assert_same_adapter(model, plus, minus, beta):
     got = {n: p for n, p in model.named_parameters() if "lora_B" in n}
     want = dict(explicit.named_parameters())
     assert got and all(torch.equal(p, want[n]) for n, p in got.items())
+
+
+ALL_KINDS = ["q_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # narrowing, square, widening
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_the_search_shares_are_those_of_the_full_output_covariances(side):
+    """The reduced per-module matrices give the shares of sc_subspace + captured_energy on W0 C W0^T formed in
+    float64, at betas where every eigenvalue is positive, mixed, and none is (β = 1: the widening layers fill the
+    subspace with the directions outside range(W0) before the negative ones)."""
+    from sclora.layers import read_weight
+    from sclora.methods.sc_lora import _module_covariances, _Reduced
+    from sclora.targets import resolve_targets
+
+    model = tiny_llama(seed=8)
+    sets = [sclora.collect_covariances(model, random_batches(2, seed=s, seq_len=n), ALL_KINDS, side=side,
+                                       show_progress=False).bind(model) for s, n in [(1, 12), (2, 3), (3, 2)]]
+    plus, minus = sets[0], sets[1:]
+    checked_fill = False
+    for name, linear in resolve_targets(model, ALL_KINDS).items():
+        w = read_weight(linear).double()
+        covs, args = _module_covariances(plus, minus, name, read_weight(linear))
+        full = [c.double() if args == {} else w @ c.double() @ w.T for c in covs]
+        module = _Reduced.of(covs, args.get("weight"), torch.float64)
+        assert module.outside == (max(w.shape[0] - w.shape[1], 0) if args else 0)
+        for betas in ([0.0, 0.0], [0.3, 0.2], [0.02, 0.9], [0.5, 0.5]):
+            q = sclora.sc_subspace(full[0], full[1:], betas, 5)
+            reference = [sclora.captured_energy(q, c) for c in full]
+            assert module.shares(betas, 5, "eigh") == pytest.approx(reference, abs=1e-10)
+            assert module.shares(betas, 5, "auto") == pytest.approx(reference, abs=1e-8)
+            checked_fill |= module.outside > 0 and sum(betas) == 1.0
+    assert checked_fill  # gate/up widen their input: collected on the input side even with side="output"
+
+
+def test_the_cache_bound_changes_nothing_but_memory(two_sets):
+    plus, minus_list = two_sets
+    kwargs = dict(r=3, budget=[0.3, 0.3], target_modules=TARGETS, show_progress=False)
+    cached = sclora.choose_beta(tiny_llama(seed=8), plus, minus_list, **kwargs)
+    uncached = sclora.choose_beta(tiny_llama(seed=8), plus, minus_list, cache_bytes=0, **kwargs)
+    assert cached == uncached and len(cached.tried) > 3

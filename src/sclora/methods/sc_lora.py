@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from ..config import SCLoRAConfig
 from ..layers import layer_dims, read_weight
 from ..statistics import PER_SAMPLE_NORMALIZATIONS, CovarianceStats, require_finite_weight
-from ..subspace import NonUniqueSubspaceWarning, check_betas, sc_lora_factors, sc_subspace
+from ..eigensolvers import Operator, top_eigenpairs
+from ..subspace import NonUniqueSubspaceWarning, check_betas, delta_covariance, sc_lora_factors, sc_subspace
 from ..targets import resolve_targets
 from .residual import build_residual_adapter, check_rank, require_coverage
 
@@ -135,7 +136,8 @@ class BetaChoice:
 def choose_beta(model: nn.Module, plus_stats: CovarianceStats,
                 minus_stats: CovarianceStats | Sequence[CovarianceStats], *, r: int,
                 budget: float | Sequence[float], target_modules=None, tol: float = 1 / 512, dtype=torch.float64,
-                solver: str = "eigh", show_progress: bool = True, max_rounds: int = 8) -> BetaChoice:
+                solver: str = "eigh", show_progress: bool = True, max_rounds: int = 8,
+                cache_bytes: int = 4 << 30) -> BetaChoice:
     """The smallest β (within ``tol``) whose SC-LoRA initial subspace keeps at most ``budget`` of D-'s output
     energy, as the mean over the target modules of tr(Q^T Cov- Q) / tr(Cov-).
 
@@ -150,8 +152,15 @@ def choose_beta(model: nn.Module, plus_stats: CovarianceStats,
     (u = β for one set) by bracketing from its current value and bisecting, one set after the other, until a whole
     round moves none of them (at most ``max_rounds``): then every budget is met and lowering any one u_i by ``tol``
     misses that set's budget (the smallest weights, coordinate by coordinate). The first round costs about as
-    much as a single-set search per set; each later one about 2 decompositions per set."""
-    from ..subspace import captured_energy, sc_subspace
+    much as a single-set search per set; each later one about 2 decompositions per set.
+
+    Every set's output covariance of a module is first written once as U M_k U^T, U orthonormal with
+    min(d_out, d_in) columns (U = I for output-side statistics; W0 C W0^T itself when d_out <= d_in; the thin QR
+    W0 = U R and M_k = R C R^T when the layer widens its input, whose other d_out - d_in directions carry no
+    energy of any set). Each β then costs one eigendecomposition of Σ_k c_k M_k and r-column products per
+    module, and the same shares as :func:`sclora.sc_subspace` + :func:`sclora.captured_energy` on the full
+    matrices. The M_k are kept for the whole search while they fit in ``cache_bytes`` (the modules beyond it are
+    reduced again at every β)."""
 
     several = not isinstance(minus_stats, CovarianceStats)
     minus_list = list(minus_stats) if several else [minus_stats]
@@ -168,16 +177,24 @@ def choose_beta(model: nn.Module, plus_stats: CovarianceStats,
         require_finite_weight(name, read_weight(linear))
     tried: list[tuple] = []
 
+    cached: dict[str, _Reduced] = {}
+    room = cache_bytes
+
+    def reduced(name: str, linear: nn.Module) -> _Reduced:
+        nonlocal room
+        if name in cached:
+            return cached[name]
+        covs, args = _module_covariances(plus, minus, name, read_weight(linear))
+        module = _Reduced.of(covs, args.get("weight"), dtype)
+        if module.nbytes <= room:
+            cached[name], room = module, room - module.nbytes
+        return module
+
     def shares(betas: list[float]) -> tuple[list[float], float]:
         kept: list[list[float]] = [[] for _ in range(len(minus) + 1)]  # D-_1.., then D+
-        for name, linear in targets.items():  # one module's covariances at a time: no copy of every module held
-            covs, args = _module_covariances(plus, minus, name, read_weight(linear))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NonUniqueSubspaceWarning)  # ties do not change the kept energy
-                q = sc_subspace(covs[0], covs[1:], betas, r, dtype=dtype, solver=solver, **args)
-            weight = args.get("weight")
-            for slot, cov in zip(kept, [*covs[1:], covs[0]]):
-                share = captured_energy(q, cov.to(q.dtype), None if weight is None else weight.to(q.dtype))
+        for name, linear in targets.items():
+            module_shares = reduced(name, linear).shares(betas, r, solver)
+            for slot, share in zip(kept, [*module_shares[1:], module_shares[0]]):
                 if math.isfinite(share):
                     slot.append(share)
         means = [sum(v) / len(v) if v else math.nan for v in kept]
@@ -193,6 +210,46 @@ def choose_beta(model: nn.Module, plus_stats: CovarianceStats,
     finally:
         bar.close()
     return replace(choice, tried=tried)
+
+
+@dataclass(frozen=True)
+class _Reduced:
+    """One module's sets (D+ first) as the m x m matrices M_k of output covariances U M_k U^T, U orthonormal;
+    ``outside`` more output directions (orthogonal to U) carry no energy of any set."""
+
+    matrices: list[torch.Tensor]
+    outside: int
+
+    @classmethod
+    def of(cls, covs: list[torch.Tensor], weight: torch.Tensor | None, dtype: torch.dtype) -> _Reduced:
+        if weight is None:
+            return cls([c.to(dtype) for c in covs], 0)
+        w = weight.to(dtype)
+        d_out, d_in = w.shape
+        if d_out <= d_in:
+            return cls([w @ c.to(dtype) @ w.T for c in covs], 0)
+        r = torch.linalg.qr(w, mode="r")[1]  # W0 = U R
+        return cls([r @ c.to(dtype) @ r.T for c in covs], d_out - d_in)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.numel() * m.element_size() for m in self.matrices)
+
+    def shares(self, betas: list[float], rank: int, solver: str) -> list[float]:
+        """tr(Q^T Cov_k Q) / tr(Cov_k) for every set, Q the SC-LoRA subspace at ``betas``: the top ``rank``
+        eigenvectors of dCov, the zero-eigenvalue directions outside U ranked after the positive eigenvalues and
+        before the negative ones, as :func:`sclora.sc_subspace` does (they keep no energy). nan for a set with
+        no energy in the module."""
+        plus, *minus = self.matrices
+        lam, v = top_eigenpairs(Operator(delta_covariance(plus, minus, betas)), rank, solver)
+        n_pos = int((lam[:rank] > 0).sum())
+        n_zero = min(rank - n_pos, self.outside)
+        q = torch.cat([v[:, :n_pos], v[:, n_pos:rank - n_zero]], dim=1)
+        out = []
+        for m in self.matrices:
+            total = m.trace().item()
+            out.append(((q.T @ m) * q.T).sum().item() / total if total != 0 else math.nan)
+        return out
 
 
 def _check_budgets(budget, n_sets: int, several: bool) -> list[float]:
