@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--solver", default="eigh")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-search", action="store_true", help="time one β each way, not the whole search")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "beta_search.json"))
     args = parser.parse_args()
     if len(args.stats) < 2:
@@ -86,11 +87,6 @@ def main() -> None:
     fast, reduced_s = timed(lambda: reduced_shares(modules, betas, args.r, args.solver))
     difference = max(abs(a - b) for a, b in zip(reference, fast))
     del modules
-    several = len(minus) > 1
-    budget = [args.budget] * len(minus) if several else args.budget
-    choice, search_s = timed(lambda: sclora.choose_beta(model, plus, minus if several else minus[0], r=args.r,
-                                                        budget=budget, solver=args.solver, show_progress=False))
-    evaluations = len(choice.tried)
     result = {
         "command": "python benchmarks/beta_search.py " + shlex.join(sys.argv[1:]),
         "torch": torch.__version__, "threads": args.threads,
@@ -100,20 +96,29 @@ def main() -> None:
         "reduced_evaluation_s": round(reduced_s, 3),
         "per_beta_speedup": round(full_s / reduced_s, 1),
         "max_share_difference": difference,
-        "search": {"budget": args.budget, "evaluations": evaluations, "seconds": round(search_s, 1),
-                   "beta": choice.beta, "minus_energy": choice.minus_energy, "plus_energy": choice.plus_energy,
-                   "full_matrix_estimate_s": round(evaluations * full_s, 1),
-                   "speedup_vs_estimate": round(evaluations * full_s / search_s, 1)},
-        "peak_rss_mb": peak_rss_mb(),
     }
+    if not args.no_search:
+        several = len(minus) > 1
+        budget = [args.budget] * len(minus) if several else args.budget
+        choice, search_s = timed(lambda: sclora.choose_beta(model, plus, minus if several else minus[0], r=args.r,
+                                                            budget=budget, solver=args.solver, show_progress=False))
+        evaluations = len(choice.tried)
+        result["search"] = {"budget": args.budget, "evaluations": evaluations, "seconds": round(search_s, 1),
+                            "beta": choice.beta, "minus_energy": choice.minus_energy,
+                            "plus_energy": choice.plus_energy,
+                            "full_matrix_estimate_s": round(evaluations * full_s, 1),
+                            "speedup_vs_estimate": round(evaluations * full_s / search_s, 1)}
+    result["peak_rss_mb"] = peak_rss_mb()
     print(f"{len(targets)} modules, {len(args.stats)} sets (D+ and {len(minus)} D-), r={args.r}, {args.solver}, "
           f"{args.threads} thread(s)")
     print(f"one β on the full matrices:  {full_s:8.2f} s")
     print(f"reduction (once per search): {reduce_s:8.2f} s")
     print(f"one β on the reduced ones:   {reduced_s:8.3f} s   ({full_s / reduced_s:.1f}x; shares differ by at most "
           f"{difference:.1e})")
-    print(f"choose_beta at budget {args.budget}: {evaluations} evaluations in {search_s:.1f} s; on the full matrices "
-          f"≈ {evaluations * full_s:.0f} s ({evaluations * full_s / search_s:.1f}x)")
+    if "search" in result:
+        search = result["search"]
+        print(f"choose_beta at budget {args.budget}: {search['evaluations']} evaluations in {search['seconds']} s; on "
+              f"the full matrices ≈ {search['full_matrix_estimate_s']:.0f} s ({search['speedup_vs_estimate']}x)")
     print(f"wrote {write_json(args.out, result)}")
 
 
