@@ -1,5 +1,6 @@
 """The fine-tuning stage: label masking, padding, loss goes down (full and LoRA), exact resume, config checks."""
 
+import importlib
 import json
 import os
 
@@ -147,6 +148,33 @@ def test_bf16_autocast_trains(tmp_path):
     tok, model = tiny_tokenizer(), lora_model()
     result = train(model, tok, EXAMPLES, config(max_steps=2, bf16=True), tmp_path, show_progress=False)
     assert result.steps == 2 and all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_before_training(tmp_path, monkeypatch, native):
+    import warnings
+
+    train_module = importlib.import_module("sclora.train")  # the module: sclora.train is also the function
+
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_module._training_arguments(config(max_steps=1, bf16=True), str(tmp_path), False)
+        train_module._training_arguments(config(max_steps=1, bf16=False), str(tmp_path), False)
+    slow = [w for w in caught if issubclass(w.category, train_module.SlowBF16Warning)]
+    assert len(slow) == (0 if native else 1)  # only bf16=True, and only without native support
+    if slow:
+        assert "bf16=False" in str(slow[0].message)
+
+
+def test_the_bf16_check_reads_the_cpu_flags(monkeypatch):
+    train_module = importlib.import_module("sclora.train")  # the module: sclora.train is also the function
+
+    for avx512_bf16, amx, expected in [(False, False, False), (True, False, True), (False, True, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert train_module.cpu_has_native_bf16() is expected
 
 
 class Crash(TrainerCallback):
