@@ -136,8 +136,8 @@ class BetaChoice:
 def choose_beta(model: nn.Module, plus_stats: CovarianceStats,
                 minus_stats: CovarianceStats | Sequence[CovarianceStats], *, r: int,
                 budget: float | Sequence[float], target_modules=None, tol: float = 1 / 512, dtype=torch.float64,
-                solver: str = "eigh", show_progress: bool = True, max_rounds: int = 8,
-                cache_bytes: int = 4 << 30) -> BetaChoice:
+                solver: str = "eigh", show_progress: bool = True, rtol: float = 0.02,
+                max_evaluations: int = 60, cache_bytes: int = 4 << 30) -> BetaChoice:
     """The smallest β (within ``tol``) whose SC-LoRA initial subspace keeps at most ``budget`` of D-'s output
     energy, as the mean over the target modules of tr(Q^T Cov- Q) / tr(Cov-).
 
@@ -147,12 +147,17 @@ def choose_beta(model: nn.Module, plus_stats: CovarianceStats,
     reaches is an error naming that minimum. Statistics are cached, so this costs decompositions only.
 
     Several knowledge sets (``minus_stats`` a list, ``budget`` one share per set): dCov = (1 - Σβ_i) Cov+ -
-    Σ β_i Cov-_i has the eigenvectors of Cov+ - Σ t_i Cov-_i with t_i = β_i / (1 - Σβ), and set i's share can only
-    fall as t_i grows with the other t fixed. So each set's weight is searched in u_i = t_i / (1 + t_i) ∈ [0, 1)
-    (u = β for one set) by bracketing from its current value and bisecting, one set after the other, until a whole
-    round moves none of them (at most ``max_rounds``): then every budget is met and lowering any one u_i by ``tol``
-    misses that set's budget (the smallest weights, coordinate by coordinate). The first round costs about as
-    much as a single-set search per set; each later one about 2 decompositions per set.
+    Σ β_i Cov-_i has the eigenvectors of Cov+ - Σ t_i Cov-_i with t_i = β_i / (1 - Σβ). Weights are sought at which
+    every set with t_i > 0 keeps between (1 - ``rtol``) and 1 times its budget and every set at t_i = 0 keeps at
+    most its budget: no set is protected more than it asked, none less (the complementary slackness of keeping
+    D+ subject to the budgets). Raising one set's weight lowers the others' shares too (the sets share
+    directions), so searching one weight after the other can circle; instead all weights move at once,
+    log t_i += η log(share_i / target_i) with the target the middle of the band, η halved whenever the
+    worst miss grows (and raised by a quarter, up to 1, when it shrinks), a set dropped to 0 once
+    the others protect it. t = 0 first (budgets LoRA-like fitting meets), then, for each set over its budget, β_i
+    -> 1 alone (a budget even that misses is an error naming the minimum). Within ``max_evaluations``
+    decompositions it stops at the band; if it does not get there, it warns and returns the point that met every
+    budget with the most D+ energy (an error if none did).
 
     Every set's output covariance of a module is first written once as U M_k U^T, U orthonormal with
     min(d_out, d_in) columns (U = I for output-side statistics; W0 C W0^T itself when d_out <= d_in; the thin QR
@@ -206,7 +211,7 @@ def choose_beta(model: nn.Module, plus_stats: CovarianceStats,
     bar = tqdm(total=1 + math.ceil(math.log2(1 / tol)), desc="choose beta", disable=not show_progress)
     try:
         choice = (_bisect_one(shares, budgets[0], tol) if not several else
-                  _coordinate_search(shares, budgets, tol, max_rounds))
+                  _joint_search(shares, budgets, rtol, max_evaluations))
     finally:
         bar.close()
     return replace(choice, tried=tried)
@@ -286,59 +291,58 @@ def _bisect_one(shares, budget: float, tol: float) -> BetaChoice:
     return BetaChoice(hi, budget, at_hi[0], at_hi[1], [])
 
 
-def _betas_of(u: list[float]) -> list[float]:
-    """β_i = t_i / (1 + Σt) with t_i = u_i / (1 - u_i)."""
-    t = [x / (1 - x) for x in u]
-    return [x / (1 + sum(t)) for x in t]
+def _joint_search(shares, budgets: list[float], rtol: float, max_evaluations: int) -> BetaChoice:
+    n = len(budgets)
+
+    def betas_of(t: list[float]) -> list[float]:  # beta_i = t_i / (1 + sum t)
+        return [x / (1 + sum(t)) for x in t]
+
+    def choice(t, kept, plus_kept) -> BetaChoice:
+        return BetaChoice(tuple(betas_of(t)), tuple(budgets), tuple(kept), plus_kept, [])
+
+    kept, plus_kept = shares([0.0] * n)
+    if all(k <= b for k, b in zip(kept, budgets)):
+        return choice([0.0] * n, kept, plus_kept)
+    for i, (k, b) in enumerate(zip(kept, budgets)):  # the least set i can keep: its weight alone -> infinity
+        if k > b:
+            alone = shares([1.0 - _HUGE_WEIGHT ** -1 if j == i else 0.0 for j in range(n)])[0][i]
+            if alone > b:
+                raise ValueError(f"No weight keeps D-_{i}'s share at or below its budget {b}: even with β_{i} -> 1 "
+                                 f"it keeps {alone:.4f} (mean over modules). Raise that budget, or lower r.")
+    t = [1.0 if k > b else 0.0 for k, b in zip(kept, budgets)]
+    band = math.log(1 - rtol)
+    step, worst_before, best = 1.0, math.inf, None
+    for _ in range(max_evaluations):
+        kept, plus_kept = shares(betas_of(t))
+        g = [math.log(max(k, 1e-300) / b) if b > 0 else (math.inf if k > 0 else -math.inf)
+             for k, b in zip(kept, budgets)]  # > 0: over budget
+        met = all(x <= 0 for x in g)
+        if met and (best is None or plus_kept > best[2]):
+            best = (list(t), kept, plus_kept)
+        if met and all(x >= band for x, w in zip(g, t) if w > 0):
+            return choice(t, kept, plus_kept)
+        worst = max([x for x in g if x > 0] + [band - x for x, w in zip(g, t) if w > 0 and x < band])
+        step = step / 2 if worst > worst_before else min(1.25 * step, 1.0)
+        worst_before, largest = worst, max(t)
+        for i, x in enumerate(g):
+            if t[i] > 0:  # aimed at the middle of the band, which it then reaches in finitely many steps
+                t[i] = min(t[i] * math.exp(step * max(min(x - band / 2, 20.0), -20.0)), _HUGE_WEIGHT)
+                if x < 0 and t[i] < 1e-3 * largest:
+                    t[i] = 0.0  # protected by the others' weights alone
+            elif x > 0:
+                t[i] = min((w for w in t if w > 0), default=1.0)
+    if best is None:
+        raise ValueError(f"choose_beta found no weights meeting every budget {budgets} within {max_evaluations} "
+                         "decompositions; the knowledge sets pull the subspace against each other. Loosen a budget, "
+                         "or give the betas by hand.")
+    warnings.warn(f"choose_beta did not bring every weighted set to its budget {budgets} within {max_evaluations} "
+                  f"decompositions; it returns the weights that met every budget with the most D+ energy "
+                  f"(D- shares {[round(k, 4) for k in best[1]]}), which protect some sets more than asked.",
+                  stacklevel=3)
+    return choice(*best)
 
 
-def _coordinate_search(shares, budgets: list[float], tol: float, max_rounds: int) -> BetaChoice:
-    u = [0.0] * len(budgets)
-    cache: dict[tuple, tuple[list[float], float]] = {}
-
-    def at(point: list[float]):
-        key = tuple(point)
-        if key not in cache:
-            cache[key] = shares(_betas_of(point))
-        return cache[key]
-
-    def met(i: int, value: float) -> bool:
-        return at([*u[:i], value, *u[i + 1:]])[0][i] <= budgets[i]
-
-    top = 1.0 - tol  # u = 1 would be an infinite weight; the largest tried
-    for _ in range(max_rounds):
-        moved = False
-        for i in range(len(u)):
-            if met(i, u[i]):  # bracket downwards: find a value that misses, or 0
-                hi, step = u[i], tol
-                lo = max(hi - step, 0.0)
-                while lo > 0.0 and met(i, lo):
-                    hi, step = lo, 2 * step
-                    lo = max(hi - step, 0.0)
-                if lo == 0.0 and met(i, 0.0):
-                    hi = lo
-            else:  # bracket upwards: find a value that meets it
-                lo, step = u[i], tol
-                hi = min(lo + step, top)
-                while not met(i, hi):
-                    if hi >= top:
-                        m = at([*u[:i], top, *u[i + 1:]])[0][i]
-                        raise ValueError(
-                            f"No weight keeps D-_{i}'s share at or below its budget {budgets[i]} with the other "
-                            f"sets' weights at {[round(b, 4) for b in _betas_of(u)]}: at β_{i} -> 1 it keeps {m:.4f}. "
-                            "Raise that budget (or the others, which pull the subspace elsewhere), or lower r.")
-                    lo, step = hi, 2 * step
-                    hi = min(lo + step, top)
-            while hi - lo > tol * (1 + 1e-9) and hi > 0.0:  # (not by a rounding error: that would never settle)
-                mid = (lo + hi) / 2
-                lo, hi = (lo, mid) if met(i, mid) else (mid, hi)
-            moved |= abs(hi - u[i]) > 0.0
-            u[i] = hi
-        if not moved:
-            minus_kept, plus_kept = at(u)
-            return BetaChoice(tuple(_betas_of(u)), tuple(budgets), tuple(minus_kept), plus_kept, [])
-    raise ValueError(f"choose_beta did not settle within {max_rounds} rounds over {len(u)} knowledge sets (budgets "
-                     f"{budgets}); the sets pull against each other. Loosen a budget, or give the betas by hand.")
+_HUGE_WEIGHT = 1e6  # t_i at which a set's weight counts as infinite (beta_i within 1e-6 of 1)
 
 
 def _check_comparable(plus: CovarianceStats, minus: list[CovarianceStats], labels: list[str]) -> None:
