@@ -153,8 +153,8 @@ def choose_beta(model: nn.Module, plus_stats: CovarianceStats,
     D+ subject to the budgets). Raising one set's weight lowers the others' shares too (the sets share
     directions), so searching one weight after the other can circle; instead all weights move at once,
     log t_i += η log(share_i / target_i) with the target the middle of the band, η halved whenever the
-    worst miss grows (and raised by a quarter, up to 1, when it shrinks), a set dropped to 0 once
-    the others protect it. t = 0 first (budgets LoRA-like fitting meets), then, for each set over its budget, β_i
+    worst miss grows (and raised by a quarter, up to 1, when it shrinks); a weighted set below the band has its weight halved per step,
+    down to 0 below 1/1000 of the largest weight, where the others protect it. t = 0 first (budgets LoRA-like fitting meets), then, for each set over its budget, β_i
     -> 1 alone (a budget even that misses is an error naming the minimum). Within ``max_evaluations``
     decompositions it stops at the band; if it does not get there, it warns and returns the point that met every
     budget with the most D+ energy (an error if none did).
@@ -321,15 +321,18 @@ def _joint_search(shares, budgets: list[float], rtol: float, max_evaluations: in
             best = (list(t), kept, plus_kept)
         if met and all(x >= band for x, w in zip(g, t) if w > 0):
             return choice(t, kept, plus_kept)
-        worst = max([x for x in g if x > 0] + [band - x for x, w in zip(g, t) if w > 0 and x < band])
+        worst = max([abs(x - band / 2) for x, w in zip(g, t) if w > 0 and x >= band]  # the slack sets below
+                    + [x for x, w in zip(g, t) if w == 0], default=0.0)  # halve on their own
         step = step / 2 if worst > worst_before else min(1.25 * step, 1.0)
-        worst_before, largest = worst, max(t)
+        worst_before = worst
+        largest = max(t)
         for i, x in enumerate(g):
             if t[i] > 0:  # aimed at the middle of the band, which it then reaches in finitely many steps
-                t[i] = min(t[i] * math.exp(step * max(min(x - band / 2, 20.0), -20.0)), _HUGE_WEIGHT)
-                if x < 0 and t[i] < 1e-3 * largest:
-                    t[i] = 0.0  # protected by the others' weights alone
-            elif x > 0:
+                if x >= band:
+                    t[i] = min(t[i] * math.exp(step * min(x - band / 2, 20.0)), _HUGE_WEIGHT)
+                else:  # below the band: halve, down to 0 where the others protect it
+                    t[i] = t[i] / 2 if t[i] / 2 >= 1e-3 * largest else 0.0
+            elif x > 0:  # a set at weight 0 over its budget
                 t[i] = min((w for w in t if w > 0), default=1.0)
     if best is None:
         raise ValueError(f"choose_beta found no weights meeting every budget {budgets} within {max_evaluations} "
