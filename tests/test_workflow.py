@@ -181,3 +181,6 @@ def test_a_budgets_beta_is_searched_once_per_statistics_and_settings(tmp_path, m
     again = run(tmp_path / "again", CAPITALS, stats_dir=shared, config=auto)  # (run() silences its warning)
     assert searches == [0.2, 0.1, 0.2] and again.beta_choice == first.beta_choice
     assert json.loads(cached.read_text())["beta"] == first.beta_choice.beta  # written whole again
+    monkeypatch.setattr(methods.sc_lora, "BETA_SEARCH_VERSION", -1)  # a choice made by another search
+    run(tmp_path / "other-search", CAPITALS, stats_dir=shared, config=auto)
+    assert searches == [0.2, 0.1, 0.2, 0.2] and len(list(shared.glob("beta-choice-*.json"))) == 3

@@ -379,13 +379,16 @@ def _beta_choice(saved: dict):
 
 def _beta_choice_path(stats_dir: Path, config: SCLoRAConfig, stats: dict) -> Path | None:
     """Where the β chosen for a budget is cached next to the statistics it was searched on: the name carries the
-    statistics files' names (which fingerprint model and data) and the whole config (budget, r, solver, ...), so
-    the learning-rate candidates of one stage search once. None when a set's statistics have no file."""
+    statistics files' names (which fingerprint model and data), the whole config (budget, r, solver, ...) and
+    the search's version, so the learning-rate candidates of one stage search once. None when a set's statistics have no file."""
     files = [getattr(getattr(s, "sums", None), "path", None) for s in stats.values()]  # sclora.statistics.FileSums
     names = [Path(f).name if f else None for f in files]
     if not names or None in names:
         return None
-    return stats_dir / f"beta-choice-{digest({'stats': names, 'config': config.to_dict()})}.json"
+    from .methods.sc_lora import BETA_SEARCH_VERSION
+
+    key = {'stats': names, 'config': config.to_dict(), 'search': BETA_SEARCH_VERSION}
+    return stats_dir / f"beta-choice-{digest(key)}.json"
 
 
 def _saved_beta_choice(path: Path | None):

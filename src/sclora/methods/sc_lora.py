@@ -345,6 +345,7 @@ def _joint_search(shares, budgets: list[float], rtol: float, max_evaluations: in
     return choice(*best)
 
 
+BETA_SEARCH_VERSION = 2  # names the search in cached choices: a changed search never reuses an old one's β
 _HUGE_WEIGHT = 1e6  # t_i at which a set's weight counts as infinite (beta_i within 1e-6 of 1)
 
 
