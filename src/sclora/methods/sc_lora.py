@@ -152,9 +152,9 @@ def choose_beta(model: nn.Module, plus_stats: CovarianceStats,
     most its budget: no set is protected more than it asked, none less (the complementary slackness of keeping
     D+ subject to the budgets). Raising one set's weight lowers the others' shares too (the sets share
     directions), so searching one weight after the other can circle; instead all weights move at once,
-    log t_i += η log(share_i / target_i) with the target the middle of the band, η halved whenever the
-    worst miss grows (and raised by a quarter, up to 1, when it shrinks); a weighted set below the band has its weight halved per step,
-    down to 0 below 1/1000 of the largest weight, where the others protect it. t = 0 first (budgets LoRA-like fitting meets), then, for each set over its budget, β_i
+    log t_i += η log(share_i / target_i) with the target the middle of the band, η halved (down to 1/8)
+    whenever the worst miss grows and raised by a quarter (up to 1) when it shrinks; a set below the band with under 1/10 of the largest weight, at a point
+    that meets every budget, is tried once at weight 0 (and given its weight back if that misses its budget). t = 0 first (budgets LoRA-like fitting meets), then, for each set over its budget, β_i
     -> 1 alone (a budget even that misses is an error naming the minimum). Within ``max_evaluations``
     decompositions it stops at the band; if it does not get there, it warns and returns the point that met every
     budget with the most D+ energy (an error if none did).
@@ -312,6 +312,7 @@ def _joint_search(shares, budgets: list[float], rtol: float, max_evaluations: in
     t = [1.0 if k > b else 0.0 for k, b in zip(kept, budgets)]
     band = math.log(1 - rtol)
     step, worst_before, best = 1.0, math.inf, None
+    tried_zero: dict[int, float] = {}  # set -> its weight when it was tried at 0
     for _ in range(max_evaluations):
         kept, plus_kept = shares(betas_of(t))
         g = [math.log(max(k, 1e-300) / b) if b > 0 else (math.inf if k > 0 else -math.inf)
@@ -323,17 +324,18 @@ def _joint_search(shares, budgets: list[float], rtol: float, max_evaluations: in
             return choice(t, kept, plus_kept)
         worst = max([abs(x - band / 2) for x, w in zip(g, t) if w > 0 and x >= band]  # the slack sets below
                     + [x for x, w in zip(g, t) if w == 0], default=0.0)  # halve on their own
-        step = step / 2 if worst > worst_before else min(1.25 * step, 1.0)
+        step = max(step / 2, 1 / 8) if worst > worst_before else min(1.25 * step, 1.0)
         worst_before = worst
-        largest = max(t)
+        light = [i for i, (x, w) in enumerate(zip(g, t)) if 0 < w < 0.1 * max(t) and x < band and i not in tried_zero]
+        if met and light:  # a light set the others already protect: tried once at weight 0
+            i = min(light, key=lambda j: g[j])
+            tried_zero[i], t[i] = t[i], 0.0
+            continue
         for i, x in enumerate(g):
             if t[i] > 0:  # aimed at the middle of the band, which it then reaches in finitely many steps
-                if x >= band:
-                    t[i] = min(t[i] * math.exp(step * min(x - band / 2, 20.0)), _HUGE_WEIGHT)
-                else:  # below the band: halve, down to 0 where the others protect it
-                    t[i] = t[i] / 2 if t[i] / 2 >= 1e-3 * largest else 0.0
-            elif x > 0:  # a set at weight 0 over its budget
-                t[i] = min((w for w in t if w > 0), default=1.0)
+                t[i] = min(t[i] * math.exp(step * max(min(x - band / 2, 20.0), -20.0)), _HUGE_WEIGHT)
+            elif x > 0:  # a set at weight 0 over its budget: back at the weight it had
+                t[i] = tried_zero.get(i) or min((w for w in t if w > 0), default=1.0)
     if best is None:
         raise ValueError(f"choose_beta found no weights meeting every budget {budgets} within {max_evaluations} "
                          "decompositions; the knowledge sets pull the subspace against each other. Loosen a budget, "
