@@ -153,8 +153,10 @@ def choose_beta(model: nn.Module, plus_stats: CovarianceStats,
     D+ subject to the budgets). Raising one set's weight lowers the others' shares too (the sets share
     directions), so searching one weight after the other can circle; instead all weights move at once,
     log t_i += η log(share_i / target_i) with the target the middle of the band, η halved (down to 1/8)
-    whenever the worst miss grows and raised by a quarter (up to 1) when it shrinks; a set below the band with under 1/10 of the largest weight, at a point
-    that meets every budget, is tried once at weight 0 (and given its weight back if that misses its budget). t = 0 first (budgets LoRA-like fitting meets), then, for each set over its budget, β_i
+    whenever the worst miss grows and raised by a quarter (up to 1) when it shrinks. A set below the band with
+    under 1/10 of the largest weight, at a point that meets every budget, is tried once at weight 0 (and given its
+    weight back if that misses its budget). t = 0 first (budgets LoRA-like fitting meets), then, for each set over
+    its budget, β_i
     -> 1 alone (a budget even that misses is an error naming the minimum). Within ``max_evaluations``
     decompositions it stops at the band; if it does not get there, it warns and returns the point that met every
     budget with the most D+ energy (an error if none did).
