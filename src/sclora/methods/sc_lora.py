@@ -156,10 +156,9 @@ def choose_beta(model: nn.Module, plus_stats: CovarianceStats,
     whenever the worst miss grows and raised by a quarter (up to 1) when it shrinks. A set below the band with
     under 1/10 of the largest weight, at a point that meets every budget, is tried once at weight 0 (and given its
     weight back if that misses its budget). t = 0 first (budgets LoRA-like fitting meets), then, for each set over
-    its budget, β_i
-    -> 1 alone (a budget even that misses is an error naming the minimum). Within ``max_evaluations``
-    decompositions it stops at the band; if it does not get there, it warns and returns the point that met every
-    budget with the most D+ energy (an error if none did).
+    its budget, β_i -> 1 alone (a budget even that misses is an error naming the minimum). Within
+    ``max_evaluations`` decompositions it stops at the band; if it does not get there, it warns and returns the
+    point that met every budget with the most D+ energy (an error if none did).
 
     Every set's output covariance of a module is first written once as U M_k U^T, U orthonormal with
     min(d_out, d_in) columns (U = I for output-side statistics; W0 C W0^T itself when d_out <= d_in; the thin QR
@@ -210,7 +209,8 @@ def choose_beta(model: nn.Module, plus_stats: CovarianceStats,
         bar.update()
         return means[:-1], means[-1]
 
-    bar = tqdm(total=1 + math.ceil(math.log2(1 / tol)), desc="choose beta", disable=not show_progress)
+    most = 1 + math.ceil(math.log2(1 / tol)) if not several else 1 + len(minus_list) + max_evaluations
+    bar = tqdm(total=most, desc="choose beta", disable=not show_progress)
     try:
         choice = (_bisect_one(shares, budgets[0], tol) if not several else
                   _joint_search(shares, budgets, rtol, max_evaluations))
@@ -307,7 +307,7 @@ def _joint_search(shares, budgets: list[float], rtol: float, max_evaluations: in
         return choice([0.0] * n, kept, plus_kept)
     for i, (k, b) in enumerate(zip(kept, budgets)):  # the least set i can keep: its weight alone -> infinity
         if k > b:
-            alone = shares([1.0 - _HUGE_WEIGHT ** -1 if j == i else 0.0 for j in range(n)])[0][i]
+            alone = shares([1.0 - 1.0 / _HUGE_WEIGHT if j == i else 0.0 for j in range(n)])[0][i]
             if alone > b:
                 raise ValueError(f"No weight keeps D-_{i}'s share at or below its budget {b}: even with β_{i} -> 1 "
                                  f"it keeps {alone:.4f} (mean over modules). Raise that budget, or lower r.")
@@ -324,8 +324,8 @@ def _joint_search(shares, budgets: list[float], rtol: float, max_evaluations: in
             best = (list(t), kept, plus_kept)
         if met and all(x >= band for x, w in zip(g, t) if w > 0):
             return choice(t, kept, plus_kept)
-        worst = max([abs(x - band / 2) for x, w in zip(g, t) if w > 0 and x >= band]  # the slack sets below
-                    + [x for x, w in zip(g, t) if w == 0], default=0.0)  # halve on their own
+        worst = max([abs(x - band / 2) for x, w in zip(g, t) if w > 0 and x >= band]  # slack sets left out:
+                    + [x for x, w in zip(g, t) if w == 0], default=0.0)  # falling to the band is no miss
         step = max(step / 2, 1 / 8) if worst > worst_before else min(1.25 * step, 1.0)
         worst_before = worst
         light = [i for i, (x, w) in enumerate(zip(g, t)) if 0 < w < 0.1 * max(t) and x < band and i not in tried_zero]
@@ -334,7 +334,7 @@ def _joint_search(shares, budgets: list[float], rtol: float, max_evaluations: in
             tried_zero[i], t[i] = t[i], 0.0
             continue
         for i, x in enumerate(g):
-            if t[i] > 0:  # aimed at the middle of the band, which it then reaches in finitely many steps
+            if t[i] > 0:  # aimed at the middle of the band
                 t[i] = min(t[i] * math.exp(step * max(min(x - band / 2, 20.0), -20.0)), _HUGE_WEIGHT)
             elif x > 0:  # a set at weight 0 over its budget: back at the weight it had
                 t[i] = tried_zero.get(i) or min((w for w in t if w > 0), default=1.0)
