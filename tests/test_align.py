@@ -61,3 +61,21 @@ def test_heldout_prompts_seen_in_training_are_dropped(fake_data, monkeypatch, tm
     monkeypatch.setattr(data, "harmful_requests", lambda source="harmbench": only_leaked[source])
     with pytest.raises(ValueError, match="also appears in the training source"):
         align(tiny_llama(), tiny_tokenizer(), config(), tmp_path, show_progress=False)
+
+
+@pytest.mark.parametrize("flag, bf16", [([], True), (["--no-bf16"], False)])
+def test_align_command_passes_the_bf16_choice_to_training(flag, bf16, monkeypatch, tmp_path):
+    from sclora import cli, models
+    from sclora.experiments import align as align_module
+
+    seen = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (None, None))
+
+    def fake_align(model, tokenizer, config, output_dir, show_progress=True):
+        seen.append(config)
+        return {s: {"heldout_refusal_rate": 0.0, "benign_refusal_rate": 0.0} for s in ("before", "after")}
+
+    monkeypatch.setattr(align_module, "align", fake_align)
+    assert cli.main(["align", *flag, "--output", str(tmp_path), "--quiet"]) == 0
+    assert seen[0].train["bf16"] is bf16
+    assert AlignConfig().train["bf16"] is True  # the default config is not changed in place

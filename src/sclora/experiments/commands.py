@@ -10,6 +10,7 @@ wrappers over the kit and the library. (``init``, ``train`` and ``finetune`` are
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -198,7 +199,9 @@ def _align(args) -> int:
     from .align import AlignConfig, align
 
     model, tokenizer = load_model(args.model, dtype=torch.float32)
-    report = align(model, tokenizer, AlignConfig(seed=args.seed), args.output, show_progress=not args.quiet)
+    config = AlignConfig(seed=args.seed)
+    config.train["bf16"] = args.bf16
+    report = align(model, tokenizer, config, args.output, show_progress=not args.quiet)
     for stage in ("before", "after"):
         print(f"{stage:>6}: refuses {report[stage]['heldout_refusal_rate']:.1f}% of held-out harmful prompts, "
               f"{report[stage]['benign_refusal_rate']:.1f}% of benign ones")
@@ -292,6 +295,9 @@ def add_commands(sub) -> None:
     al.add_argument("--model", default="smollm2-135m-instruct")
     al.add_argument("--output", required=True)
     al.add_argument("--seed", type=int, default=0)
+    al.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                    help="train under bf16 autocast (default); --no-bf16 trains in fp32, the fast choice on a CPU "
+                         "without AVX512-BF16 or AMX")
     al.add_argument("--install", action="store_true", help="also cache it as the model 'smollm2-135m-instruct-aligned'")
     al.add_argument("--quiet", action="store_true")
     al.set_defaults(func=_align)
