@@ -14,7 +14,6 @@ benchmarks/results/beta_search.json).
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import shlex
 import sys
@@ -26,33 +25,24 @@ from _results import peak_rss_mb, write_json
 
 import sclora
 from sclora.layers import read_weight
-from sclora.methods.sc_lora import _module_covariances, _Reduced
+from sclora.methods.sc_lora import _module_covariances, _Reduced, mean_shares
 from sclora.models import load_model
 from sclora.targets import resolve_targets
 
 
 def full_shares(targets, plus, minus, betas, r, solver) -> list[float]:
     """Mean share per set (D-_1.., D+) over modules, each β decomposed on the full matrices."""
-    kept = [[] for _ in range(len(minus) + 1)]
-    for name, linear in targets.items():
+    def module_shares(name, linear):
         covs, args = _module_covariances(plus, minus, name, read_weight(linear))
         q = sclora.sc_subspace(covs[0], covs[1:], betas, r, solver=solver, **args)
         weight = args.get("weight")
-        for slot, cov in zip(kept, [*covs[1:], covs[0]]):
-            share = sclora.captured_energy(q, cov.double(), None if weight is None else weight.double())
-            if math.isfinite(share):
-                slot.append(share)
-    return [sum(v) / len(v) for v in kept]
+        return [sclora.captured_energy(q, cov.double(), None if weight is None else weight.double()) for cov in covs]
+
+    return mean_shares(module_shares(name, linear) for name, linear in targets.items())
 
 
 def reduced_shares(modules: dict[str, _Reduced], betas, r, solver) -> list[float]:
-    kept = [[] for _ in range(len(next(iter(modules.values())).matrices))]
-    for module in modules.values():
-        shares = module.shares(betas, r, solver)
-        for slot, share in zip(kept, [*shares[1:], shares[0]]):
-            if math.isfinite(share):
-                slot.append(share)
-    return [sum(v) / len(v) for v in kept]
+    return mean_shares(module.shares(betas, r, solver) for module in modules.values())
 
 
 def timed(fn):

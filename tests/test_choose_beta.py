@@ -3,6 +3,7 @@ against the adapter it gives (diagnostics measure the real B), minimal within it
 
 from __future__ import annotations
 
+import math
 from itertools import pairwise
 
 import pytest
@@ -227,3 +228,11 @@ def test_the_cache_bound_changes_nothing_but_memory(two_sets):
     cached = sclora.choose_beta(tiny_llama(seed=8), plus, minus_list, **kwargs)
     uncached = sclora.choose_beta(tiny_llama(seed=8), plus, minus_list, cache_bytes=0, **kwargs)
     assert cached == uncached and len(cached.tried) > 3
+
+
+def test_mean_shares_reorders_to_minus_first_and_skips_modules_without_energy():
+    from sclora.methods.sc_lora import mean_shares
+
+    per_module = [[0.5, 0.1, math.nan], [0.7, 0.3, math.nan], [0.9, math.nan, math.nan]]  # (D+, D-_1, D-_2)
+    means = mean_shares(iter(per_module))
+    assert means[0] == pytest.approx(0.2) and math.isnan(means[1]) and means[2] == pytest.approx(0.7)

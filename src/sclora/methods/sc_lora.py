@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -197,13 +197,7 @@ def choose_beta(model: nn.Module, plus_stats: CovarianceStats,
         return module
 
     def shares(betas: list[float]) -> tuple[list[float], float]:
-        kept: list[list[float]] = [[] for _ in range(len(minus) + 1)]  # D-_1.., then D+
-        for name, linear in targets.items():
-            module_shares = reduced(name, linear).shares(betas, r, solver)
-            for slot, share in zip(kept, [*module_shares[1:], module_shares[0]]):
-                if math.isfinite(share):
-                    slot.append(share)
-        means = [sum(v) / len(v) if v else math.nan for v in kept]
+        means = mean_shares(reduced(name, linear).shares(betas, r, solver) for name, linear in targets.items())
         tried.append((betas[0] if not several else tuple(betas), means[0] if not several else tuple(means[:-1]),
                       means[-1]))
         bar.update()
@@ -217,6 +211,18 @@ def choose_beta(model: nn.Module, plus_stats: CovarianceStats,
     finally:
         bar.close()
     return replace(choice, tried=tried)
+
+
+def mean_shares(per_module: Iterable[list[float]]) -> list[float]:
+    """Each set's share averaged over modules, from per-module shares ordered (D+, D-_1, ..): returned as
+    (D-_1, .., D+). A module where a set has no energy (nan) does not count for that set; nan if none has any."""
+    kept: list[list[float]] = []
+    for module_shares in per_module:
+        kept = kept or [[] for _ in module_shares]
+        for slot, share in zip(kept, [*module_shares[1:], module_shares[0]]):
+            if math.isfinite(share):
+                slot.append(share)
+    return [sum(v) / len(v) if v else math.nan for v in kept]
 
 
 @dataclass(frozen=True)
