@@ -78,8 +78,8 @@ def _resolve(name_or_path: str) -> str | Path:
         if not (path / "config.json").exists():
             raise FileNotFoundError(
                 f"{ALIGNED_MODEL!r} is not built yet: run `sclora align --install --output runs/align` once "
-                "(about 20 minutes on 2 CPU cores with AMX; add --no-bf16 on a CPU without bf16 instructions, about 30); "
-                "it is then cached in " + str(path)
+                "(about 20 minutes on 2 CPU cores with AMX; add --no-bf16 on a CPU without bf16 instructions, "
+                "about 30); it is then cached in " + str(path)
             )
         name_or_path = str(path)
     path = name_or_path
