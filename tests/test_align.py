@@ -50,6 +50,17 @@ def test_align_reports_before_and_after_and_saves_the_model(fake_data, tmp_path)
     assert 0 <= report["after"]["heldout_refusal_rate"] <= 100 and report["train"]["steps"] >= 1
     assert json.loads((tmp_path / "align_report.json").read_text())["after"] == report["after"]
     assert (tmp_path / "model" / "config.json").exists()
+    from sclora.data import content_digest
+    from sclora.models import model_identity
+    assert report["model"] == {"sha256": content_digest(tmp_path / "model"),
+                               "identity": model_identity(str(tmp_path / "model"))}
+    weights = next((tmp_path / "model").glob("*.safetensors"))
+    with open(weights, "r+b") as f:  # one changed byte deep inside the weights changes the digest
+        f.seek(weights.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 1]))
+    assert content_digest(tmp_path / "model") != report["model"]["sha256"]
 
 
 def test_heldout_prompts_seen_in_training_are_dropped(fake_data, monkeypatch, tmp_path):

@@ -76,6 +76,8 @@ def refusal_rate(model, tokenizer, prompts: list[str], show_progress: bool = Tru
 
 def align(model, tokenizer, config: AlignConfig, output_dir: str | os.PathLike, *, show_progress: bool = True) -> dict:
     """Measure refusals, fine-tune (full), measure again, save the aligned model to output_dir/model."""
+    from ..data import content_digest
+    from ..models import model_identity
     from ..train import TrainConfig, train
     from . import data
 
@@ -106,5 +108,8 @@ def align(model, tokenizer, config: AlignConfig, output_dir: str | os.PathLike, 
     with atomic_dir(out / "model") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    # what the saved weights are: builds on other machines or thread counts can differ in their last bits, and an
+    # experiment folder records the identity of the model it was made with (``model.json``)
+    report["model"] = {"sha256": content_digest(out / "model"), "identity": model_identity(str(out / "model"))}
     atomic_write_json(out / "align_report.json", report, default=str)
     return report
