@@ -20,6 +20,7 @@ from test_faults import KILL_AT
 
 from sclora import cli
 from sclora.experiments.continual import ContinualConfig, load_continual, n_kept, stage_init_config, stage_owner
+from sclora.experiments.report.continual import load_continual as load_scores, write_continual_report
 
 WORDS = "red green blue cyan black white pink gold gray teal".split()
 
@@ -173,9 +174,20 @@ def test_a_run_killed_mid_chain_resumes_to_the_same_result(setup, tmp_path):
     died = subprocess.run([sys.executable, "-c", child], env={**os.environ, "OMP_NUM_THREADS": threads},
                           capture_output=True, text=True, timeout=600)
     assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
-    assert not (out / "continual.json").exists() or "sc-lora" not in json.loads((out / "continual.json").read_text())["runs"]
+    # the finished first stage is recorded, and reported on its own; the unfinished chain is not reported whole
+    (first,) = json.loads((out / "continual.json").read_text())["runs"]["sc-lora"]["0"]
+    want = json.loads((reference / "continual.json").read_text())["runs"]["sc-lora"]["0"]
+    def scores(metrics):  # not the timings
+        return {k: v for k, v in metrics.items() if not k.endswith(("_seconds", "_tokens_per_second"))}
+    assert first["stage"] == want[0]["stage"]
+    assert scores(first["metrics"]) == pytest.approx(scores(want[0]["metrics"]), abs=1e-5)
+    with pytest.raises(ValueError, match=r"finished 1 of 2: `sclora report .* --stages 1`"):
+        write_continual_report(out)
+    assert "Over the first 1 of the config's 2 stages" in write_continual_report(out, stages=1).read_text()
+    assert load_scores(out, stages=1)["tasks"] == [config["stages"][0]["name"]]
     assert cli.main(["run", str(small_path), "--output", str(out), "--quiet"]) == 0
     got, want = (json.loads((d / "continual.json").read_text())["runs"]["sc-lora"]["0"] for d in (out, reference))
+    assert load_scores(out)["scores"].keys() == {"sc-lora"}
     assert [s["metrics"]["pydoc_rougeL"] for s in got] == pytest.approx([s["metrics"]["pydoc_rougeL"] for s in want], abs=1e-5)
     assert [s["metrics"]["benign_refusal_rate"] for s in got] == \
         pytest.approx([s["metrics"]["benign_refusal_rate"] for s in want], abs=1e-5)

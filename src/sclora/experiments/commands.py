@@ -175,7 +175,7 @@ def _report(args) -> int:
             from .report.continual import write_continual_report
 
             try:
-                print(f"wrote {write_continual_report(directory)}")
+                print(f"wrote {write_continual_report(directory, args.stages)}")
             except ValueError as err:
                 print(f"sclora report: {err}", file=sys.stderr)
                 status = 1
@@ -290,6 +290,8 @@ def add_commands(sub) -> None:
     dia.set_defaults(func=_diagnose)
     rep = sub.add_parser("report", help="paper-style tables, figures and answers from `sclora run` output folders")
     rep.add_argument("dirs", nargs="+", metavar="DIR", help="folder(s) with results.json; report.md is written there")
+    rep.add_argument("--stages", type=int, metavar="K",
+                     help="continual folders: report the first K stages of the chains that finished them")
     rep.set_defaults(func=_report)
     al = sub.add_parser("align", help="safety-align a model (refusals on one harmful source), measured on others")
     al.add_argument("--model", default="smollm2-135m-instruct")

@@ -355,8 +355,10 @@ def run_continual(config: ContinualConfig, output_dir: str | os.PathLike, *, sho
             if claim is None:
                 continue
             try:
-                rows = _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_progress)
-                _record(out, names, ("runs", run["name"], str(seed)), rows)
+                where = ("runs", run["name"], str(seed))
+                # each finished stage is recorded at once, so a chain stopped later still reports its first stages
+                _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_progress,
+                           record=lambda rows, where=where: _record(out, names, where, rows))
             finally:
                 release_run(claim)
     return _record(out, names)
@@ -383,8 +385,9 @@ def _record(out: Path, names: list[str], where: tuple[str, ...] = (), value=None
         return data
 
 
-def _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_progress) -> list[dict]:
-    """One run's stages at one seed: per stage its selected learning rate and the metrics after it."""
+def _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_progress, record=None) -> list[dict]:
+    """One run's stages at one seed: per stage its selected learning rate and the metrics after it.
+    ``record(rows)`` is called with the stages finished so far after each stage."""
     import sclora
 
     rows, after = [], None
@@ -425,6 +428,8 @@ def _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_pro
                      "merge_seconds": s["merge_seconds"],
                      "train_seconds": s["train_seconds"], "stage_seconds": round(seconds, 1),
                      "steps": s["steps"], "final_loss": s["final_loss"]})
+        if record is not None:
+            record(list(rows))
         after = folder
     return rows
 

@@ -551,10 +551,11 @@ def _plot_stages(rows: list[dict]):
     return fig
 
 
-def load_continual(directory: str | Path) -> dict:
+def load_continual(directory: str | Path, stages: int | None = None) -> dict:
     """The per-item scores of a continual experiment folder (``sclora run`` on a config with ``stages:``), in the
     form :func:`continual_rows` reads: ``scores``, ``base``, ``tasks``, ``kept``, ``higher_is_better``; each task and
-    kept set is scored by its config ``metric``."""
+    kept set is scored by its config ``metric``. Chains that finished every stage, or with ``stages=K`` the first
+    K tasks of the chains that finished at least K stages (a run stopped partway)."""
     import json
 
     import yaml
@@ -567,14 +568,21 @@ def load_continual(directory: str | Path) -> dict:
     metric = {s["name"]: s["metric"] for s in config["stages"]}
     metric.update({name: part["metric"] for name, part in config.get("keep", {}).items()})
     tasks, kept = [s["name"] for s in config["stages"]], list(config.get("keep", {}))
+    if stages is not None:
+        if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= len(tasks):
+            raise ValueError(f"stages must be a whole number from 1 to {len(tasks)} (the config's stages), "
+                             f"got {stages!r}.")
+        tasks = tasks[:stages]
+        metric = {name: metric[name] for name in [*tasks, *kept]}
 
     def items(path: Path) -> dict:
         scored = json.loads(path.read_text())["items"]
         return {name: scored[key] for name, key in metric.items()}
 
     base = {seed: items(out / "samples" / "base" / f"seed{seed}.json") for seed in results["base"]}
-    scores = {run: {seed: [items(out / "samples" / run / f"seed{seed}" / f"{i}.json") for i in range(len(stages))]
-                    for seed, stages in by_seed.items() if len(stages) == len(tasks)}
+    n = len(tasks)
+    scores = {run: {seed: [items(out / "samples" / run / f"seed{seed}" / f"{i}.json") for i in range(n)]
+                    for seed, rows in by_seed.items() if len(rows) >= n and (stages or len(rows) == n)}
               for run, by_seed in results["runs"].items()}
     scores = {run: by_seed for run, by_seed in scores.items() if by_seed}
     return {"scores": scores, "base": base, "tasks": tasks, "kept": kept,
@@ -582,19 +590,28 @@ def load_continual(directory: str | Path) -> dict:
             "metric": metric, "results": results, "config": config}
 
 
-def write_continual_report(directory: str | Path) -> Path:
+def write_continual_report(directory: str | Path, stages: int | None = None) -> Path:
     """``report.md`` (per method ACC / BWT / FWT and the kept sets with CIs, the pairwise differences, each stage's
-    selected learning rate, statistics and training time) and the figures of a continual experiment folder."""
+    selected learning rate, statistics and training time) and the figures of a continual experiment folder;
+    ``stages=K``: over the first K stages, for the chains that finished them."""
     from ...fileio import atomic_write
 
     out = Path(directory)
-    data = load_continual(out)
+    data = load_continual(out, stages)
     if not data["scores"]:
-        raise ValueError(f"{out}: no run has finished all its stages yet; rerun `sclora run` to finish them.")
+        done = [len(rows) for by_seed in data["results"]["runs"].values() for rows in by_seed.values()]
+        hint = (f"; the furthest chain finished {max(done)} of {len(data['config']['stages'])}: "
+                f"`sclora report {out} --stages {max(done)}` reports those") if done and max(done) else ""
+        what = f"its first {stages} stages" if stages else "all its stages"
+        raise ValueError(f"{out}: no run has finished {what} yet; rerun `sclora run` to finish them{hint}.")
     args = (data["scores"], data["base"], data["tasks"], data["kept"], data["higher_is_better"])
     rows, differences = continual_rows(*args), continual_differences(*args)
     figures = write_continual_figures(rows, out / "figures")
-    lines = [f"# {data['config'].get('report', {}).get('title') or data['config']['name']}", "",
+    total = len(data["config"]["stages"])
+    partial = ([f"Over the first {len(data['tasks'])} of the config's {total} stages, for the chains that finished "
+                f"them (`sclora report --stages {len(data['tasks'])}`): a stopped run's partial result.", ""]
+               if len(data["tasks"]) < total else [])
+    lines = [f"# {data['config'].get('report', {}).get('title') or data['config']['name']}", "", *partial,
              "Tasks in stage order, scored by: " + ", ".join(f"{t} ({data['metric'][t]})" for t in data["tasks"])
              + (("; kept sets: " + ", ".join(f"{k} ({data['metric'][k]})" for k in data["kept"])) if data["kept"]
                 else "") + ". ACC: mean final score; BWT: mean change of each earlier task from right after it was "
