@@ -185,6 +185,10 @@ def test_a_run_killed_mid_chain_resumes_to_the_same_result(setup, tmp_path):
         write_continual_report(out)
     assert "Over the first 1 of the config's 2 stages" in write_continual_report(out, stages=1).read_text()
     assert load_scores(out, stages=1)["tasks"] == [config["stages"][0]["name"]]
+    for bad in (0, 3, True, "1"):
+        with pytest.raises(ValueError, match="stages must be a whole number from 1 to 2"):
+            load_scores(out, stages=bad)
+    assert cli.main(["report", str(out)]) == 1 and cli.main(["report", str(out), "--stages", "1"]) == 0
     assert cli.main(["run", str(small_path), "--output", str(out), "--quiet"]) == 0
     got, want = (json.loads((d / "continual.json").read_text())["runs"]["sc-lora"]["0"] for d in (out, reference))
     assert load_scores(out)["scores"].keys() == {"sc-lora"}
