@@ -385,9 +385,9 @@ def _record(out: Path, names: list[str], where: tuple[str, ...] = (), value=None
         return data
 
 
-def _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_progress, record=None) -> list[dict]:
-    """One run's stages at one seed: per stage its selected learning rate and the metrics after it.
-    ``record(rows)`` is called with the stages finished so far after each stage."""
+def _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_progress, record) -> None:
+    """One run's stages at one seed: per stage its selected learning rate and the metrics after it, passed to
+    ``record(rows)`` with the stages finished so far after each stage."""
     import sclora
 
     rows, after = [], None
@@ -428,10 +428,8 @@ def _run_chain(config, run, seed, sets, out, key, base_model, evaluate, show_pro
                      "merge_seconds": s["merge_seconds"],
                      "train_seconds": s["train_seconds"], "stage_seconds": round(seconds, 1),
                      "steps": s["steps"], "final_loss": s["final_loss"]})
-        if record is not None:
-            record(list(rows))
+        record(list(rows))
         after = folder
-    return rows
 
 
 def _goodness(stage: dict, validation: dict) -> float:

@@ -582,7 +582,7 @@ def load_continual(directory: str | Path, stages: int | None = None) -> dict:
     base = {seed: items(out / "samples" / "base" / f"seed{seed}.json") for seed in results["base"]}
     n = len(tasks)
     scores = {run: {seed: [items(out / "samples" / run / f"seed{seed}" / f"{i}.json") for i in range(n)]
-                    for seed, rows in by_seed.items() if len(rows) >= n and (stages or len(rows) == n)}
+                    for seed, rows in by_seed.items() if len(rows) >= n}
               for run, by_seed in results["runs"].items()}
     scores = {run: by_seed for run, by_seed in scores.items() if by_seed}
     return {"scores": scores, "base": base, "tasks": tasks, "kept": kept,
